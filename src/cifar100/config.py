@@ -1,0 +1,236 @@
+"""Frozen dataclasses: the single source of truth for a run's settings.
+
+Defaults live here; YAML files (``--config``, named presets) and ``key=value`` overrides
+only change them. The resolved config is written into every run directory, so a run can
+be reproduced from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str | None = None  # folder holding cifar-100-python/; None: env, cache, download
+    val_fraction: float = 0.2
+    train_subset: int | None = None  # class-balanced subset of the train split, for smoke runs
+    standardize: bool = True  # subtract/divide by the model's channel mean/std
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = True
+    translate: int = 4  # max shift in pixels (reflect-padded random crop)
+    rotation: float = 0.0  # max degrees, either way
+    zoom: float = 0.0  # max relative zoom in/out (0.1 = +-10%)
+    contrast: float = 0.0  # max relative contrast change
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn-fast"
+    widths: tuple[int, ...] | None = None  # per-stage channels; None: the model's default
+    dropout: float | None = None
+    width_mult: float = 1.0  # MobileNetV2 width multiplier
+    image_size: int | None = None  # input size the model sees; None: the model's default
+    weights: str | None = None  # pretrained weights file; None: resolved by weight sources
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    schedule: str = "plateau"  # plateau | cosine | onecycle | constant
+    warmup_epochs: float = 0.0
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    early_stopping: int | None = 10  # epochs without val improvement; None: off
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    ema_decay: float | None = None  # exponential moving average of weights
+    tta_flip: bool = False  # average logits with the mirrored image at evaluation
+    checkpoint_minutes: float = 10.0  # also save mid-epoch this often (long epochs)
+    threads: int | None = None  # CPU threads; None: all cores
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """MobileNetV2's two stages: a frozen backbone with a new head, then fine-tuning."""
+
+    head_hidden: int | None = None  # None: dropout + linear; N: a small MLP
+    head_dropout: float = 0.2
+    stage1_epochs: int = 30
+    stage1_lr: float = 1e-3
+    stage1_batch_size: int = 256
+    cache_features: bool = True
+    stage2_epochs: int = 0  # 0: stop after stage 1
+    stage2_lr: float = 1e-4
+    stage2_unfreeze: int | None = None  # top N feature blocks; None: all
+    stage2_warmup_epochs: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), ready for YAML or JSON."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
+    """Apply a nested dict of settings on top of ``base`` (defaults when None)."""
+    config = base or Config()
+    if not isinstance(values, dict):
+        raise ConfigError(f"expected a mapping of sections, got {type(values).__name__}")
+    sections = {}
+    for name, section_values in values.items():
+        if name not in {f.name for f in dataclasses.fields(Config)}:
+            raise ConfigError(f"unknown config section '{name}'")
+        section = getattr(config, name)
+        sections[name] = _replace_checked(section, section_values or {}, prefix=name)
+    return dataclasses.replace(config, **sections)
+
+
+def _replace_checked(section: Any, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(type(section))
+    changes = {}
+    for key, raw in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown setting '{prefix}.{key}'")
+        changes[key] = _coerce(raw, hints[key], f"{prefix}.{key}")
+    return dataclasses.replace(section, **changes)
+
+
+def _coerce(raw: Any, hint: Any, name: str) -> Any:
+    """Turn YAML/CLI values into the annotated type, or fail with the setting's name."""
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if raw is None or (isinstance(raw, str) and raw.lower() in {"none", "null"}):
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{name} may not be empty")
+    for option in (o for o in options if o is not type(None)):
+        try:
+            return _coerce_one(raw, option)
+        except (TypeError, ValueError):
+            continue
+    raise ConfigError(f"{name}: cannot use {raw!r} as {hint}")
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _coerce_one(raw: Any, kind: Any) -> Any:
+    if typing.get_origin(kind) is tuple:
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        return tuple(int(i) for i in items)
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in {"true", "1", "yes", "on"}:
+            return True
+        if str(raw).lower() in {"false", "0", "no", "off"}:
+            return False
+        raise ValueError(raw)
+    if kind is int and isinstance(raw, float) and not raw.is_integer():
+        raise ValueError(raw)
+    if kind in (int, float) and isinstance(raw, bool):
+        raise ValueError(raw)
+    return kind(raw)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.01", "train.epochs=5"]`` -> nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override '{pair}' must look like section.key=value")
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})[name] = yaml.safe_load(value)
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
+    return values or {}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_config(
+    preset: str | None = None,
+    files: list[str | Path] = (),
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults <- named preset <- YAML files in order <- overrides (last wins)."""
+    config = Config()
+    if preset:
+        path = PRESETS_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset '{preset}' (choose from {', '.join(preset_names())})")
+        config = from_dict(read_yaml(path), config)
+    for file in files:
+        try:
+            config = from_dict(read_yaml(file), config)
+        except ConfigError as error:
+            raise ConfigError(f"{file}: {error}") from None
+    if overrides:
+        config = from_dict(overrides, config)
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

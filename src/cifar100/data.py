@@ -1,0 +1,200 @@
+"""CIFAR-100: find it (local folder, cache, download), load it, validate it, split it.
+
+Images stay uint8 tensors of shape (N, 3, 32, 32): 150 MB for the training set instead of
+600 MB as float32, and uint8 is faster to move and to augment in batches.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifar100.download import DownloadError, extract_tar, fetch
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+FOLDER = "cifar-100-python"
+NUM_CLASSES = 100
+NUM_SUPERCLASSES = 20
+MEAN = (0.5071, 0.4865, 0.4409)  # training-set channel statistics
+STD = (0.2673, 0.2564, 0.2762)
+
+
+class DataError(RuntimeError):
+    """Data that cannot be found, read or trusted; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    labels: torch.Tensor  # (N,) int64 fine labels
+    coarse_labels: torch.Tensor  # (N,) int64 superclass labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> Split:
+        return Split(self.images[indices], self.labels[indices], self.coarse_labels[indices])
+
+
+@dataclass(frozen=True)
+class Cifar100:
+    train: Split
+    test: Split
+    class_names: list[str]
+    superclass_names: list[str]
+    source: Path
+
+    def fine_to_coarse(self) -> torch.Tensor:
+        """(100,) superclass of each fine class, read off the training labels."""
+        mapping = torch.full((NUM_CLASSES,), -1, dtype=torch.long)
+        mapping[self.train.labels] = self.train.coarse_labels
+        return mapping
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("CIFAR100_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(base) / "cifar100" if base else Path.home() / ".cache" / "cifar100"
+
+
+def resolve_data_dir(data_dir: str | Path | None = None, download: bool = True) -> Path:
+    """Folder holding ``cifar-100-python/``: explicit path or $CIFAR100_DATA, cache, download."""
+    explicit = data_dir or os.environ.get("CIFAR100_DATA")
+    if explicit:
+        root = Path(explicit).expanduser()
+        if (root / FOLDER).is_dir():
+            return root
+        if root.name == FOLDER and root.is_dir():
+            return root.parent
+        raise DataError(f"{root}: no {FOLDER}/ folder here (from --data-dir or CIFAR100_DATA)")
+    cache = default_cache_dir()
+    if (cache / FOLDER / "meta").is_file():
+        return cache
+    if download:
+        try:
+            archive = fetch(URL, cache / "cifar-100-python.tar.gz", md5=MD5)
+            extract_tar(archive, cache)
+            archive.unlink()
+            return cache
+        except DownloadError as error:
+            raise DataError(_no_source_message(cache, error)) from None
+    raise DataError(_no_source_message(cache, None))
+
+
+def _no_source_message(cache: Path, error: Exception | None) -> str:
+    why = f" The download failed: {error}." if error else ""
+    return (
+        "CIFAR-100 not found. Provide it in one of three ways: pass --data-dir DIR (or set "
+        f"CIFAR100_DATA=DIR) where DIR holds {FOLDER}/; put {FOLDER}/ in the cache folder "
+        f"{cache}; or let the tool download {URL} (needs internet, md5 {MD5}).{why}"
+    )
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file missing") from None
+    except Exception as error:  # pickle raises many types on corrupt input
+        raise DataError(f"{path}: unreadable or truncated ({type(error).__name__})") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: expected a dict, found {type(entry).__name__}")
+    return entry
+
+
+def load_split(path: str | Path, expected: int | None = None) -> Split:
+    """Read and validate one pickle (``train`` or ``test``)."""
+    path = Path(path)
+    entry = _unpickle(path)
+    for key in ("data", "fine_labels", "coarse_labels"):
+        if key not in entry:
+            raise DataError(f"{path}: missing key '{key}'")
+    data = entry["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DataError(f"{path}: 'data' must be a 2-D uint8 array")
+    if data.shape[1] != 3 * 32 * 32 or (expected and data.shape[0] != expected):
+        raise DataError(f"{path}: 'data' has shape {data.shape}, expected ({expected}, 3072)")
+    fine = _labels(path, entry["fine_labels"], len(data), NUM_CLASSES, "fine_labels")
+    coarse = _labels(path, entry["coarse_labels"], len(data), NUM_SUPERCLASSES, "coarse_labels")
+    counts = np.bincount(fine, minlength=NUM_CLASSES)
+    if counts.min() == 0 or counts.min() != counts.max():
+        raise DataError(f"{path}: classes are unbalanced ({counts.min()}..{counts.max()} images)")
+    images = torch.from_numpy(data).view(-1, 3, 32, 32)  # rows are R, G, B planes
+    return Split(images, torch.from_numpy(fine), torch.from_numpy(coarse))
+
+
+def _labels(path: Path, raw, n: int, num: int, key: str) -> np.ndarray:
+    labels = np.asarray(raw)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: '{key}' must hold {n} integers")
+    if labels.min() < 0 or labels.max() >= num:
+        raise DataError(f"{path}: '{key}' outside 0..{num - 1}")
+    return labels.astype(np.int64)
+
+
+def load_names(path: Path) -> tuple[list[str], list[str]]:
+    meta = _unpickle(path)
+    fine, coarse = meta.get("fine_label_names"), meta.get("coarse_label_names")
+    if not isinstance(fine, list) or len(fine) != NUM_CLASSES:
+        raise DataError(f"{path}: 'fine_label_names' must list {NUM_CLASSES} names")
+    if not isinstance(coarse, list) or len(coarse) != NUM_SUPERCLASSES:
+        raise DataError(f"{path}: 'coarse_label_names' must list {NUM_SUPERCLASSES} names")
+    return fine, coarse
+
+
+def load_cifar100(data_dir: str | Path | None = None, download: bool = True) -> Cifar100:
+    """The whole data set, validated by structure (a local copy may differ in md5)."""
+    folder = resolve_data_dir(data_dir, download) / FOLDER
+    fine_names, coarse_names = load_names(folder / "meta")
+    train = load_split(folder / "train")
+    test = load_split(folder / "test")
+    return Cifar100(train, test, fine_names, coarse_names, folder)
+
+
+def stratified_split(
+    labels: torch.Tensor, val_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded per-class split: the same indices on every machine for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    train_parts, val_parts = [], []
+    for cls in range(int(labels.max()) + 1):
+        members = torch.nonzero(labels == cls).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = round(len(members) * val_fraction)
+        val_parts.append(members[:n_val])
+        train_parts.append(members[n_val:])
+    return torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
+
+
+def balanced_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Indices of ``size`` images, as evenly spread over the classes as ``size`` allows."""
+    num = int(labels.max()) + 1
+    generator = torch.Generator().manual_seed(seed + 1)
+    per_class = [torch.nonzero(labels == c).flatten() for c in range(num)]
+    per_class = [m[torch.randperm(len(m), generator=generator)] for m in per_class]
+    take = [size // num + (1 if c < size % num else 0) for c in range(num)]
+    return torch.cat([m[:k] for m, k in zip(per_class, take, strict=True)]).sort().values
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+
+
+def make_splits(
+    dataset: Cifar100, val_fraction: float = 0.2, seed: int = 0, train_subset: int | None = None
+) -> Splits:
+    """80/20 train/validation from the training images; the test set stays untouched."""
+    train_idx, val_idx = stratified_split(dataset.train.labels, val_fraction, seed)
+    train = dataset.train.subset(train_idx)
+    if train_subset:
+        train = train.subset(balanced_subset(train.labels, train_subset, seed))
+    return Splits(train, dataset.train.subset(val_idx), dataset.test)

@@ -1,0 +1,75 @@
+"""Model registry: name -> builder, with the input size and normalisation each model expects.
+
+Models are pure ``nn.Module``s that take normalised float images; they never read files.
+Weights for pretrained models are resolved by ``cifar100.weights`` and loaded by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from cifar100.config import ModelConfig
+from cifar100.data import MEAN as CIFAR_MEAN
+from cifar100.data import NUM_CLASSES
+from cifar100.data import STD as CIFAR_STD
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    builder: Callable[[ModelConfig, int], nn.Module]
+    input_size: int  # images are resized to this before the model sees them
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pretrained: bool  # needs ImageNet weights (two-stage transfer recipe)
+    description: str
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model '{name}' (choose from {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]
+
+
+def input_size(config: ModelConfig) -> int:
+    return config.image_size or model_spec(config.name).input_size
+
+
+def build_model(config: ModelConfig, num_classes: int = NUM_CLASSES) -> nn.Module:
+    return model_spec(config.name).builder(config, num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _register_builtin() -> None:
+    from cifar100.models import cnn
+
+    register(ModelSpec("cnn-seed", cnn.build_seed_cnn, 32, CIFAR_MEAN, CIFAR_STD, False,
+                       "the coursework CNN: Conv-BN-ReLU stacks, MaxPool, Dropout, GAP"))
+    register(ModelSpec("cnn-fast", cnn.build_fast_cnn, 32, CIFAR_MEAN, CIFAR_STD, False,
+                       "residual CNN tuned for accuracy per CPU-minute"))
+    try:
+        from cifar100.models import mobilenetv2
+    except ImportError:  # not written yet
+        return
+    register(ModelSpec("mobilenetv2", mobilenetv2.build_mobilenetv2, 128, IMAGENET_MEAN,
+                       IMAGENET_STD, True, "ImageNet MobileNetV2, frozen then fine-tuned"))
+
+
+_register_builtin()
