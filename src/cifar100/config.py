@@ -16,10 +16,12 @@ from typing import Any
 
 import yaml
 
+from cifar100.errors import UserError
+
 PRESETS_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the schema."""
 
 
@@ -220,7 +222,8 @@ def load_config(
     if preset:
         path = PRESETS_DIR / f"{preset}.yaml"
         if not path.exists():
-            raise ConfigError(f"unknown preset '{preset}' (choose from {', '.join(preset_names())})")
+            names = ", ".join(preset_names())
+            raise ConfigError(f"unknown preset '{preset}' (choose from {names})")
         config = from_dict(read_yaml(path), config)
     for file in files:
         try:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cifar100.download import DownloadError, extract_tar, fetch
+from cifar100.errors import UserError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -25,7 +26,7 @@ MEAN = (0.5071, 0.4865, 0.4409)  # training-set channel statistics
 STD = (0.2673, 0.2564, 0.2762)
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """Data that cannot be found, read or trusted; the message names the file."""
 
 

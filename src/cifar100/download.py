@@ -18,10 +18,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cifar100.errors import UserError
+
 CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError):
     """A transfer that failed, was cut short, or did not match its checksum."""
 
 

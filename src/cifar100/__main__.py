@@ -1,0 +1,5 @@
+import sys
+
+from cifar100.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""The ``cifar100`` command: one subcommand per module in ``cifar100.commands``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cifar100.errors import UserError
+
+# Each module defines register(subparsers) and sets ``func`` on its parser.
+COMMANDS = ["data", "train"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cifar100", description="Train, evaluate, compare and ship CIFAR-100 classifiers.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"cifar100.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as error:
+        code = 130 if type(error).__name__ == "TrainingInterrupted" else 1
+        print(f"cifar100: error: {error}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("cifar100: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

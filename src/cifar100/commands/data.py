@@ -1,0 +1,98 @@
+"""``cifar100 data info``: what the data set holds, its split, and a grid of samples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from cifar100.augment import augment_batch, to_float
+from cifar100.config import AugmentConfig
+from cifar100.data import Cifar100, load_cifar100, make_splits
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="inspect the data set")
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    info = actions.add_parser("info", help="counts, class names, split sizes, sample grid")
+    info.add_argument("--data-dir", help="folder holding cifar-100-python/ (or $CIFAR100_DATA)")
+    info.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    info.add_argument("--val-fraction", type=float, default=0.2)
+    info.add_argument("--grid", type=Path, default=Path("runs/data-samples.png"),
+                      help="where to write the PNG grid of samples (one row per class)")
+    info.add_argument("--per-class", type=int, default=8, help="images per class in the grid")
+    info.add_argument("--augmented", action="store_true",
+                      help="show augmented views (the cnn-seed recipe's augmentation)")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info.set_defaults(func=run_info)
+
+
+def summarize(dataset: Cifar100, seed: int, val_fraction: float) -> dict:
+    splits = make_splits(dataset, val_fraction, seed)
+    return {
+        "source": str(dataset.source),
+        "train_images": len(dataset.train), "test_images": len(dataset.test),
+        "split": {"train": len(splits.train), "val": len(splits.val), "seed": seed},
+        "image_shape": list(dataset.train.images.shape[1:]),
+        "num_classes": len(dataset.class_names),
+        "num_superclasses": len(dataset.superclass_names),
+        "per_class_train": int(torch.bincount(dataset.train.labels).min()),
+        "per_class_test": int(torch.bincount(dataset.test.labels).min()),
+        "class_names": dataset.class_names, "superclass_names": dataset.superclass_names,
+    }
+
+
+def sample_grid(dataset: Cifar100, path: Path, per_class: int, augmented: bool, seed: int):
+    """PNG: one row per class (ordered by superclass), ``per_class`` images each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    generator = torch.Generator().manual_seed(seed)
+    coarse = dataset.fine_to_coarse()
+    classes = sorted(range(len(dataset.class_names)), key=lambda c: (int(coarse[c]), c))
+    rows = []
+    for cls in classes:
+        idx = torch.nonzero(dataset.train.labels == cls).flatten()[:per_class]
+        images = to_float(dataset.train.images[idx])
+        if augmented:
+            images = augment_batch(images, AugmentConfig(rotation=15, zoom=0.1, contrast=0.2),
+                                   generator)
+        rows.append(torch.cat(list(images.permute(0, 2, 3, 1)), dim=1))  # (32, 32*k, 3)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(per_class * 0.45 + 2, len(rows) * 0.45))
+    for ax, cls, row in zip(axes, classes, rows, strict=True):
+        ax.imshow(row.numpy())
+        ax.set_axis_off()
+        ax.text(-4, 16, dataset.class_names[cls], ha="right", va="center", fontsize=7)
+    fig.subplots_adjust(left=0.25, right=0.99, top=0.995, bottom=0.005, hspace=0.05)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def run_info(args: argparse.Namespace) -> int:
+    dataset = load_cifar100(args.data_dir)
+    summary = summarize(dataset, args.seed, args.val_fraction)
+    if args.grid:
+        summary["grid"] = str(sample_grid(dataset, args.grid, args.per_class, args.augmented,
+                                          args.seed))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"CIFAR-100 from {summary['source']}")
+    print(f"  train {summary['train_images']} images ({summary['per_class_train']} per class), "
+          f"test {summary['test_images']} ({summary['per_class_test']} per class)")
+    print(f"  split (seed {args.seed}): {summary['split']['train']} train / "
+          f"{summary['split']['val']} validation")
+    print(f"  {summary['num_classes']} classes in {summary['num_superclasses']} superclasses:")
+    for i, name in enumerate(summary["superclass_names"]):
+        members = [dataset.class_names[c] for c in range(100)
+                   if int(dataset.fine_to_coarse()[c]) == i]
+        print(f"    {name}: {', '.join(members)}")
+    if args.grid:
+        print(f"  sample grid: {summary['grid']}")
+    return 0

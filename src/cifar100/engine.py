@@ -1,0 +1,254 @@
+"""The training loop: ``train_one_epoch`` and ``evaluate``, plain PyTorch, nothing hidden.
+
+Data never leaves memory: uint8 image tensors are indexed by a seeded permutation, moved
+to the device, converted and augmented as whole batches. That keeps per-image Python out
+of the hot loop, which on a 2-core CPU is worth more than any data-loader worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from cifar100.augment import augment_batch, mix_batch, one_hot, to_float
+from cifar100.config import AugmentConfig
+from cifar100.data import Split
+from cifar100.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(UserError):
+    """Ctrl-C (SIGINT) or SIGTERM: state was saved, the run can resume."""
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class Preprocess(nn.Module):
+    """float [0, 1] images at 32x32 -> the model's input: resized, normalised."""
+
+    def __init__(self, size: int, mean, std, standardize: bool = True):
+        super().__init__()
+        self.size = size
+        self.register_buffer("mean", torch.tensor(mean if standardize else (0.0,) * 3).view(
+            1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std if standardize else (1.0,) * 3).view(
+            1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.size:
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear",
+                                   align_corners=False, antialias=images.shape[-1] > self.size)
+        return (images - self.mean) / self.std
+
+
+@dataclass
+class ImageBatches:
+    """Serves (inputs, labels) batches from an in-memory uint8 split."""
+
+    split: Split
+    preprocess: Preprocess
+    device: torch.device
+    augment: AugmentConfig | None = None
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.split.labels
+
+    def get(self, indices: torch.Tensor, generator: torch.Generator | None = None,
+            flip: bool = False) -> torch.Tensor:
+        images = to_float(self.split.images[indices].to(self.device, non_blocking=True))
+        if self.augment is not None and generator is not None:
+            images = augment_batch(images, self.augment, generator)
+        if flip:
+            images = images.flip(3)
+        images = self.preprocess(images)
+        return images.contiguous(memory_format=torch.channels_last)
+
+
+class ModelEma:
+    """Exponential moving average of the weights (buffers copied), for smoother evaluation."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema, live in zip(self.model.state_dict().values(), model.state_dict().values(),
+                             strict=True):
+            if ema.dtype.is_floating_point:
+                ema.lerp_(live, 1.0 - self.decay)
+            else:
+                ema.copy_(live)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Categorical cross-entropy on one-hot (or smoothed, or mixed) targets."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    top5 = logits.topk(5, dim=1).indices  # (B, 5)
+    hits = top5 == labels[:, None]
+    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+
+
+@dataclass
+class EpochState:
+    """Where an epoch stands, so that Ctrl-C mid-epoch can resume at the same step."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    top1: int = 0
+    top5: int = 0
+    seen: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.seen, 1)
+        return {"loss": self.loss_sum / n, "top1": self.top1 / n, "top5": self.top5 / n}
+
+
+@dataclass
+class StepContext:
+    """Everything one training step needs besides the model and the batch."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None  # stepped every batch when not None
+    num_classes: int
+    label_smoothing: float
+    augment: AugmentConfig | None
+    grad_clip: float | None = None
+    ema: ModelEma | None = None
+    autocast: torch.dtype | None = None  # bf16 on CUDA; fp32 on CPU (bf16 is emulated there)
+
+
+def train_step(model, inputs, labels, ctx: StepContext, generator) -> tuple[float, torch.Tensor]:
+    targets = one_hot(labels, ctx.num_classes, ctx.label_smoothing)
+    if ctx.augment is not None:
+        inputs, targets = mix_batch(inputs, targets, ctx.augment, generator)
+    with torch.autocast(inputs.device.type, dtype=ctx.autocast or torch.float32,
+                        enabled=ctx.autocast is not None):
+        logits = model(inputs)
+    loss = soft_cross_entropy(logits, targets)
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"loss became {loss.item()}")
+    ctx.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if ctx.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+    ctx.optimizer.step()
+    if ctx.scheduler is not None:
+        ctx.scheduler.step()
+    if ctx.ema is not None:
+        ctx.ema.update(model)
+    return loss.item(), logits.detach()
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (state stays whole)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step; saving a checkpoint...", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches,
+    ctx: StepContext,
+    batch_size: int,
+    order: torch.Tensor,
+    generator: torch.Generator,
+    state: EpochState,
+    on_pause: Callable[[EpochState], bool],
+    desc: str = "",
+) -> dict[str, float]:
+    """One pass over ``order`` (full batches only), resuming at ``state.step``.
+
+    ``on_pause(state)`` runs after every step; it returns True to stop the epoch early
+    (after it has saved a checkpoint): that is how Ctrl-C and timed checkpoints work.
+    """
+    model.train()
+    steps = len(order) // batch_size  # drop the ragged last batch: BN prefers full ones
+    started, first = time.perf_counter(), state.step
+    with tqdm(total=steps, initial=state.step, desc=desc, file=sys.stderr, leave=False,
+              dynamic_ncols=True, disable=None) as bar:
+        while state.step < steps:
+            indices = order[state.step * batch_size:(state.step + 1) * batch_size]
+            inputs = batches.get(indices, generator)
+            labels = batches.labels[indices].to(inputs.device)
+            loss, logits = train_step(model, inputs, labels, ctx, generator)
+            top1, top5 = topk_correct(logits, labels)
+            state.step += 1
+            state.loss_sum += loss * len(labels)
+            state.top1, state.top5, state.seen = (state.top1 + top1, state.top5 + top5,
+                                                  state.seen + len(labels))
+            rate = (state.step - first) * batch_size / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.0f}", refresh=False)
+            bar.update(1)
+            if on_pause(state):
+                raise TrainingInterrupted(f"stopped at step {state.step} of {steps}")
+    return state.summary()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches, batch_size: int, tta_flip: bool = False,
+                   autocast: torch.dtype | None = None) -> torch.Tensor:
+    """(N, classes) float32 logits on CPU, in the split's order."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(batches), batch_size):
+        indices = torch.arange(start, min(start + batch_size, len(batches)))
+        with torch.autocast(batches.device.type, dtype=autocast or torch.float32,
+                            enabled=autocast is not None):
+            logits = model(batches.get(indices)).float()
+            if tta_flip:
+                logits = (logits + model(batches.get(indices, flip=True)).float()) / 2
+        outputs.append(logits.cpu())
+    return torch.cat(outputs)
+
+
+def evaluate(model: nn.Module, batches, batch_size: int, tta_flip: bool = False,
+             autocast: torch.dtype | None = None) -> dict[str, float]:
+    logits = predict_logits(model, batches, batch_size, tta_flip, autocast)
+    labels = batches.labels
+    top1, top5 = topk_correct(logits, labels)
+    loss = F.cross_entropy(logits, labels).item()
+    return {"loss": loss, "top1": top1 / len(labels), "top5": top5 / len(labels)}

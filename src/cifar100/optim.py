@@ -1,0 +1,68 @@
+"""Optimizers and learning-rate schedules, chosen by name from ``OptimConfig``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from cifar100.config import OptimConfig
+
+
+def make_optimizer(params: Iterable, config: OptimConfig, lr: float | None = None):
+    lr = config.lr if lr is None else lr
+    # Decay only weights of convs/linears: decaying BN scales and biases hurts short runs.
+    params = list(params)
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov)
+    raise ValueError(f"unknown optimizer '{config.optimizer}' (adam, adamw or sgd)")
+
+
+class StepSchedule:
+    """Per-step multiplier of the base lr: linear warm-up, then cosine, one-cycle or flat.
+
+    A plain callable object (not a lambda) so ``LambdaLR.state_dict`` can save it.
+    """
+
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int, min_ratio: float):
+        self.kind, self.total, self.warmup = kind, total_steps, warmup_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        if self.kind == "cosine":
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.kind == "onecycle":  # airbench-style: ramp up (warm-up), then linear to zero
+            return max(1.0 - progress, self.min_ratio)
+        raise ValueError(f"unknown schedule '{self.kind}'")
+
+
+def make_scheduler(optimizer, config: OptimConfig, epochs: int, steps_per_epoch: int,
+                   warmup_epochs: float | None = None):
+    """Returns (scheduler, per_step). ReduceLROnPlateau steps per epoch on validation loss."""
+    if config.schedule == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=config.plateau_factor,
+            patience=config.plateau_patience, min_lr=config.min_lr)
+        return scheduler, False
+    warmup = config.warmup_epochs if warmup_epochs is None else warmup_epochs
+    if config.schedule == "onecycle" and warmup == 0:
+        warmup = 0.25 * epochs
+    base_lr = optimizer.param_groups[0]["lr"]
+    schedule = StepSchedule(config.schedule, epochs * steps_per_epoch,
+                            round(warmup * steps_per_epoch), config.min_lr / base_lr)
+    schedule(0)  # fail now, not mid-run, on an unknown name
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), True

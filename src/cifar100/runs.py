@@ -1,0 +1,150 @@
+"""Run directories: what a run was (config, commit, hardware) and what it did (metrics).
+
+Layout of ``runs/NAME/``::
+
+    config.yaml      resolved config          run.json       commit, hardware, versions
+    metrics.jsonl    one line per epoch       curves.png     loss, top-1, top-5, lr
+    checkpoints/     last.pt, best.pt         results.json   final metrics (incl. test)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar100.config import Config, load_config, save_config
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    info = {"platform": platform.platform(), "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "device": str(device), "python": platform.python_version(),
+            "torch": torch.__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def new_run_dir(root: str | Path, model_name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{model_name}-{stamp}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(root) / f"{model_name}-{stamp}-{suffix}"
+    return path
+
+
+def start_run(run_dir: Path, config: Config, device: torch.device) -> None:
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    info = {"commit": git_commit(), "command": sys.argv, "started": _now(),
+            "hardware": hardware(device)}
+    write_json(run_dir / "run.json", info)
+
+
+def load_run_config(run_dir: Path) -> Config:
+    return load_config(files=[Path(run_dir) / "config.yaml"])
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, keep_through_epoch: int, stage: str) -> None:
+    """On resume, drop rows written after the checkpoint (a kill can land between the two)."""
+    rows = read_metrics(run_dir)
+    stages = []
+    for row in rows:
+        if row.get("stage") not in stages:
+            stages.append(row.get("stage"))
+    order = {s: i for i, s in enumerate(stages)}
+    current = order.get(stage, len(stages))
+    kept = [r for r in rows if order[r.get("stage")] < current or
+            (r.get("stage") == stage and r["epoch"] <= keep_through_epoch)]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    (run_dir / "metrics.jsonl").write_text(text)
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    """Training curves PNG: loss, top-1, top-5 (train and val) and the learning rate."""
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(1, len(rows) + 1))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, key, title in zip(axes[:3], ("loss", "top1", "top5"), ("loss", "top-1", "top-5"),
+                              strict=True):
+        ax.plot(x, [r[f"train_{key}"] for r in rows], label="train")
+        ax.plot(x, [r[f"val_{key}"] for r in rows], label="validation")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    axes[3].plot(x, [r["lr"] for r in rows])
+    axes[3].set_yscale("log")
+    axes[3].set_title("learning rate")
+    axes[3].set_xlabel("epoch")
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

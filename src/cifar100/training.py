@@ -1,0 +1,242 @@
+"""``train()``: config in, run directory out. One readable epoch loop per stage.
+
+A run is one or more *stages* (the CNNs have one; MobileNetV2 has a frozen stage and a
+fine-tuning stage). Each stage checkpoints after every epoch, and on Ctrl-C or a timer
+mid-epoch, so a killed run resumes at the exact step it reached with the same RNG state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifar100.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from cifar100.config import Config, to_dict
+from cifar100.data import Cifar100, Splits, load_cifar100, make_splits
+from cifar100.engine import (
+    EpochState,
+    ImageBatches,
+    ModelEma,
+    Preprocess,
+    StepContext,
+    StopSignal,
+    evaluate,
+    select_device,
+    train_one_epoch,
+)
+from cifar100.models import build_model, input_size, model_spec
+from cifar100.optim import make_optimizer, make_scheduler
+from cifar100.runs import append_metrics, plot_curves, start_run, truncate_metrics, write_json
+
+
+@dataclass
+class Run:
+    """What every stage of a run shares."""
+
+    config: Config
+    run_dir: Path
+    device: torch.device
+    dataset: Cifar100
+    splits: Splits
+    preprocess: Preprocess
+    stop: StopSignal
+    elapsed: float = 0.0  # training seconds, summed over resumes
+    resume: dict[str, Any] | None = None  # last.pt of an interrupted run
+
+    def metadata(self) -> dict[str, Any]:
+        """What a checkpoint needs so that evaluate/predict/export work from it alone."""
+        p = self.preprocess
+        return {"config": to_dict(self.config), "model_name": self.config.model.name,
+                "class_names": self.dataset.class_names,
+                "superclass_names": self.dataset.superclass_names,
+                "fine_to_coarse": self.dataset.fine_to_coarse().tolist(),
+                "preprocess": {"size": p.size, "mean": p.mean.flatten().tolist(),
+                               "std": p.std.flatten().tolist()}}
+
+
+@dataclass
+class Stage:
+    name: str
+    model: nn.Module
+    epochs: int
+    batch_size: int
+    train_batches: Any  # ImageBatches or a feature cache with the same get()/labels
+    val_batches: Any
+    ctx: StepContext
+    plateau: Any | None = None  # ReduceLROnPlateau, stepped on validation loss
+    best_top1: float = -1.0
+    bad_epochs: int = 0
+    epoch: int = 0
+    extra_state: dict = field(default_factory=dict)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The shuffle of one epoch depends only on (seed, epoch): no state to carry across."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def eval_model(stage: Stage) -> nn.Module:
+    return stage.ctx.ema.model if stage.ctx.ema is not None else stage.model
+
+
+def checkpoint_state(run: Run, stage: Stage, epoch_state: EpochState | None, generator):
+    return {"stage": stage.name, "epoch": stage.epoch, "model": stage.model.state_dict(),
+            "optimizer": stage.ctx.optimizer.state_dict(),
+            "scheduler": (stage.ctx.scheduler or stage.plateau).state_dict()
+            if (stage.ctx.scheduler or stage.plateau) else None,
+            "ema": stage.ctx.ema.model.state_dict() if stage.ctx.ema else None,
+            "epoch_state": asdict(epoch_state) if epoch_state else None,
+            "best_top1": stage.best_top1, "bad_epochs": stage.bad_epochs,
+            "elapsed": run.elapsed, "rng": rng_state(generator), **run.metadata()}
+
+
+def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState | None:
+    stage.model.load_state_dict(state["model"])
+    stage.ctx.optimizer.load_state_dict(state["optimizer"])
+    scheduler = stage.ctx.scheduler or stage.plateau
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if stage.ctx.ema is not None:
+        stage.ctx.ema.model.load_state_dict(state["ema"])
+    stage.epoch, stage.best_top1, stage.bad_epochs = (state["epoch"], state["best_top1"],
+                                                      state["bad_epochs"])
+    restore_rng(state["rng"], generator)
+    return EpochState(**state["epoch_state"]) if state["epoch_state"] else None
+
+
+def run_stage(run: Run, stage: Stage) -> None:
+    """The epoch loop: train, validate, keep the best (on validation), checkpoint, stop early."""
+    cfg, ckpt_dir = run.config.train, run.run_dir / "checkpoints"
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
+    epoch_state = None
+    if run.resume is not None and run.resume["stage"] == stage.name:
+        epoch_state = restore_stage(stage, run.resume, generator)
+        truncate_metrics(run.run_dir, stage.epoch, stage.name)
+        run.resume = None
+    last_save, started = time.monotonic(), time.perf_counter()
+
+    def on_pause(state: EpochState) -> bool:
+        nonlocal last_save, started
+        timed = time.monotonic() - last_save > cfg.checkpoint_minutes * 60
+        if run.stop.requested or timed:
+            run.elapsed += time.perf_counter() - started
+            started = time.perf_counter()
+            save_checkpoint(checkpoint_state(run, stage, state, generator), ckpt_dir / "last.pt")
+            last_save, started = time.monotonic(), time.perf_counter()
+        return run.stop.requested
+
+    while stage.epoch < stage.epochs and not _early_stop(stage, cfg.early_stopping):
+        started = time.perf_counter()
+        order = epoch_order(cfg.seed, stage.epoch, len(stage.train_batches))
+        desc = f"{stage.name} {stage.epoch + 1}/{stage.epochs}"
+        train = train_one_epoch(stage.model, stage.train_batches, stage.ctx, stage.batch_size,
+                                order, generator, epoch_state or EpochState(), on_pause, desc)
+        epoch_state = None
+        val = evaluate(eval_model(stage), stage.val_batches, cfg.eval_batch_size,
+                       autocast=stage.ctx.autocast)
+        run.elapsed += time.perf_counter() - started  # wall time: training and validation
+        _end_epoch(run, stage, train, val, generator)
+
+
+def _early_stop(stage: Stage, patience: int | None) -> bool:
+    return patience is not None and stage.bad_epochs >= patience
+
+
+def _end_epoch(run: Run, stage: Stage, train: dict, val: dict, generator) -> None:
+    if stage.plateau is not None:
+        stage.plateau.step(val["loss"])
+    stage.epoch += 1
+    ckpt_dir = run.run_dir / "checkpoints"
+    if val["top1"] > stage.best_top1:
+        stage.best_top1, stage.bad_epochs = val["top1"], 0
+        best = {"stage": stage.name, "epoch": stage.epoch, "val": val,
+                "model": eval_model(stage).state_dict(), **run.metadata()}
+        save_checkpoint(best, ckpt_dir / "best.pt")
+    else:
+        stage.bad_epochs += 1
+    lr = stage.ctx.optimizer.param_groups[0]["lr"]
+    row = {"stage": stage.name, "epoch": stage.epoch, "lr": lr, "elapsed_s": round(run.elapsed, 1),
+           **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()}}
+    append_metrics(run.run_dir, row)
+    save_checkpoint(checkpoint_state(run, stage, None, generator), ckpt_dir / "last.pt")
+    plot_curves(run.run_dir)
+    print(f"[{stage.name}] epoch {stage.epoch}/{stage.epochs}  train loss {train['loss']:.3f} "
+          f"top1 {train['top1']:.3f} | val loss {val['loss']:.3f} top1 {val['top1']:.3f} "
+          f"top5 {val['top5']:.3f} | lr {lr:.2e} | {run.elapsed / 60:.1f} min", flush=True)
+
+
+def prepare_run(config: Config, run_dir: Path, resume: bool, stop: StopSignal) -> Run:
+    cfg = config.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg.device)
+    dataset = load_cifar100(config.data.data_dir)
+    splits = make_splits(dataset, config.data.val_fraction, cfg.seed, config.data.train_subset)
+    spec = model_spec(config.model.name)
+    preprocess = Preprocess(input_size(config.model), spec.mean, spec.std,
+                            config.data.standardize).to(device)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt") if resume else None
+    if not resume:
+        start_run(run_dir, config, device)
+    run = Run(config, run_dir, device, dataset, splits, preprocess, stop, resume=state)
+    if state is not None:
+        run.elapsed = state["elapsed"]
+    return run
+
+
+def build_cnn_stage(run: Run) -> Stage:
+    config, device = run.config, run.device
+    torch.manual_seed(config.train.seed)  # initialisation
+    model = build_model(config.model).to(device, memory_format=torch.channels_last)
+    train_batches = ImageBatches(run.splits.train, run.preprocess, device, config.augment)
+    val_batches = ImageBatches(run.splits.val, run.preprocess, device)
+    steps = len(train_batches) // config.train.batch_size
+    optimizer = make_optimizer(model.parameters(), config.optim)
+    scheduler, per_step = make_scheduler(optimizer, config.optim, config.train.epochs, steps)
+    ema = ModelEma(model, config.train.ema_decay) if config.train.ema_decay else None
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    ctx = StepContext(optimizer, scheduler if per_step else None, len(run.dataset.class_names),
+                      config.optim.label_smoothing, config.augment, config.optim.grad_clip,
+                      ema, autocast)
+    return Stage("main", model, config.train.epochs, config.train.batch_size, train_batches,
+                 val_batches, ctx, plateau=None if per_step else scheduler)
+
+
+def final_results(run: Run, model: nn.Module) -> dict[str, Any]:
+    """Load the best checkpoint (chosen on validation) and measure it once on the test set."""
+    best = load_checkpoint(run.run_dir / "checkpoints" / "best.pt")
+    model.load_state_dict(best["model"])
+    cfg = run.config.train
+    autocast = torch.bfloat16 if run.device.type == "cuda" else None
+    test = evaluate(model, ImageBatches(run.splits.test, run.preprocess, run.device),
+                    cfg.eval_batch_size, cfg.tta_flip, autocast)
+    results = {"model": run.config.model.name, "run_dir": str(run.run_dir),
+               "best_stage": best["stage"], "best_epoch": best["epoch"],
+               "val_top1": best["val"]["top1"], "val_top5": best["val"]["top5"],
+               "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
+               "tta_flip": cfg.tta_flip, "train_minutes": round(run.elapsed / 60, 2),
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "train_images": len(run.splits.train)}
+    write_json(run.run_dir / "results.json", results)
+    return results
+
+
+def train(config: Config, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train as ``config`` says; return the final metrics (also in ``results.json``)."""
+    run_dir = Path(run_dir)
+    with StopSignal() as stop:
+        run = prepare_run(config, run_dir, resume, stop)
+        if model_spec(config.model.name).pretrained:
+            from cifar100.transfer import run_transfer
+
+            model = run_transfer(run)
+        else:
+            stage = build_cnn_stage(run)
+            run_stage(run, stage)
+            model = eval_model(stage)
+    return final_results(run, model)

@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny fake CIFAR-100 in the real pickle format, and the real one."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(os.environ.get("CIFAR100_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def write_fake_cifar(root: Path, train_per_class: int = 10, test_per_class: int = 2,
+                     seed: int = 0) -> Path:
+    """Write ``root/cifar-100-python/{train,test,meta}`` as the real files are laid out.
+
+    Each class gets its own colour and stripe pattern plus noise, so a model can learn it.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = rng.integers(30, 225, size=(100, 3))
+    for name, per_class in (("train", train_per_class), ("test", test_per_class)):
+        fine = np.repeat(np.arange(100), per_class)
+        rng.shuffle(fine)
+        images = np.empty((len(fine), 3, 32, 32), dtype=np.uint8)
+        for i, label in enumerate(fine):
+            base = np.broadcast_to(colours[label][:, None, None], (3, 32, 32)).astype(np.int16)
+            stripes = ((np.arange(32) // (2 + label % 7)) % 2 * 40)[None, :, None]
+            noise = rng.integers(-20, 21, size=(3, 32, 32))
+            images[i] = np.clip(base + stripes + noise, 0, 255)
+        entry = {"data": images.reshape(len(fine), 3072), "fine_labels": fine.tolist(),
+                 "coarse_labels": (fine // 5).tolist(), "batch_label": f"fake {name}"}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    meta = {"fine_label_names": [f"class_{i:02d}" for i in range(100)],
+            "coarse_label_names": [f"super_{i:02d}" for i in range(20)]}
+    with open(folder / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_data_dir(tmp_path_factory) -> Path:
+    """Folder holding a tiny fake ``cifar-100-python/`` (1,000 train, 200 test images)."""
+    return write_fake_cifar(tmp_path_factory.mktemp("fake_cifar"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The real data and weights beside the checkout. Missing is a failure, never a skip."""
+    if not (SHARED / "datasets" / "cifar-100-python" / "train").is_file():
+        pytest.fail(f"real data not found under {SHARED} (set CIFAR100_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def real_data_dir(shared_dir) -> Path:
+    return shared_dir / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's cache or the network from a test by accident."""
+    monkeypatch.setenv("CIFAR100_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CIFAR100_DATA", raising=False)
+    monkeypatch.delenv("CIFAR100_WEIGHTS", raising=False)
