@@ -52,6 +52,7 @@ class ModelConfig:
     width_mult: float = 1.0  # MobileNetV2 width multiplier
     image_size: int | None = None  # input size the model sees; None: the model's default
     weights: str | None = None  # pretrained weights file; None: resolved by weight sources
+    head_hidden: int | None = None  # transfer head: None = dropout + linear; N = small MLP
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,11 @@ class TrainConfig:
 class TransferConfig:
     """MobileNetV2's two stages: a frozen backbone with a new head, then fine-tuning."""
 
-    head_hidden: int | None = None  # None: dropout + linear; N: a small MLP
-    head_dropout: float = 0.2
     stage1_epochs: int = 30
     stage1_lr: float = 1e-3
     stage1_batch_size: int = 256
-    cache_features: bool = True
+    cache_features: bool = True  # stage 1 trains the head on stored backbone features
+    compile: bool = True  # torch.compile the backbone for feature extraction (CPU: ~1.6x)
     stage2_epochs: int = 0  # 0: stop after stage 1
     stage2_lr: float = 1e-4
     stage2_unfreeze: int | None = None  # top N feature blocks; None: all

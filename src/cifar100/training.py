@@ -25,6 +25,7 @@ from cifar100.engine import (
     Preprocess,
     StepContext,
     StopSignal,
+    TrainingInterrupted,
     evaluate,
     select_device,
     train_one_epoch,
@@ -69,6 +70,7 @@ class Stage:
     val_batches: Any
     ctx: StepContext
     plateau: Any | None = None  # ReduceLROnPlateau, stepped on validation loss
+    full_model: nn.Module | None = None  # saved in checkpoints when ``model`` is only a part
     best_top1: float = -1.0
     bad_epochs: int = 0
     epoch: int = 0
@@ -84,8 +86,15 @@ def eval_model(stage: Stage) -> nn.Module:
     return stage.ctx.ema.model if stage.ctx.ema is not None else stage.model
 
 
+def saved_model(stage: Stage, for_eval: bool = False) -> nn.Module:
+    """The whole network, even when a stage trains only its head on cached features."""
+    if stage.full_model is not None:
+        return stage.full_model
+    return eval_model(stage) if for_eval else stage.model
+
+
 def checkpoint_state(run: Run, stage: Stage, epoch_state: EpochState | None, generator):
-    return {"stage": stage.name, "epoch": stage.epoch, "model": stage.model.state_dict(),
+    return {"stage": stage.name, "epoch": stage.epoch, "model": saved_model(stage).state_dict(),
             "optimizer": stage.ctx.optimizer.state_dict(),
             "scheduler": (stage.ctx.scheduler or stage.plateau).state_dict()
             if (stage.ctx.scheduler or stage.plateau) else None,
@@ -96,7 +105,7 @@ def checkpoint_state(run: Run, stage: Stage, epoch_state: EpochState | None, gen
 
 
 def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState | None:
-    stage.model.load_state_dict(state["model"])
+    saved_model(stage).load_state_dict(state["model"])
     stage.ctx.optimizer.load_state_dict(state["optimizer"])
     scheduler = stage.ctx.scheduler or stage.plateau
     if scheduler is not None and state["scheduler"] is not None:
@@ -155,7 +164,7 @@ def _end_epoch(run: Run, stage: Stage, train: dict, val: dict, generator) -> Non
     if val["top1"] > stage.best_top1:
         stage.best_top1, stage.bad_epochs = val["top1"], 0
         best = {"stage": stage.name, "epoch": stage.epoch, "val": val,
-                "model": eval_model(stage).state_dict(), **run.metadata()}
+                "model": saved_model(stage, for_eval=True).state_dict(), **run.metadata()}
         save_checkpoint(best, ckpt_dir / "best.pt")
     else:
         stage.bad_epochs += 1
@@ -231,12 +240,19 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> dict[str
     run_dir = Path(run_dir)
     with StopSignal() as stop:
         run = prepare_run(config, run_dir, resume, stop)
-        if model_spec(config.model.name).pretrained:
-            from cifar100.transfer import run_transfer
-
-            model = run_transfer(run)
-        else:
-            stage = build_cnn_stage(run)
-            run_stage(run, stage)
-            model = eval_model(stage)
+        try:
+            model = _train_stages(run)
+        except TrainingInterrupted as error:
+            raise TrainingInterrupted(f"{error}; state saved, resume with: cifar100 train "
+                                      f"--resume {run_dir}") from None
     return final_results(run, model)
+
+
+def _train_stages(run: Run) -> nn.Module:
+    if model_spec(run.config.model.name).pretrained:
+        from cifar100.transfer import run_transfer
+
+        return run_transfer(run)
+    stage = build_cnn_stage(run)
+    run_stage(run, stage)
+    return eval_model(stage)

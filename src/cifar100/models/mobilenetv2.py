@@ -149,7 +149,8 @@ class MobileNetV2(nn.Module):
 def build_mobilenetv2(config: ModelConfig, num_classes: int) -> nn.Module:
     """Registry builder: ``config.width_mult`` and ``config.dropout`` (None: 0.2)."""
     dropout = DEFAULT_DROPOUT if config.dropout is None else config.dropout
-    return MobileNetV2(num_classes, width_mult=config.width_mult, dropout=dropout)
+    return MobileNetV2(num_classes, width_mult=config.width_mult, dropout=dropout,
+                       head_hidden=config.head_hidden)
 
 
 def set_frozen_blocks(model: MobileNetV2, frozen_blocks: int) -> None:

@@ -1,0 +1,181 @@
+"""MobileNetV2 transfer learning: stage 1 trains a new head on a frozen backbone, stage 2
+fine-tunes the whole network (or its top blocks) at a low learning rate.
+
+While the backbone is frozen its output for an image never changes, so stage 1 computes
+the pooled features once (per input size, for the image and its mirror) and trains the
+head on them: an epoch then costs a matrix multiply instead of 40,000 backbone passes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cifar100.data import default_cache_dir
+from cifar100.download import file_digest
+from cifar100.engine import ImageBatches, StepContext
+from cifar100.models import build_model
+from cifar100.models.mobilenetv2 import freeze_backbone, trainable_parameters, unfreeze
+from cifar100.optim import make_optimizer, make_scheduler
+from cifar100.training import Run, Stage, run_stage
+from cifar100.weights import load_pretrained, resolve_weights
+
+FEATURE_BATCH = 250
+
+
+@dataclass
+class FeatureBatches:
+    """Cached backbone features served like ``ImageBatches``; "augmentation" picks a view."""
+
+    plain: torch.Tensor  # (N, 1280) features of the images
+    mirrored: torch.Tensor  # (N, 1280) features of their horizontal mirrors
+    labels: torch.Tensor  # (N,)
+    device: torch.device
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get(self, indices: torch.Tensor, generator: torch.Generator | None = None,
+            flip: bool = False) -> torch.Tensor:
+        if generator is None:
+            return (self.mirrored if flip else self.plain)[indices].float().to(self.device)
+        pick = torch.rand(len(indices), generator=generator, device=generator.device) < 0.5
+        views = torch.where(pick.cpu()[:, None], self.mirrored[indices], self.plain[indices])
+        return views.float().to(self.device)
+
+
+def _extract(backbone, batches: ImageBatches, flip: bool, desc: str) -> torch.Tensor:
+    outputs = []
+    with torch.no_grad(), tqdm(total=len(batches), desc=desc, unit="img", file=sys.stderr,
+                               leave=False, disable=None) as bar:
+        for start in range(0, len(batches), FEATURE_BATCH):
+            indices = torch.arange(start, min(start + FEATURE_BATCH, len(batches)))
+            images = batches.get(indices, flip=flip)
+            if len(indices) < FEATURE_BATCH:  # keep one static shape for the compiled graph
+                pad = images[:1].expand(FEATURE_BATCH - len(indices), -1, -1, -1)
+                images = torch.cat([images, pad]).contiguous(memory_format=torch.channels_last)
+            features = backbone(images)[: len(indices)]  # (B, 1280, h, w)
+            outputs.append(features.mean(dim=(2, 3)).half().cpu())  # fp16 halves the cache
+            bar.update(len(indices))
+    return torch.cat(outputs)
+
+
+def _backbone(model: nn.Module, compile_it: bool) -> nn.Module:
+    features = model.features.eval()
+    if not compile_it:
+        return features
+    try:
+        return torch.compile(features, dynamic=False)
+    except Exception as error:  # no compiler toolchain: eager is only slower
+        print(f"torch.compile unavailable ({type(error).__name__}); using eager", file=sys.stderr)
+        return features
+
+
+def cached_features(run: Run, model: nn.Module, weights: Path) -> dict[str, torch.Tensor]:
+    """Features of all 50,000 training images (plain and mirrored), from cache or computed."""
+    size = run.preprocess.size
+    key = f"mobilenetv2-w{run.config.model.width_mult}-{file_digest(weights)[:12]}-{size}px"
+    path = default_cache_dir() / "features" / f"{key}.pt"
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached["plain"].shape[0] == len(run.dataset.train):
+            return cached
+    batches = ImageBatches(run.dataset.train, run.preprocess, run.device)
+    backbone = _backbone(model, run.config.transfer.compile and run.device.type == "cpu")
+    cached = {"plain": _extract(backbone, batches, False, f"features {size}px"),
+              "mirrored": _extract(backbone, batches, True, f"mirrored features {size}px")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(cached, tmp)
+    tmp.replace(path)
+    return cached
+
+
+def _train_indices(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the train and validation splits within the full training set."""
+    from cifar100.data import balanced_subset, stratified_split
+
+    cfg = run.config
+    train_idx, val_idx = stratified_split(run.dataset.train.labels, cfg.data.val_fraction,
+                                          cfg.train.seed)
+    if cfg.data.train_subset:
+        train_idx = train_idx[balanced_subset(run.dataset.train.labels[train_idx],
+                                              cfg.data.train_subset, cfg.train.seed)]
+    return train_idx, val_idx
+
+
+def frozen_stage(run: Run, model: nn.Module, weights: Path) -> Stage:
+    cfg = run.config.transfer
+    freeze_backbone(model)
+    labels = run.dataset.train.labels
+    if cfg.cache_features:
+        started = time.perf_counter()
+        features = cached_features(run, model, weights)
+        run.elapsed += time.perf_counter() - started
+        train_idx, val_idx = _train_indices(run)
+        train = FeatureBatches(features["plain"][train_idx], features["mirrored"][train_idx],
+                               labels[train_idx], run.device)
+        val = FeatureBatches(features["plain"][val_idx], features["mirrored"][val_idx],
+                             labels[val_idx], run.device)
+        trained, augment = model.classifier, None
+    else:
+        train = ImageBatches(run.splits.train, run.preprocess, run.device, run.config.augment)
+        val = ImageBatches(run.splits.val, run.preprocess, run.device)
+        trained, augment = model, run.config.augment
+    return _stage(run, "frozen", trained, model, cfg.stage1_epochs, cfg.stage1_batch_size,
+                  cfg.stage1_lr, 0.0, train, val, augment)
+
+
+def finetune_stage(run: Run, model: nn.Module, best_top1: float) -> Stage:
+    # Unfrozen blocks' BatchNorm layers train normally: upsampled 32 px images have other
+    # statistics than ImageNet photos, and batches of 64+ estimate them well.
+    cfg = run.config.transfer
+    unfreeze(model, cfg.stage2_unfreeze)
+    train = ImageBatches(run.splits.train, run.preprocess, run.device, run.config.augment)
+    val = ImageBatches(run.splits.val, run.preprocess, run.device)
+    stage = _stage(run, "finetune", model, model, cfg.stage2_epochs, run.config.train.batch_size,
+                   cfg.stage2_lr, cfg.stage2_warmup_epochs, train, val, run.config.augment)
+    stage.best_top1 = best_top1  # best.pt is replaced only by a better fine-tuned model
+    return stage
+
+
+def _stage(run, name, trained, full, epochs, batch_size, lr, warmup, train, val, augment):
+    config = run.config
+    params = trainable_parameters(trained)
+    optimizer = make_optimizer(params, config.optim, lr=lr)
+    scheduler, per_step = make_scheduler(optimizer, config.optim, epochs,
+                                         max(len(train) // batch_size, 1), warmup)
+    autocast = torch.bfloat16 if run.device.type == "cuda" else None
+    ctx = StepContext(optimizer, scheduler if per_step else None, len(run.dataset.class_names),
+                      config.optim.label_smoothing, augment, config.optim.grad_clip, None,
+                      autocast)
+    return Stage(name, trained, epochs, batch_size, train, val, ctx,
+                 plateau=None if per_step else scheduler, full_model=full)
+
+
+def run_transfer(run: Run) -> nn.Module:
+    """Stage 1 then (if configured) stage 2; returns the network for the test evaluation."""
+    torch.manual_seed(run.config.train.seed)
+    model = build_model(run.config.model).to(run.device, memory_format=torch.channels_last)
+    weights = resolve_weights(run.config.model.weights)
+    load_pretrained(model, weights)
+    resumed_stage = run.resume["stage"] if run.resume else None
+    best_top1 = run.resume["best_top1"] if run.resume else -1.0
+    if resumed_stage != "finetune":
+        stage = frozen_stage(run, model, weights)
+        run_stage(run, stage)
+        best_top1 = stage.best_top1
+    if run.config.transfer.stage2_epochs > 0:
+        if resumed_stage != "finetune":  # fine-tune from the best head, not the last
+            from cifar100.checkpoint import load_checkpoint
+
+            model.load_state_dict(load_checkpoint(
+                run.run_dir / "checkpoints" / "best.pt")["model"])
+        run_stage(run, finetune_stage(run, model, best_top1))
+    return model
