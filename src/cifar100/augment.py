@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -90,7 +91,7 @@ def mix_batch(
     if use_mixup and use_cutmix:
         use_mixup = bool(torch.rand(1, generator=generator, device=generator.device) < 0.5)
     alpha = config.mixup_alpha if use_mixup else config.cutmix_alpha
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())  # global RNG: seeded per step
+    lam = _beta(alpha, generator)
     order = torch.randperm(len(images), generator=generator, device=generator.device)
     if use_mixup:
         mixed = images * lam + images[order] * (1 - lam)
@@ -99,11 +100,20 @@ def mix_batch(
     return mixed, targets * lam + targets[order] * (1 - lam)
 
 
+def _beta(alpha: float, generator: torch.Generator) -> float:
+    """Beta(alpha, alpha) drawn from ``generator``, so a seed (or a resumed state) fixes it.
+
+    torch's Beta sampler only reads the global RNG, hence numpy seeded from the generator.
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
 def _cutmix(images, order, lam, generator):
     H, W = images.shape[-2:]
     cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-    cy, cx = (int(v) for v in torch.randint(0, H, (2,), generator=generator,
-                                            device=generator.device))
+    cy = int(torch.randint(0, H, (1,), generator=generator, device=generator.device))
+    cx = int(torch.randint(0, W, (1,), generator=generator, device=generator.device))
     y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
     x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
     mixed = images.clone()

@@ -7,6 +7,7 @@ matched, so an interrupted or corrupted transfer leaves nothing half-written beh
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import sys
@@ -14,6 +15,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -75,7 +77,8 @@ def _stream(url: str, out, timeout: float, progress: bool):
             received = 0
             with tqdm(
                 total=total, unit="B", unit_scale=True, desc=Path(url).name,
-                disable=not progress, file=sys.stderr, leave=False,
+                # None: tqdm shows the bar on a terminal only, so logs and pipes stay clean
+                disable=None if progress else True, file=sys.stderr, leave=False,
             ) as bar:
                 for chunk in iter(lambda: response.read(CHUNK), b""):
                     out.write(chunk)
@@ -83,7 +86,7 @@ def _stream(url: str, out, timeout: float, progress: bool):
                     sha_hash.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
         raise DownloadError(f"{url}: download failed ({reason})") from None
     if total is not None and received != total:
@@ -106,8 +109,8 @@ def extract_tar(archive: str | Path, target: str | Path) -> None:
                 members = tar.getmembers()
                 for member in members:
                     _check_member(archive, member)
-                tar.extractall(staging, members=members, filter="data")
-        except (tarfile.TarError, EOFError, OSError) as error:
+                _extract_members(tar, staging, members)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
             raise DownloadError(f"{archive}: not a readable tar archive ({error})") from None
         for item in staging.iterdir():
             final = target / item.name
@@ -116,6 +119,15 @@ def extract_tar(archive: str | Path, target: str | Path) -> None:
             os.replace(item, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _extract_members(tar: tarfile.TarFile, staging: Path, members) -> None:
+    # The "data" filter is a second line of defence; Python < 3.10.12 lacks it, and there
+    # _check_member alone keeps every member inside the staging folder.
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(staging, members=members, filter="data")
+    else:
+        tar.extractall(staging, members=members)
 
 
 def _check_member(archive: Path, member: tarfile.TarInfo) -> None:

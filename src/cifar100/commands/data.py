@@ -6,11 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cifar100.augment import augment_batch, to_float
 from cifar100.config import AugmentConfig
-from cifar100.data import Cifar100, load_cifar100, make_splits
+from cifar100.data import Cifar100, DataError, load_cifar100, make_splits
 
 
 def register(subparsers) -> None:
@@ -22,11 +23,19 @@ def register(subparsers) -> None:
     info.add_argument("--val-fraction", type=float, default=0.2)
     info.add_argument("--grid", type=Path, default=Path("runs/data-samples.png"),
                       help="where to write the PNG grid of samples (one row per class)")
-    info.add_argument("--per-class", type=int, default=8, help="images per class in the grid")
+    info.add_argument("--per-class", type=_positive_int, default=8,
+                      help="images per class in the grid")
     info.add_argument("--augmented", action="store_true",
                       help="show augmented views (the cnn-seed recipe's augmentation)")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(func=run_info)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def summarize(dataset: Cifar100, seed: int, val_fraction: float) -> dict:
@@ -44,6 +53,23 @@ def summarize(dataset: Cifar100, seed: int, val_fraction: float) -> dict:
     }
 
 
+def _grid_rows(dataset: Cifar100, per_class: int, augmented: bool, seed: int):
+    """Classes ordered by superclass, and one (32, 32 * per_class, 3) strip for each."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = dataset.fine_to_coarse().tolist()
+    classes = sorted(range(len(dataset.class_names)), key=lambda c: (coarse[c], c))
+    labels = dataset.train.labels.numpy()  # numpy: 100 masks in torch crawl on busy cores
+    rows = []
+    for cls in classes:
+        idx = torch.from_numpy(np.flatnonzero(labels == cls)[:per_class])
+        images = to_float(dataset.train.images[idx])
+        if augmented:
+            images = augment_batch(images, AugmentConfig(rotation=15, zoom=0.1, contrast=0.2),
+                                   generator)
+        rows.append(torch.cat(list(images.permute(0, 2, 3, 1)), dim=1))  # (32, 32*k, 3)
+    return classes, rows
+
+
 def sample_grid(dataset: Cifar100, path: Path, per_class: int, augmented: bool, seed: int):
     """PNG: one row per class (ordered by superclass), ``per_class`` images each."""
     import matplotlib
@@ -51,26 +77,23 @@ def sample_grid(dataset: Cifar100, path: Path, per_class: int, augmented: bool, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    generator = torch.Generator().manual_seed(seed)
-    coarse = dataset.fine_to_coarse()
-    classes = sorted(range(len(dataset.class_names)), key=lambda c: (int(coarse[c]), c))
-    rows = []
-    for cls in classes:
-        idx = torch.nonzero(dataset.train.labels == cls).flatten()[:per_class]
-        images = to_float(dataset.train.images[idx])
-        if augmented:
-            images = augment_batch(images, AugmentConfig(rotation=15, zoom=0.1, contrast=0.2),
-                                   generator)
-        rows.append(torch.cat(list(images.permute(0, 2, 3, 1)), dim=1))  # (32, 32*k, 3)
+    try:  # fail before drawing 100 rows, not after
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"{path}: cannot write the sample grid ({error.strerror})") from None
+    classes, rows = _grid_rows(dataset, per_class, augmented, seed)
     fig, axes = plt.subplots(len(rows), 1, figsize=(per_class * 0.45 + 2, len(rows) * 0.45))
     for ax, cls, row in zip(axes, classes, rows, strict=True):
         ax.imshow(row.numpy())
         ax.set_axis_off()
         ax.text(-4, 16, dataset.class_names[cls], ha="right", va="center", fontsize=7)
     fig.subplots_adjust(left=0.25, right=0.99, top=0.995, bottom=0.005, hspace=0.05)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=80)
+    except OSError as error:
+        raise DataError(f"{path}: cannot write the sample grid ({error.strerror})") from None
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -89,9 +112,9 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  split (seed {args.seed}): {summary['split']['train']} train / "
           f"{summary['split']['val']} validation")
     print(f"  {summary['num_classes']} classes in {summary['num_superclasses']} superclasses:")
+    coarse = dataset.fine_to_coarse().tolist()
     for i, name in enumerate(summary["superclass_names"]):
-        members = [dataset.class_names[c] for c in range(100)
-                   if int(dataset.fine_to_coarse()[c]) == i]
+        members = [dataset.class_names[c] for c in range(len(coarse)) if coarse[c] == i]
         print(f"    {name}: {', '.join(members)}")
     if args.grid:
         print(f"  sample grid: {summary['grid']}")
