@@ -1,0 +1,208 @@
+"""Ship a trained model as ONNX (preprocessing + network) or safetensors, with its metadata.
+
+The ONNX graph takes what ``cifar100.images.read_image`` gives: float32 RGB in [0, 1],
+N x 3 x 32 x 32 with a dynamic batch, and returns logits (N, 100). Resizing to the
+network's own input size and mean/std normalisation are inside the graph, so a consumer
+only needs the metadata (``metadata_props``) to name the classes.
+
+The safetensors file holds the network's weights (no preprocessing) with the same metadata
+as string metadata, plus the resolved config so that the network can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifar100 import __version__
+from cifar100.engine import Preprocess
+from cifar100.errors import UserError
+from cifar100.images import IMAGE_SIZE
+from cifar100.inference import TrainedModel
+
+ONNX_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+MIN_TOP1_AGREEMENT = 0.999
+
+
+class ExportError(UserError):
+    """An export that cannot be written, read back, or does not match PyTorch."""
+
+
+def model_metadata(trained: TrainedModel, source: str | Path) -> dict[str, str]:
+    """Everything a consumer needs besides the weights, as strings (ONNX and safetensors)."""
+    p, meta = trained.preprocess, trained.metadata
+    config = meta.get("config", {})
+    values: dict[str, Any] = {
+        "producer": f"cifar100 {__version__}", "source_run": str(source),
+        "model_name": config.get("model", {}).get("name", ""),
+        "class_names": trained.class_names, "superclass_names": trained.superclass_names,
+        "fine_to_coarse": trained.fine_to_coarse,
+        "input_name": INPUT_NAME, "input_layout": "NCHW, channels RGB",
+        "input_dtype": "float32", "input_scaling": "pixel / 255, in [0, 1]",
+        "input_size": IMAGE_SIZE,
+        "input_resize": "largest centred square, Lanczos to 32x32 (cifar100.images)",
+        "model_input_size": p.size, "mean": p.mean.flatten().tolist(),
+        "std": p.std.flatten().tolist(),
+        "normalization": "inside the ONNX graph: resize to model_input_size, (x - mean) / std",
+        "output": "logits (N, num_classes); softmax gives probabilities",
+        "config": config, "stage": meta.get("stage"), "epoch": meta.get("epoch"),
+        "val_top1": (meta.get("val") or {}).get("top1"),
+    }
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()
+            if v is not None}
+
+
+def _write_atomic(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise ExportError(f"{path}: could not write ({error.strerror or error})") from None
+
+
+def export_onnx(classifier: nn.Module, path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write ``classifier`` (float [0, 1] (N, 3, 32, 32) -> logits) as ONNX to ``path``."""
+    import onnx
+
+    path = Path(path)
+    classifier = classifier.eval()
+    example = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # dynamo=False: the TorchScript exporter needs no onnxscript, and its deprecation
+        # notice and the tracer's note on the (fixed) 32x32 input size are expected.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(classifier, (example,), buffer, dynamo=False,
+                          opset_version=ONNX_OPSET, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    model = onnx.load_from_string(buffer.getvalue())
+    model.producer_name, model.producer_version = "cifar100", __version__
+    model.doc_string = "CIFAR-100 classifier: preprocessing + network (see metadata_props)"
+    onnx.helper.set_model_props(model, metadata)
+    onnx.checker.check_model(model, full_check=True)
+    _write_atomic(model.SerializeToString(), path)
+    return path
+
+
+class OnnxClassifier:
+    """An exported ONNX model in onnxruntime, with the class names from its metadata."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ExportError(f"{self.path}: ONNX file not found")
+        try:
+            self.session = ort.InferenceSession(str(self.path),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own untyped exceptions
+            raise ExportError(f"{self.path}: not a readable ONNX model "
+                              f"({str(error).splitlines()[0][:200]})") from None
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        try:
+            self.class_names = json.loads(self.metadata["class_names"])
+        except (KeyError, json.JSONDecodeError):
+            raise ExportError(f"{self.path}: no class_names in its metadata (not exported "
+                              "by 'cifar100 export'?)") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """float [0, 1] (N, 3, 32, 32) -> logits (N, num_classes)."""
+        array = np.ascontiguousarray(images.numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+
+
+def batched_logits(fn, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """Logits for uint8 or float images, ``batch_size`` at a time (bounded memory)."""
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            if batch.dtype == torch.uint8:
+                batch = batch.float() / 255.0
+            outputs.append(fn(batch).float())
+    return torch.cat(outputs)
+
+
+def compare_logits(reference: torch.Tensor, candidate: torch.Tensor,
+                   labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Max abs logit difference, top-1 agreement and (with labels) both accuracies."""
+    result = {"images": len(reference),
+              "max_abs_logit_diff": float((reference - candidate).abs().max()),
+              "top1_agreement": float((reference.argmax(1) == candidate.argmax(1))
+                                      .float().mean())}
+    if labels is not None:
+        result["reference_top1"] = float((reference.argmax(1) == labels).float().mean())
+        result["candidate_top1"] = float((candidate.argmax(1) == labels).float().mean())
+    return result
+
+
+def check_onnx(classifier: nn.Module, path: str | Path, images: torch.Tensor,
+               labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Run the ONNX file in onnxruntime against PyTorch on ``images``; fail below 99.9%."""
+    reference = batched_logits(classifier.eval(), images)
+    candidate = batched_logits(OnnxClassifier(path).logits, images)
+    result = compare_logits(reference, candidate, labels)
+    if result["top1_agreement"] < MIN_TOP1_AGREEMENT:
+        raise ExportError(f"{path}: onnxruntime agrees with PyTorch on only "
+                          f"{result['top1_agreement']:.2%} of top-1 predictions "
+                          f"(need {MIN_TOP1_AGREEMENT:.1%}); max abs logit difference "
+                          f"{result['max_abs_logit_diff']:.3g}")
+    return result
+
+
+def export_safetensors(trained: TrainedModel, path: str | Path,
+                       metadata: dict[str, str]) -> Path:
+    """The network's weights (no preprocessing buffers) with ``metadata`` as strings."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in trained.model.state_dict().items()}
+    _write_atomic(save(tensors, metadata=metadata), path)
+    return path
+
+
+def load_safetensors(path: str | Path) -> TrainedModel:
+    """Rebuild a ``TrainedModel`` from a file written by ``export_safetensors``."""
+    from safetensors import SafetensorError, safe_open
+
+    from cifar100.config import from_dict
+    from cifar100.models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: safetensors file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        config = from_dict(json.loads(meta["config"]))
+        class_names = json.loads(meta["class_names"])
+        model = build_model(config.model, len(class_names))
+        model.load_state_dict(tensors)
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as error:
+        raise ExportError(f"{path}: not a cifar100 safetensors export "
+                          f"({type(error).__name__}: {str(error)[:200]})") from None
+    preprocess = Preprocess(int(meta["model_input_size"]), json.loads(meta["mean"]),
+                            json.loads(meta["std"]))
+    extra = {k: v for k, v in meta.items() if k != "class_names"}
+    extra["config_obj"] = config
+    return TrainedModel(model.eval(), preprocess, class_names,
+                        json.loads(meta["superclass_names"]), json.loads(meta["fine_to_coarse"]),
+                        extra)
