@@ -7,7 +7,9 @@ mid-epoch, so a killed run resumes at the exact step it reached with the same RN
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar100.checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from cifar100 import distributed
+from cifar100.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from cifar100.config import Config, to_dict
 from cifar100.data import Cifar100, Splits, load_cifar100, make_splits
 from cifar100.engine import (
@@ -48,6 +51,7 @@ class Run:
     stop: StopSignal
     elapsed: float = 0.0  # training seconds, summed over resumes
     resume: dict[str, Any] | None = None  # last.pt of an interrupted run
+    on_epoch: Callable[[dict[str, Any]], None] | None = None  # gets each epoch's metrics row
 
     def metadata(self) -> dict[str, Any]:
         """What a checkpoint needs so that evaluate/predict/export work from it alone."""
@@ -94,14 +98,16 @@ def saved_model(stage: Stage, for_eval: bool = False) -> nn.Module:
 
 
 def checkpoint_state(run: Run, stage: Stage, epoch_state: EpochState | None, generator):
+    progress = asdict(epoch_state) if epoch_state else None
     return {"stage": stage.name, "epoch": stage.epoch, "model": saved_model(stage).state_dict(),
             "optimizer": stage.ctx.optimizer.state_dict(),
             "scheduler": (stage.ctx.scheduler or stage.plateau).state_dict()
             if (stage.ctx.scheduler or stage.plateau) else None,
             "ema": stage.ctx.ema.model.state_dict() if stage.ctx.ema else None,
-            "epoch_state": asdict(epoch_state) if epoch_state else None,
+            "epoch_state": progress,
             "best_top1": stage.best_top1, "bad_epochs": stage.bad_epochs,
-            "elapsed": run.elapsed, "rng": rng_state(generator), **run.metadata()}
+            "elapsed": run.elapsed, "rng": rng_state(generator),
+            **distributed.gather_rank_states(rng_state(generator), progress), **run.metadata()}
 
 
 def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState | None:
@@ -114,49 +120,60 @@ def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState 
         stage.ctx.ema.model.load_state_dict(state["ema"])
     stage.epoch, stage.best_top1, stage.bad_epochs = (state["epoch"], state["best_top1"],
                                                       state["bad_epochs"])
-    restore_rng(state["rng"], generator)
-    return EpochState(**state["epoch_state"]) if state["epoch_state"] else None
+    progress = distributed.restore_rank_state(state, generator)  # this rank's, under torchrun
+    return EpochState(**progress) if progress else None
 
 
 def run_stage(run: Run, stage: Stage) -> None:
     """The epoch loop: train, validate, keep the best (on validation), checkpoint, stop early."""
     cfg, ckpt_dir = run.config.train, run.run_dir / "checkpoints"
-    generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
+    # Under torchrun every rank augments its own images: its own generator (seed + rank).
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed + distributed.rank())
+    model = distributed.wrap_model(stage.model, run.device, cfg.sync_bn)  # DDP, or itself
     epoch_state = None
     if run.resume is not None and run.resume["stage"] == stage.name:
         epoch_state = restore_stage(stage, run.resume, generator)
-        truncate_metrics(run.run_dir, stage.epoch, stage.name)
+        if distributed.is_main():
+            truncate_metrics(run.run_dir, stage.epoch, stage.name)
         run.resume = None
     last_save, started = time.monotonic(), time.perf_counter()
 
     def on_pause(state: EpochState) -> bool:
         nonlocal last_save, started
         timed = time.monotonic() - last_save > cfg.checkpoint_minutes * 60
-        if run.stop.requested or timed:
+        stop, timed = distributed.agree(run.stop.requested, timed)  # all ranks, same step
+        if stop or timed:
             run.elapsed += time.perf_counter() - started
             started = time.perf_counter()
-            save_checkpoint(checkpoint_state(run, stage, state, generator), ckpt_dir / "last.pt")
+            last = checkpoint_state(run, stage, state, generator)
+            if distributed.is_main():
+                save_checkpoint(last, ckpt_dir / "last.pt")
+            distributed.barrier()  # no rank exits before last.pt is whole
             last_save, started = time.monotonic(), time.perf_counter()
-        return run.stop.requested
+        return stop
 
     while stage.epoch < stage.epochs and not _early_stop(stage, cfg.early_stopping):
         started = time.perf_counter()
         order = epoch_order(cfg.seed, stage.epoch, len(stage.train_batches))
+        order, batch_size = distributed.shard_order(order, stage.batch_size)  # this rank's part
         desc = f"{stage.name} {stage.epoch + 1}/{stage.epochs}"
-        train = train_one_epoch(stage.model, stage.train_batches, stage.ctx, stage.batch_size,
+        train = train_one_epoch(model, stage.train_batches, stage.ctx, batch_size,
                                 order, generator, epoch_state or EpochState(), on_pause, desc)
+        train = distributed.mean_metrics(train)
         epoch_state = None
-        val = evaluate(eval_model(stage), stage.val_batches, cfg.eval_batch_size,
-                       autocast=stage.ctx.autocast)
+        val = distributed.evaluate_sharded(evaluate, eval_model(stage), stage.val_batches,
+                                           cfg.eval_batch_size, autocast=stage.ctx.autocast)
         run.elapsed += time.perf_counter() - started  # wall time: training and validation
-        _end_epoch(run, stage, train, val, generator)
+        row = _end_epoch(run, stage, train, val, generator)
+        if run.on_epoch is not None:
+            run.on_epoch(row)  # may raise (a tuning trial pruned): last.pt is already saved
 
 
 def _early_stop(stage: Stage, patience: int | None) -> bool:
     return patience is not None and stage.bad_epochs >= patience
 
 
-def _end_epoch(run: Run, stage: Stage, train: dict, val: dict, generator) -> None:
+def _end_epoch(run: Run, stage: Stage, train: dict, val: dict, generator) -> dict:
     if stage.plateau is not None:
         stage.plateau.step(val["loss"])
     stage.epoch += 1
@@ -165,32 +182,37 @@ def _end_epoch(run: Run, stage: Stage, train: dict, val: dict, generator) -> Non
         stage.best_top1, stage.bad_epochs = val["top1"], 0
         best = {"stage": stage.name, "epoch": stage.epoch, "val": val,
                 "model": saved_model(stage, for_eval=True).state_dict(), **run.metadata()}
-        save_checkpoint(best, ckpt_dir / "best.pt")
+        if distributed.is_main():
+            save_checkpoint(best, ckpt_dir / "best.pt")
     else:
         stage.bad_epochs += 1
     lr = stage.ctx.optimizer.param_groups[0]["lr"]
     row = {"stage": stage.name, "epoch": stage.epoch, "lr": lr, "elapsed_s": round(run.elapsed, 1),
            **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()}}
-    append_metrics(run.run_dir, row)
-    save_checkpoint(checkpoint_state(run, stage, None, generator), ckpt_dir / "last.pt")
-    plot_curves(run.run_dir)
+    last = checkpoint_state(run, stage, None, generator)  # a collective under torchrun
+    if distributed.is_main():  # the only rank that writes files (and prints)
+        append_metrics(run.run_dir, row)
+        save_checkpoint(last, ckpt_dir / "last.pt")
+        plot_curves(run.run_dir)
     print(f"[{stage.name}] epoch {stage.epoch}/{stage.epochs}  train loss {train['loss']:.3f} "
           f"top1 {train['top1']:.3f} | val loss {val['loss']:.3f} top1 {val['top1']:.3f} "
-          f"top5 {val['top5']:.3f} | lr {lr:.2e} | {run.elapsed / 60:.1f} min", flush=True)
+          f"top5 {val['top5']:.3f} | lr {lr:.2e} | {run.elapsed / 60:.1f} min", file=sys.stderr,
+          flush=True)  # stderr: stdout stays clean for --json
+    return row
 
 
 def prepare_run(config: Config, run_dir: Path, resume: bool, stop: StopSignal) -> Run:
     cfg = config.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = select_device(cfg.device)
+    device = distributed.init(select_device(cfg.device))  # under torchrun: cuda:LOCAL_RANK
     dataset = load_cifar100(config.data.data_dir)
     splits = make_splits(dataset, config.data.val_fraction, cfg.seed, config.data.train_subset)
     spec = model_spec(config.model.name)
     preprocess = Preprocess(input_size(config.model), spec.mean, spec.std,
                             config.data.standardize).to(device)
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt") if resume else None
-    if not resume:
+    if not resume and distributed.is_main():
         start_run(run_dir, config, device)
     run = Run(config, run_dir, device, dataset, splits, preprocess, stop, resume=state)
     if state is not None:
@@ -216,18 +238,22 @@ def build_cnn_stage(run: Run) -> Stage:
                  val_batches, ctx, plateau=None if per_step else scheduler)
 
 
-def final_results(run: Run, model: nn.Module) -> dict[str, Any]:
-    """Load the best checkpoint (chosen on validation) and measure it once on the test set."""
+def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str, Any]:
+    """Load the best checkpoint (chosen on validation) and measure it once on the test set.
+
+    ``test_set=False`` (hyperparameter tuning) never touches the test split.
+    """
     best = load_checkpoint(run.run_dir / "checkpoints" / "best.pt")
     model.load_state_dict(best["model"])
     cfg = run.config.train
     autocast = torch.bfloat16 if run.device.type == "cuda" else None
     test = evaluate(model, ImageBatches(run.splits.test, run.preprocess, run.device),
-                    cfg.eval_batch_size, cfg.tta_flip, autocast)
+                    cfg.eval_batch_size, cfg.tta_flip, autocast) if test_set else None
     results = {"model": run.config.model.name, "run_dir": str(run.run_dir),
                "best_stage": best["stage"], "best_epoch": best["epoch"],
                "val_top1": best["val"]["top1"], "val_top5": best["val"]["top5"],
-               "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
+               **({"test_top1": test["top1"], "test_top5": test["top5"],
+                   "test_loss": test["loss"]} if test else {}),
                "tta_flip": cfg.tta_flip, "train_minutes": round(run.elapsed / 60, 2),
                "parameters": sum(p.numel() for p in model.parameters()),
                "train_images": len(run.splits.train)}
@@ -235,17 +261,26 @@ def final_results(run: Run, model: nn.Module) -> dict[str, Any]:
     return results
 
 
-def train(config: Config, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train as ``config`` says; return the final metrics (also in ``results.json``)."""
+def train(config: Config, run_dir: str | Path, resume: bool = False,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          test_set: bool = True) -> dict[str, Any]:
+    """Train as ``config`` says; return the final metrics (also in ``results.json``).
+
+    ``on_epoch(row)`` sees each epoch's metrics row (what ``metrics.jsonl`` gets) and may
+    raise to end the run, e.g. ``optuna.TrialPruned``. ``test_set=False`` skips the test
+    evaluation. Under torchrun every rank returns rank 0's results.
+    """
     run_dir = Path(run_dir)
     with StopSignal() as stop:
         run = prepare_run(config, run_dir, resume, stop)
+        run.on_epoch = on_epoch
         try:
             model = _train_stages(run)
         except TrainingInterrupted as error:
             raise TrainingInterrupted(f"{error}; state saved, resume with: cifar100 train "
                                       f"--resume {run_dir}") from None
-    return final_results(run, model)
+    results = final_results(run, model, test_set) if distributed.is_main() else None
+    return distributed.share(results)
 
 
 def _train_stages(run: Run) -> nn.Module:
