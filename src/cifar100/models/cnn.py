@@ -55,7 +55,7 @@ class FastCNN(nn.Module):
     """
 
     # width, residual blocks after the stage's conv+pool
-    STAGES = ((64, 0), (128, 1), (256, 0), (384, 1))
+    STAGES = ((48, 0), (96, 1), (192, 0), (256, 1))
 
     def __init__(self, num_classes: int = 100, widths=None, dropout: float = 0.0):
         super().__init__()
