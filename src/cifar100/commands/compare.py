@@ -1,0 +1,217 @@
+"""``cifar100 compare``: the results table, from run directories or committed run records.
+
+A *run record* is a small JSON file (``results/NAME.json``) that keeps what a run showed
+without its weights: metrics, resolved config, commit, hardware, wall time, command.
+``--record RUN_DIR --to FILE`` writes one; ``--readme README.md`` puts the table between
+``<!-- results:start -->`` and ``<!-- results:end -->``, so the README's table is
+generated, never typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifar100.errors import UserError
+from cifar100.runs import write_json
+
+RECORD_VERSION = 1
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+COLUMNS = ["Model", "Test accuracy", "Top-5", "Parameters", "Training time", "Hardware",
+           "Date", "Command"]
+RESULT_KEYS = ["model", "test_top1", "test_top5", "val_top1", "val_top5", "test_loss",
+               "tta_flip", "parameters", "train_minutes", "train_images", "best_stage",
+               "best_epoch"]
+EVALUATION_KEYS = ["top1", "top5", "superclass_accuracy", "macro_f1", "ece", "nll", "tta_flip"]
+
+
+class RecordError(UserError):
+    """A run directory or run record that cannot be read; the message names the file."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("compare", help="results table from runs or run records",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", type=Path, metavar="RUN_DIR_OR_RECORD",
+                   help="run directories (results.json, run.json, config.yaml) or run "
+                   "record JSON files, one table row each, in this order")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--out", type=Path, metavar="FILE", help="also write the table to FILE")
+    p.add_argument("--readme", type=Path, metavar="FILE",
+                   help=f"replace the text between {START} and {END} in FILE with the table")
+    p.add_argument("--record", type=Path, metavar="RUN_DIR",
+                   help="write a run record of RUN_DIR (needs --to) instead of a table")
+    p.add_argument("--to", type=Path, metavar="FILE", help="where --record writes, e.g. "
+                   "results/cnn-seed.json")
+    p.add_argument("--name", help="the record's name in the table (default: --to's stem)")
+    p.set_defaults(func=run)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecordError(f"{path}: file missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecordError(f"{path}: not readable JSON ({type(error).__name__})") from None
+    if not isinstance(values, dict):
+        raise RecordError(f"{path}: expected a JSON object")
+    return values
+
+
+def _command(raw: Any) -> str:
+    """run.json keeps sys.argv; argv[0] (a script path) is shown as ``cifar100``."""
+    if isinstance(raw, list) and raw:
+        return shlex.join(["cifar100", *map(str, raw[1:])])
+    return str(raw or "")
+
+
+def make_record(run_dir: Path, name: str | None = None) -> dict[str, Any]:
+    """The run's record: metrics, resolved config, commit, hardware, wall time; no weights."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RecordError(f"{run_dir}: no such run directory")
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise RecordError(f"{results_path}: missing (is the run finished?)")
+    results, info = _read_json(results_path), _read_json(run_dir / "run.json")
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise RecordError(f"{run_dir / 'config.yaml'}: unreadable ({type(error).__name__})"
+                          ) from None
+    record = {"record_version": RECORD_VERSION, "name": name or results.get("model"),
+              **{k: results[k] for k in RESULT_KEYS if k in results},
+              "commit": info.get("commit"), "started": info.get("started"),
+              "command": _command(info.get("command")), "hardware": info.get("hardware", {}),
+              "run_dir": run_dir.name, "config": config}
+    report = run_dir / "report" / "report.json"
+    if report.is_file():  # ``cifar100 evaluate`` has been run: keep its headline numbers
+        values = _read_json(report)
+        record["evaluation"] = {k: values[k] for k in EVALUATION_KEYS if k in values}
+    _check_record(record, results_path)
+    return record
+
+
+def _check_record(record: dict[str, Any], path: Path) -> None:
+    for key in ("model", "test_top1", "test_top5"):
+        if key not in record:
+            raise RecordError(f"{path}: no '{key}' (not a run's results or a run record)")
+
+
+def load_entry(path: Path) -> dict[str, Any]:
+    """One table row's data from a run directory or a run record file."""
+    path = Path(path)
+    if path.is_dir():
+        return make_record(path)
+    if not path.exists():
+        raise RecordError(f"{path}: no such run directory or run record")
+    record = _read_json(path)
+    _check_record(record, path)
+    return record
+
+
+def write_record(run_dir: Path, to: Path, name: str | None = None) -> dict[str, Any]:
+    record = make_record(run_dir, name or to.stem)
+    try:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        write_json(to, record)
+    except OSError as error:
+        raise RecordError(f"{to}: cannot write the record ({error.strerror or error})"
+                          ) from None
+    return record
+
+
+def _hardware(info: dict[str, Any]) -> str:
+    if info.get("gpu"):
+        return str(info["gpu"])
+    cpu = re.sub(r"\((R|TM)\)", "", str(info.get("cpu") or "CPU"))
+    cpu = re.sub(r"\s+", " ", cpu.replace(" CPU", "")).strip()
+    threads = info.get("threads") or info.get("cpu_count")
+    return f"{cpu}, {threads} threads" if threads else cpu
+
+
+def _duration(minutes: float | None) -> str:
+    if minutes is None:
+        return ""
+    if minutes < 60:
+        return f"{minutes:.1f} min"
+    return f"{int(minutes // 60)} h {round(minutes % 60):02d} min"
+
+
+def table_row(record: dict[str, Any]) -> list[str]:
+    tta = " (flip TTA)" if record.get("tta_flip") else ""
+    params = record.get("parameters")
+    return [str(record.get("name") or record["model"]), f"{100 * record['test_top1']:.2f}%{tta}",
+            f"{100 * record['test_top5']:.2f}%",
+            f"{params / 1e6:.2f} M" if params else "",
+            _duration(record.get("train_minutes")), _hardware(record.get("hardware") or {}),
+            str(record.get("started") or "")[:10], record.get("command") or ""]
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    def cell(text: str, code: bool) -> str:
+        text = text.replace("|", "\\|")
+        return f"`{text}`" if code and text else text
+
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "|---|--:|--:|--:|--:|---|---|---|"]
+    for record in records:
+        row = table_row(record)
+        lines.append("| " + " | ".join(cell(v, i == len(row) - 1) for i, v in enumerate(row))
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def text_table(records: list[dict[str, Any]]) -> str:
+    rows = [COLUMNS] + [table_row(r) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False))
+                     + "  " + row[-1] for row in rows) + "\n"
+
+
+def update_readme(readme: Path, table: str) -> None:
+    """Replace what lies between the results markers with ``table``."""
+    try:
+        text = readme.read_text()
+    except OSError as error:
+        raise RecordError(f"{readme}: cannot read ({error.strerror or error})") from None
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < 0 or end < start:
+        raise RecordError(f"{readme}: needs the markers {START} and then {END} "
+                          "around the results table")
+    new = text[:start + len(START)] + "\n" + table + text[end:]
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(readme)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.record:
+        if not args.to:
+            raise UserError("compare --record RUN_DIR needs --to FILE (e.g. results/NAME.json)")
+        record = write_record(args.record, args.to, args.name)
+        print(f"record of {args.record} ({record['model']}, test top-1 "
+              f"{record['test_top1']:.2%}) -> {args.to}")
+        return 0
+    if not args.inputs:
+        raise UserError("compare: give at least one run directory or run record")
+    records = [load_entry(path) for path in args.inputs]
+    table = markdown_table(records) if args.markdown or args.readme else text_table(records)
+    if args.readme:
+        update_readme(args.readme, markdown_table(records))
+        print(f"updated the results table in {args.readme}")
+    if args.out:
+        try:
+            args.out.write_text(table)
+        except OSError as error:
+            raise RecordError(f"{args.out}: cannot write ({error.strerror or error})") from None
+    print(table, end="")
+    return 0

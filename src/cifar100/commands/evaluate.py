@@ -1,0 +1,159 @@
+"""``cifar100 evaluate``: a full test-set report for one run, or an ensemble of several.
+
+Writes ``report.json`` (every number), ``report.md`` (+ its PNG figures) and one
+self-contained ``report.html`` into ``RUN_DIR/report/`` or ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifar100 import report_plots
+from cifar100.data import Cifar100, load_cifar100
+from cifar100.engine import ImageBatches, predict_logits, select_device
+from cifar100.errors import UserError
+from cifar100.inference import TrainedModel, load_trained
+from cifar100.report_html import render_html, render_markdown
+from cifar100.reports import build_report, ensemble_probs, misclassified, softmax, topk_accuracy
+from cifar100.runs import git_commit, read_metrics, write_json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="test-set report: metrics, confusion, calibration",
+                              description=__doc__)
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="trained run folder(s); several are evaluated as an ensemble "
+                   "(their softmax probabilities averaged)")
+    p.add_argument("--data-dir", help="folder holding cifar-100-python/ (or $CIFAR100_DATA)")
+    p.add_argument("--tta", action="store_true",
+                   help="flip test-time augmentation: average with the mirrored image")
+    p.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/report, or "
+                   "FIRST_RUN_DIR/report-ensemble for several runs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--batch-size", type=int, default=500, help="images per inference batch")
+    p.add_argument("--json", action="store_true", help="print the headline metrics as JSON")
+    p.set_defaults(func=run)
+
+
+def default_out(run_dirs: list[Path]) -> Path:
+    return run_dirs[0] / ("report" if len(run_dirs) == 1 else "report-ensemble")
+
+
+def _check_classes(trained: TrainedModel, run_dir: Path, dataset: Cifar100) -> None:
+    if trained.class_names != dataset.class_names:
+        raise UserError(f"{run_dir}: the model's class names differ from those in "
+                        f"{dataset.source / 'meta'} (trained on another data set?)")
+
+
+def predict_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
+                 device: str = "auto", batch_size: int = 500
+                 ) -> tuple[list[TrainedModel], list[np.ndarray]]:
+    """Each run's test-set logits (N, 100), in the test split's order."""
+    target = select_device(device)
+    models, logits = [], []
+    for run_dir in run_dirs:
+        trained = load_trained(run_dir, target)
+        _check_classes(trained, run_dir, dataset)
+        batches = ImageBatches(dataset.test, trained.preprocess, target)
+        logits.append(predict_logits(trained.model, batches, batch_size, tta_flip=tta).numpy())
+        models.append(trained)
+    return models, logits
+
+
+def evaluate_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
+                  device: str = "auto", batch_size: int = 500
+                  ) -> tuple[dict[str, Any], np.ndarray]:
+    """The report dict (as written to report.json) and the (N, 100) probabilities behind it."""
+    models, logits = predict_runs(run_dirs, dataset, tta, device, batch_size)
+    probs = ensemble_probs(logits)
+    labels = dataset.test.labels.numpy()
+    first = models[0]
+    report = build_report(probs, labels, first.class_names, first.superclass_names,
+                          first.fine_to_coarse)
+    names = [str(r) for r in run_dirs]
+    report.update({
+        "title": run_dirs[0].resolve().name if len(run_dirs) == 1
+        else f"ensemble of {len(run_dirs)} runs",
+        "runs": names, "models": [m.metadata["model_name"] for m in models],
+        "members": [{"run": name, "model": m.metadata["model_name"],
+                     "top1": topk_accuracy(softmax(lg), labels, 1)}
+                    for name, m, lg in zip(names, models, logits, strict=True)],
+        "tta_flip": tta, "data": str(dataset.source), "commit": git_commit(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    })
+    return report, probs
+
+
+def training_curves(run_dir: Path) -> bytes | None:
+    """The run's curves.png as written during training, else redrawn from metrics.jsonl."""
+    path = run_dir / "curves.png"
+    if path.is_file():
+        return path.read_bytes()
+    rows = read_metrics(run_dir)
+    return report_plots.curves_png(rows) if rows else None
+
+
+def make_figures(report: dict[str, Any], probs: np.ndarray, dataset: Cifar100,
+                 run_dir: Path) -> dict[str, bytes]:
+    labels = dataset.test.labels.numpy()
+    mistakes = misclassified(probs, labels, report["class_names"])
+    figures = {
+        "confusion": report_plots.fine_confusion_png(report),
+        "superclass_confusion": report_plots.superclass_confusion_png(report),
+        "reliability": report_plots.reliability_png(report["calibration"]),
+    }
+    if mistakes:  # a perfect score leaves nothing to show
+        figures["misclassified"] = report_plots.misclassified_png(dataset.test.images, mistakes)
+    curves = training_curves(run_dir)
+    if curves:
+        figures["curves"] = curves
+    return figures
+
+
+def write_report(report: dict[str, Any], figures: dict[str, bytes], out: Path
+                 ) -> dict[str, Path]:
+    """report.json, report.md with its PNGs, and the self-contained report.html."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for stem, png in figures.items():
+            (out / f"{stem}.png").write_bytes(png)
+        paths = {"json": out / "report.json", "markdown": out / "report.md",
+                 "html": out / "report.html"}
+        report["files"] = {k: p.name for k, p in paths.items()}
+        report["figures"] = [f"{stem}.png" for stem in figures]
+        write_json(paths["json"], report)
+        paths["markdown"].write_text(render_markdown(report, list(figures)))
+        paths["html"].write_text(render_html(report, figures))
+    except OSError as error:
+        raise UserError(f"{out}: cannot write the report ({error.strerror or error})") from None
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    for run_dir in args.run_dirs:
+        if not (run_dir / "checkpoints" / "best.pt").is_file():
+            raise UserError(f"{run_dir}: not a trained run directory "
+                            "(no checkpoints/best.pt)")
+    dataset = load_cifar100(args.data_dir)
+    report, probs = evaluate_runs(args.run_dirs, dataset, args.tta, args.device,
+                                  args.batch_size)
+    figures = make_figures(report, probs, dataset, args.run_dirs[0])
+    paths = write_report(report, figures, args.out or default_out(args.run_dirs))
+    headline = {k: report[k] for k in ("top1", "top5", "superclass_accuracy", "macro_f1",
+                                       "ece", "nll", "images", "tta_flip", "runs")}
+    if args.json:
+        print(json.dumps({**headline, "report": {k: str(p) for k, p in paths.items()}},
+                         indent=2))
+        return 0
+    print(f"{report['title']}: top-1 {report['top1']:.2%}, top-5 {report['top5']:.2%}, "
+          f"superclass {report['superclass_accuracy']:.2%}, macro F1 {report['macro_f1']:.3f}, "
+          f"ECE {report['ece']:.2%} on {report['images']} test images"
+          f"{' (flip TTA)' if args.tta else ''}")
+    print(f"report: {paths['html']}")
+    return 0
