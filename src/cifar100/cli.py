@@ -9,7 +9,7 @@ import sys
 from cifar100.errors import UserError
 
 # Each module defines register(subparsers) and sets ``func`` on its parser.
-COMMANDS = ["data", "train", "predict", "export", "evaluate", "compare"]
+COMMANDS = ["data", "train", "predict", "export", "evaluate", "compare", "tune"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,6 +83,7 @@ class TrainConfig:
     tta_flip: bool = False  # average logits with the mirrored image at evaluation
     checkpoint_minutes: float = 10.0  # also save mid-epoch this often (long epochs)
     threads: int | None = None  # CPU threads; None: all cores
+    sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cifar100 import distributed
 from cifar100.augment import augment_batch, mix_batch, one_hot, to_float
 from cifar100.config import AugmentConfig
 from cifar100.data import Split
@@ -209,7 +210,7 @@ def train_one_epoch(
     steps = len(order) // batch_size  # drop the ragged last batch: BN prefers full ones
     started, first = time.perf_counter(), state.step
     with tqdm(total=steps, initial=state.step, desc=desc, file=sys.stderr, leave=False,
-              dynamic_ncols=True, disable=None) as bar:
+              dynamic_ncols=True, disable=None if distributed.is_main() else True) as bar:
         while state.step < steps:
             indices = order[state.step * batch_size:(state.step + 1) * batch_size]
             inputs = batches.get(indices, generator)

@@ -194,10 +194,11 @@ def _end_epoch(run: Run, stage: Stage, train: dict, val: dict, generator) -> dic
         append_metrics(run.run_dir, row)
         save_checkpoint(last, ckpt_dir / "last.pt")
         plot_curves(run.run_dir)
-    print(f"[{stage.name}] epoch {stage.epoch}/{stage.epochs}  train loss {train['loss']:.3f} "
-          f"top1 {train['top1']:.3f} | val loss {val['loss']:.3f} top1 {val['top1']:.3f} "
-          f"top5 {val['top5']:.3f} | lr {lr:.2e} | {run.elapsed / 60:.1f} min", file=sys.stderr,
-          flush=True)  # stderr: stdout stays clean for --json
+        print(f"[{stage.name}] epoch {stage.epoch}/{stage.epochs}  train loss "
+              f"{train['loss']:.3f} top1 {train['top1']:.3f} | val loss {val['loss']:.3f} top1 "
+              f"{val['top1']:.3f} top5 {val['top5']:.3f} | lr {lr:.2e} | "
+              f"{run.elapsed / 60:.1f} min", file=sys.stderr,
+              flush=True)  # stderr: stdout stays clean for --json
     return row
 
 

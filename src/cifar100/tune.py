@@ -1,0 +1,319 @@
+"""Hyperparameter search with Optuna: TPE sampling, median pruning, a study in SQLite.
+
+Every trial is an ordinary ``train()`` run in ``STUDY_DIR/trials/trial-NNNN/`` that sees
+only the train and validation splits: the objective is the best validation top-1, and the
+test set is never evaluated (``test_set=False``), so it stays an unbiased final check.
+
+The study lives in ``STUDY_DIR/study.db`` and is opened with ``load_if_exists``: a killed
+``cifar100 tune`` continues where it stopped, and several processes (or machines sharing
+the folder) can work on one study at once. ``--trials N`` is the number of finished
+(complete or pruned) trials the study should hold; each worker tops it up.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifar100.config import Config, from_dict, to_dict
+from cifar100.engine import TrainingDiverged, TrainingInterrupted
+from cifar100.errors import UserError
+from cifar100.models import model_spec
+from cifar100.models.cnn import FastCNN, SeedCNN
+from cifar100.training import train
+
+try:
+    import optuna
+except ImportError:  # an optional dependency: cifar100[tune]
+    optuna = None
+
+STUDY_NAME = "cifar100"
+DEFAULT_WIDTHS = {"cnn-seed": tuple(w for w, *_ in SeedCNN.STAGES),
+                  "cnn-fast": tuple(w for w, *_ in FastCNN.STAGES)}
+# Augmentation strength 1.0: the coursework recipe's rotation/zoom/contrast plus a 4 px
+# random crop. A trial scales all four together, so one number says "how much".
+AUGMENT_AT_1 = {"translate": 4, "rotation": 15.0, "zoom": 0.1, "contrast": 0.1}
+PARAMS = ("lr", "weight_decay", "dropout", "label_smoothing", "augment", "width")
+
+
+class TuneError(UserError):
+    """A study that cannot be run as asked; the message names the file or the setting."""
+
+
+def require_optuna() -> None:
+    if optuna is None:
+        raise TuneError("cifar100 tune needs Optuna: pip install 'cifar100[tune]'")
+
+
+def sample_params(trial, base: Config) -> dict[str, float]:
+    """The search space, centred on the base recipe where it has a natural scale."""
+    pretrained = model_spec(base.model.name).pretrained
+    lr = base.transfer.stage1_lr if pretrained else base.optim.lr
+    params = {
+        "lr": trial.suggest_float("lr", lr / 10, lr * 10, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 5e-2, log=True),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.5),
+        "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.3),
+        "augment": trial.suggest_float("augment", 0.0, 1.5),
+    }
+    if not pretrained and (base.model.widths or base.model.name in DEFAULT_WIDTHS):
+        # (ImageNet weights fix a pretrained model's widths)
+        params["width"] = trial.suggest_float("width", 0.5, 1.5, step=0.25)
+    return params
+
+
+def apply_params(base: Config, params: dict[str, float]) -> Config:
+    """The trial's config: ``base`` with the sampled values written in."""
+    optim = dataclasses.replace(base.optim, weight_decay=params["weight_decay"],
+                                label_smoothing=params["label_smoothing"])
+    transfer, model = base.transfer, dataclasses.replace(base.model, dropout=params["dropout"])
+    if model_spec(base.model.name).pretrained:  # both stages keep their lr ratio
+        factor = params["lr"] / base.transfer.stage1_lr
+        transfer = dataclasses.replace(transfer, stage1_lr=params["lr"],
+                                       stage2_lr=base.transfer.stage2_lr * factor)
+    else:
+        optim = dataclasses.replace(optim, lr=params["lr"])
+    if "width" in params:
+        widths = base.model.widths or DEFAULT_WIDTHS[base.model.name]
+        model = dataclasses.replace(model, widths=tuple(
+            max(4, round(w * params["width"] / 4) * 4) for w in widths))  # multiples of 4
+    s = params["augment"]
+    augment = dataclasses.replace(base.augment, translate=round(AUGMENT_AT_1["translate"] * s),
+                                  rotation=AUGMENT_AT_1["rotation"] * s,
+                                  zoom=AUGMENT_AT_1["zoom"] * s,
+                                  contrast=AUGMENT_AT_1["contrast"] * s)
+    return dataclasses.replace(base, optim=optim, model=model, augment=augment,
+                               transfer=transfer)
+
+
+def objective(trial, base: Config, study_dir: Path) -> float:
+    """Train one trial; report validation top-1 every epoch so the pruner can stop it."""
+    config = apply_params(base, sample_params(trial, base))
+    run_dir = study_dir / "trials" / f"trial-{trial.number:04d}"
+    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("config", to_dict(config))
+    epochs = itertools.count(1)  # one step per epoch, across stages
+
+    def report(row: dict[str, Any]) -> None:
+        step = next(epochs)
+        trial.report(row["val_top1"], step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"validation top-1 {row['val_top1']:.3f} at epoch {step}")
+
+    try:
+        results = train(config, run_dir, on_epoch=report, test_set=False)
+    except TrainingDiverged:  # a legitimate outcome of a too-high learning rate
+        trial.set_user_attr("diverged", True)
+        return 0.0
+    return results["val_top1"]
+
+
+def open_study(study_dir: Path, base: Config, seed: int = 0):
+    """Create or reopen ``study_dir/study.db``; a reopened study must keep its base recipe."""
+    require_optuna()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    # Heartbeats let a restarted or parallel worker mark the trials of a killed one FAIL.
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's terms
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'study.db'}",
+                                             heartbeat_interval=60, grace_period=180)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
+                                pruner=pruner, load_if_exists=True)
+    _check_base(study, base, study_dir)
+    # Seeded, and shifted by the trials already there: a restarted worker does not
+    # repeat the first worker's random start-up points.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials),
+                                               n_startup_trials=5)
+    return study
+
+
+def _comparable(config: Config) -> dict[str, Any]:
+    values = to_dict(config)
+    values["data"].pop("data_dir")  # the data may live elsewhere on another worker
+    return values
+
+
+def _check_base(study, base: Config, study_dir: Path) -> None:
+    stored = study.user_attrs.get("base_config")
+    if stored is None:
+        study.set_user_attr("base_config", _comparable(base))
+        return
+    mine = _comparable(base)
+    changed = [f"{s}.{k}" for s in mine for k in mine[s]
+               if stored.get(s, {}).get(k) != mine[s][k]]
+    if changed:
+        raise TuneError(f"{study_dir / 'study.db'}: this study was started with another base "
+                        f"recipe (differs in {', '.join(changed)}); use the same options or "
+                        "another --study-dir")
+
+
+def finished(study) -> int:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def run_study(study_dir: Path, base: Config, trials: int, timeout_minutes: float | None = None,
+              seed: int = 0, on_trial=None):
+    """Run trials until the study holds ``trials`` finished ones (or the timeout)."""
+    study = open_study(study_dir, base, seed)
+
+    def after_trial(study, trial) -> None:
+        write_report(study, study_dir)
+        if on_trial is not None:
+            on_trial(study, trial)
+        if finished(study) >= trials:  # counts the trials of parallel workers too
+            study.stop()
+
+    remaining = trials - finished(study)
+    if remaining > 0:
+        try:
+            study.optimize(lambda t: objective(t, base, study_dir), n_trials=remaining,
+                           timeout=timeout_minutes * 60 if timeout_minutes else None,
+                           callbacks=[after_trial], gc_after_trial=True)
+        except TrainingInterrupted:
+            raise TrainingInterrupted(f"stopped; {study_dir / 'study.db'} keeps the finished "
+                                      "trials: rerun the same command to continue") from None
+    write_report(study, study_dir)
+    return study
+
+
+def best_config(study) -> Config | None:
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        return None
+    return from_dict(study.best_trial.user_attrs["config"])
+
+
+def trial_rows(study) -> list[dict[str, Any]]:
+    """One row per trial: its state, validation top-1 (a pruned one's last), params."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        steps = t.intermediate_values
+        value = t.value if t.value is not None else (steps[max(steps)] if steps else None)
+        rows.append({"trial": t.number, "state": t.state.name.lower(), "val_top1": value,
+                     "epochs": len(steps), "minutes": round(t.duration.total_seconds() / 60, 2)
+                     if t.duration else None, **{p: t.params.get(p) for p in PARAMS},
+                     "run_dir": t.user_attrs.get("run_dir")})
+    return rows
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file: parallel workers never leave half a report."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_report(study, study_dir: Path) -> None:
+    """summary.csv, summary.md, history.png, importances.png and best.yaml in ``study_dir``."""
+    rows = trial_rows(study)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["trial"])
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic(study_dir / "summary.csv", lambda p: p.write_text(buffer.getvalue()))
+    importances = _importances(study)
+    _atomic(study_dir / "summary.md", lambda p: p.write_text(_markdown(study, rows, importances)))
+    _plot_history(rows, study_dir / "history.png")
+    if importances:
+        _plot_importances(importances, study_dir / "importances.png")
+    config = best_config(study)
+    if config is not None:
+        _atomic(study_dir / "best.yaml", lambda p: p.write_text(_best_yaml(study, config,
+                                                                             study_dir)))
+
+
+def _markdown(study, rows: list[dict], importances: dict | None) -> str:
+    keys = [k for k in rows[0] if k != "run_dir"] if rows else []
+    lines = [f"# Study `{STUDY_NAME}`: {len(rows)} trials, {finished(study)} finished", ""]
+    if best_config(study) is not None:
+        best = study.best_trial
+        lines += [f"Best: trial {best.number}, validation top-1 {best.value:.4f}. "
+                  "Train it: `cifar100 train --config best.yaml`.", ""]
+    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
+    if importances:
+        lines += ["", "Parameter importances (validation top-1): " + ", ".join(
+            f"{name} {value:.2f}" for name, value in importances.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _best_yaml(study, config: Config, study_dir: Path) -> str:
+    best = study.best_trial
+    header = (f"# Best trial {best.number} of the study in {study_dir}: validation top-1 "
+              f"{best.value:.4f}.\n# Its tuning budget is kept (epochs, "
+              "data.train_subset): raise them for a final run, e.g.\n#   cifar100 train "
+              "--config best.yaml --epochs 30 --set data.train_subset=none\n")
+    return header + yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def _importances(study) -> dict[str, float] | None:
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return None
+    try:
+        return optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError):  # e.g. every trial alike: nothing to attribute
+        return None
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_history(rows: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for state, colour in (("complete", "tab:blue"), ("pruned", "tab:orange")):
+        points = [(r["trial"], r["val_top1"]) for r in rows
+                  if r["state"] == state and r["val_top1"] is not None]
+        if points:
+            ax.scatter(*zip(*points, strict=True), color=colour, label=state, zorder=3)
+    best, xs, ys = None, [], []
+    for r in rows:  # best so far, over complete trials
+        if r["state"] == "complete" and r["val_top1"] is not None:
+            best = r["val_top1"] if best is None else max(best, r["val_top1"])
+        if best is not None:
+            xs.append(r["trial"])
+            ys.append(best)
+    if xs:
+        ax.step(xs, ys, where="post", color="tab:green", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation top-1")
+    ax.set_title("optimisation history")
+    ax.legend()
+    fig.tight_layout()
+    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def _plot_importances(importances: dict[str, float], path: Path) -> None:
+    plt = _pyplot()
+    names = list(importances)[::-1]  # largest on top
+    fig, ax = plt.subplots(figsize=(6.4, 0.4 * len(names) + 1.2))
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set_xlabel("importance for validation top-1")
+    ax.set_title("parameter importances")
+    fig.tight_layout()
+    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)

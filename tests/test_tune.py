@@ -1,0 +1,132 @@
+"""``cifar100 tune``: a study on the fake data, killed with SIGKILL, then continued.
+
+Real processes, a real SQLite study: what a crash on a long tuning run looks like.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from cifar100.config import Config
+from cifar100.models.cnn import FastCNN
+from cifar100.tune import apply_params, sample_params
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+TINY = ["--epochs", "2", "--set", "model.widths=8,16,32", "--set", "train.batch_size=64"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _tune(data_dir: Path, study_dir: Path, trials: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cifar100", "tune", "--trials", str(trials), "--study-dir",
+            str(study_dir), "--data-dir", str(data_dir), *TINY, *extra]
+
+
+def _trials(study_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    if not (study_dir / "study.db").exists():
+        return []
+    try:
+        study = optuna.load_study(study_name="cifar100",
+                                  storage=f"sqlite:///{study_dir / 'study.db'}")
+    except KeyError:  # the study is being created
+        return []
+    return study.get_trials()
+
+
+def _finished(study_dir: Path) -> dict[int, tuple]:
+    return {t.number: (t.params, t.value, t.state) for t in _trials(study_dir)
+            if t.state in FINISHED}
+
+
+def test_killed_study_continues_and_best_config_trains(fake_data_dir, tmp_path):
+    study_dir = tmp_path / "study"
+    proc = subprocess.Popen(_tune(fake_data_dir, study_dir, 10), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while len(_finished(study_dir)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: a crash
+    proc.wait()
+    before = _finished(study_dir)
+    assert len(before) >= 2
+
+    target = len(before) + 2
+    result = subprocess.run(_tune(fake_data_dir, study_dir, target), env=_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = _finished(study_dir)
+    assert len(after) == target  # the same study, topped up
+    assert {n: after[n] for n in before} == before  # earlier trials kept as they were
+    assert "train it: cifar100 train --config" in result.stdout
+
+    trials = _trials(study_dir)
+    rows = list(csv.DictReader((study_dir / "summary.csv").open()))
+    assert [int(r["trial"]) for r in rows] == [t.number for t in trials]
+    assert (study_dir / "summary.md").read_text().count("\n| ") == len(trials) + 1
+    for name in ("history.png", "importances.png"):
+        assert (study_dir / name).read_bytes()[:4] == b"\x89PNG"
+    for t in trials:  # tuning never measures the test set
+        results = Path(t.user_attrs["run_dir"]) / "results.json"
+        if results.exists():
+            assert "test_top1" not in json.loads(results.read_text())
+
+    run_dir = tmp_path / "best-run"
+    trained = subprocess.run([sys.executable, "-m", "cifar100", "train", "--config",
+                              str(study_dir / "best.yaml"), "--run-dir", str(run_dir),
+                              "--json"], env=_env(), capture_output=True, text=True,
+                             timeout=120)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    best = max((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE),
+               key=lambda t: t.value)
+    assert results["val_top1"] == pytest.approx(best.value)  # the same recipe, retrained
+    assert "test_top1" in results
+
+
+def test_reopening_with_another_recipe_is_a_clear_error(fake_data_dir, tmp_path):
+    study_dir = tmp_path / "study"
+    first = subprocess.run(_tune(fake_data_dir, study_dir, 1), env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    other = subprocess.run(_tune(fake_data_dir, study_dir, 2, "--set", "optim.lr=0.05"),
+                           env=_env(), capture_output=True, text=True, timeout=120)
+    assert other.returncode == 1
+    line = other.stderr.strip().splitlines()[-1]
+    assert line.startswith("cifar100: error:") and "study.db" in line and "optim.lr" in line
+
+
+class _Fixed:
+    """A stand-in for an Optuna trial that answers every suggestion with one value."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def suggest_float(self, name, low, high, log=False, step=None):
+        value = self.values[name]
+        assert low <= value <= high, name
+        return value
+
+
+def test_search_space_maps_onto_the_config():
+    base = Config()
+    params = sample_params(_Fixed(lr=0.01, weight_decay=1e-4, dropout=0.25,
+                                  label_smoothing=0.1, augment=0.5, width=0.5), base)
+    config = apply_params(base, params)
+    assert config.optim.lr == 0.01 and config.optim.weight_decay == 1e-4
+    assert config.model.dropout == 0.25 and config.optim.label_smoothing == 0.1
+    assert config.model.widths == tuple(w // 2 for w, _ in FastCNN.STAGES)  # cnn-fast's
+    assert (config.augment.translate, config.augment.rotation) == (2, 7.5)
+    assert (config.augment.zoom, config.augment.contrast) == (0.05, 0.05)
+    assert config.train == base.train and config.data == base.data  # nothing else moves
