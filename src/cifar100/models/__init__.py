@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from cifar100.config import ModelConfig
@@ -55,6 +56,35 @@ def build_model(config: ModelConfig, num_classes: int = NUM_CLASSES) -> nn.Modul
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, size: int) -> int:
+    """Forward FLOPs for one image (2 per multiply-add) of convolutions and linear layers.
+
+    Norms, activations and pooling are left out: they are memory-bound and small next to
+    the matmuls. A training step costs about three times the forward pass.
+    """
+    total = 0
+
+    def hook(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * \
+                module.kernel_size[1]
+            total += 2 * per_output * output[0].numel()
+        elif isinstance(module, nn.Linear):
+            total += 2 * module.in_features * module.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return total
 
 
 def _register_builtin() -> None:
