@@ -9,7 +9,7 @@ import sys
 from cifar100.errors import UserError
 
 # Each module defines register(subparsers) and sets ``func`` on its parser.
-COMMANDS = ["data", "train", "predict", "export", "evaluate", "compare", "tune"]
+COMMANDS = ["data", "models", "train", "evaluate", "compare", "predict", "export", "tune"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = ["cifar100", *(sys.argv[1:] if argv is None else argv)]  # for run.json
     try:
         return args.func(args) or 0
     except UserError as error:

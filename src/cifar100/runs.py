@@ -67,10 +67,11 @@ def new_run_dir(root: str | Path, model_name: str) -> Path:
     return path
 
 
-def start_run(run_dir: Path, config: Config, device: torch.device) -> None:
+def start_run(run_dir: Path, config: Config, device: torch.device,
+              command: list[str] | None = None) -> None:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    info = {"commit": git_commit(), "command": sys.argv, "started": _now(),
+    info = {"commit": git_commit(), "command": command or sys.argv, "started": _now(),
             "hardware": hardware(device)}
     write_json(run_dir / "run.json", info)
 
@@ -125,26 +126,24 @@ def plot_curves(run_dir: Path) -> Path | None:
     rows = read_metrics(run_dir)
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API, not pyplot: no global backend switch in a notebook that imports us.
+    from matplotlib.figure import Figure
 
     x = list(range(1, len(rows) + 1))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig = Figure(figsize=(16, 3.6))
+    axes = fig.subplots(1, 4)
     for ax, key, title in zip(axes[:3], ("loss", "top1", "top5"), ("loss", "top-1", "top-5"),
                               strict=True):
-        ax.plot(x, [r[f"train_{key}"] for r in rows], label="train")
-        ax.plot(x, [r[f"val_{key}"] for r in rows], label="validation")
+        ax.plot(x, [r[f"train_{key}"] for r in rows], marker=".", label="train")
+        ax.plot(x, [r[f"val_{key}"] for r in rows], marker=".", label="validation")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.legend()
-    axes[3].plot(x, [r["lr"] for r in rows])
+    axes[3].plot(x, [r["lr"] for r in rows], marker=".")
     axes[3].set_yscale("log")
     axes[3].set_title("learning rate")
     axes[3].set_xlabel("epoch")
-    fig.tight_layout()
+    fig.set_layout_engine("tight")
     path = run_dir / "curves.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

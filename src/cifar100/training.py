@@ -19,7 +19,7 @@ from torch import nn
 
 from cifar100 import distributed
 from cifar100.checkpoint import load_checkpoint, rng_state, save_checkpoint
-from cifar100.config import Config, to_dict
+from cifar100.config import Config, ConfigError, to_dict
 from cifar100.data import Cifar100, Splits, load_cifar100, make_splits
 from cifar100.engine import (
     EpochState,
@@ -127,6 +127,10 @@ def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState 
 def run_stage(run: Run, stage: Stage) -> None:
     """The epoch loop: train, validate, keep the best (on validation), checkpoint, stop early."""
     cfg, ckpt_dir = run.config.train, run.run_dir / "checkpoints"
+    if len(stage.train_batches) < stage.batch_size:
+        raise ConfigError(f"{stage.name}: {len(stage.train_batches)} training images are fewer "
+                          f"than one batch of {stage.batch_size}; lower train.batch_size or "
+                          "use a larger --train-subset")
     # Under torchrun every rank augments its own images: its own generator (seed + rank).
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed + distributed.rank())
     model = distributed.wrap_model(stage.model, run.device, cfg.sync_bn)  # DDP, or itself
@@ -202,7 +206,8 @@ def _end_epoch(run: Run, stage: Stage, train: dict, val: dict, generator) -> dic
     return row
 
 
-def prepare_run(config: Config, run_dir: Path, resume: bool, stop: StopSignal) -> Run:
+def prepare_run(config: Config, run_dir: Path, resume: bool, stop: StopSignal,
+                command: list[str] | None = None) -> Run:
     cfg = config.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -214,7 +219,7 @@ def prepare_run(config: Config, run_dir: Path, resume: bool, stop: StopSignal) -
                             config.data.standardize).to(device)
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt") if resume else None
     if not resume and distributed.is_main():
-        start_run(run_dir, config, device)
+        start_run(run_dir, config, device, command)
     run = Run(config, run_dir, device, dataset, splits, preprocess, stop, resume=state)
     if state is not None:
         run.elapsed = state["elapsed"]
@@ -264,16 +269,17 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
 
 def train(config: Config, run_dir: str | Path, resume: bool = False,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          test_set: bool = True) -> dict[str, Any]:
+          test_set: bool = True, command: list[str] | None = None) -> dict[str, Any]:
     """Train as ``config`` says; return the final metrics (also in ``results.json``).
 
     ``on_epoch(row)`` sees each epoch's metrics row (what ``metrics.jsonl`` gets) and may
     raise to end the run, e.g. ``optuna.TrialPruned``. ``test_set=False`` skips the test
-    evaluation. Under torchrun every rank returns rank 0's results.
+    evaluation. ``command`` is recorded in run.json (default: ``sys.argv``). Under torchrun
+    every rank returns rank 0's results.
     """
     run_dir = Path(run_dir)
     with StopSignal() as stop:
-        run = prepare_run(config, run_dir, resume, stop)
+        run = prepare_run(config, run_dir, resume, stop, command)
         run.on_epoch = on_epoch
         try:
             model = _train_stages(run)

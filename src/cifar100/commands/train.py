@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from cifar100.config import PRESETS_DIR, load_config, parse_overrides, preset_names
+from cifar100.models import model_spec
 from cifar100.runs import load_run_config, new_run_dir
 from cifar100.training import train
 
@@ -45,11 +46,15 @@ def resolve_config(args: argparse.Namespace):
     for (section, key), value in flags.items():
         if value is not None:
             overrides.setdefault(section, {})[key] = value
-    if args.epochs is not None and args.model == "mobilenetv2" or (
-            args.epochs is not None and preset and "mobilenet" in preset):
-        overrides.setdefault("transfer", {}).update(
-            stage1_epochs=args.epochs, stage2_epochs=args.epochs)
-    return load_config(preset, args.config, overrides)
+    config = load_config(preset, args.config, overrides)
+    if args.epochs is not None and config.transfer and model_spec(config.model.name).pretrained:
+        # --epochs sets each stage's length; a stage the recipe leaves off stays off.
+        stages = {"stage1_epochs": args.epochs}
+        if config.transfer.stage2_epochs > 0:
+            stages["stage2_epochs"] = args.epochs
+        config = load_config(preset, args.config, {**overrides, "transfer": {
+            **overrides.get("transfer", {}), **stages}})
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = resolve_config(args)
         run_dir = args.run_dir or new_run_dir("runs", config.model.name)
-    results = train(config, run_dir, resume=bool(args.resume))
+    results = train(config, run_dir, resume=bool(args.resume), command=args.argv)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
