@@ -233,9 +233,14 @@ def restore_rank_state(state: dict[str, Any], generator: torch.Generator) -> dic
 
 
 def share(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (the others pass None)."""
+    """Rank 0's ``value`` on every rank (the others pass None); the run's last collective.
+
+    The barrier keeps rank 0 from exiting, and tearing down its side of the group, while a
+    slower rank is still receiving: gloo can abort a process at exit in that case.
+    """
     if world_size() == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
+    dist.barrier()
     return box[0]
