@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cifar100 import distributed
 from cifar100.data import default_cache_dir
 from cifar100.download import file_digest
 from cifar100.engine import ImageBatches, StepContext
@@ -79,26 +80,27 @@ def _backbone(model: nn.Module, compile_it: bool) -> nn.Module:
 
 
 def cached_features(run: Run, model: nn.Module, weights: Path) -> dict[str, torch.Tensor]:
-    """Features of all 50,000 training images (plain and mirrored), from cache or computed."""
+    """Features of all 50,000 training images (plain and mirrored), from cache or computed.
+
+    Under torchrun rank 0 computes and writes the file while the other ranks wait for it.
+    """
     size = run.preprocess.size
     images = run.dataset.train.images.numpy()
     data_id = hashlib.sha1(images).hexdigest()[:8]  # ~0.2 s: never reuse another set's features
     key = (f"mobilenetv2-w{run.config.model.width_mult}-{file_digest(weights)[:12]}-{data_id}"
            f"-{size}px")
     path = default_cache_dir() / "features" / f"{key}.pt"
-    if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached["plain"].shape[0] == len(run.dataset.train):
-            return cached
-    batches = ImageBatches(run.dataset.train, run.preprocess, run.device)
-    backbone = _backbone(model, run.config.transfer.compile and run.device.type == "cpu")
-    cached = {"plain": _extract(backbone, batches, False, f"features {size}px"),
-              "mirrored": _extract(backbone, batches, True, f"mirrored features {size}px")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(cached, tmp)
-    tmp.replace(path)
-    return cached
+    if distributed.is_main() and not path.is_file():
+        batches = ImageBatches(run.dataset.train, run.preprocess, run.device)
+        backbone = _backbone(model, run.config.transfer.compile and run.device.type == "cpu")
+        cached = {"plain": _extract(backbone, batches, False, f"features {size}px"),
+                  "mirrored": _extract(backbone, batches, True, f"mirrored features {size}px")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(cached, tmp)
+        tmp.replace(path)  # atomic: a killed extraction never leaves a half file behind
+    distributed.barrier()
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _train_indices(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
