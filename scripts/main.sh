@@ -12,4 +12,3 @@ fi
 RUN_DIR="runs/main-$(date +%Y%m%d-%H%M%S)"
 .venv/bin/cifar100 train --preset quick --run-dir "$RUN_DIR" "$@"
 .venv/bin/cifar100 evaluate "$RUN_DIR" --tta
-echo "report: $RUN_DIR/report/report.html"
