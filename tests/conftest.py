@@ -49,6 +49,18 @@ def fake_data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_run(fake_data_dir, tmp_path_factory) -> Path:
+    """One epoch of the quick recipe on the fake data, narrowed so that it takes seconds."""
+    from cifar100.cli import main
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    code = main(["train", "--preset", "quick", "--epochs", "1", "--data-dir", str(fake_data_dir),
+                 "--run-dir", str(run_dir), "--set", "model.widths=[16,32,32,32]"])
+    assert code == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The real data and weights beside the checkout. Missing is a failure, never a skip."""
     if not (SHARED / "datasets" / "cifar-100-python" / "train").is_file():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,19 +22,6 @@ from cifar100.inference import load_trained
 from cifar100.models import REGISTRY, build_model, model_spec
 
 SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
-
-
-def train_tiny_run(data_dir: Path, run_dir: Path) -> Path:
-    """One epoch of the quick recipe on the fake data, narrowed so that it takes seconds."""
-    code = main(["train", "--preset", "quick", "--epochs", "1", "--data-dir", str(data_dir),
-                 "--run-dir", str(run_dir), "--set", "model.widths=[16,32,32,32]"])
-    assert code == 0
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_run(fake_data_dir, tmp_path_factory) -> Path:
-    return train_tiny_run(fake_data_dir, tmp_path_factory.mktemp("export") / "run")
 
 
 @pytest.fixture(scope="module")

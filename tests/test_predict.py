@@ -20,19 +20,6 @@ SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"
 CLASS_NAMES = {f"class_{i:02d}" for i in range(100)}  # the fake data set's names
 
 
-def train_tiny_run(data_dir: Path, run_dir: Path) -> Path:
-    """One epoch of the quick recipe on the fake data, narrowed so that it takes seconds."""
-    code = main(["train", "--preset", "quick", "--epochs", "1", "--data-dir", str(data_dir),
-                 "--run-dir", str(run_dir), "--set", "model.widths=[16,32,32,32]"])
-    assert code == 0
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_run(fake_data_dir, tmp_path_factory) -> Path:
-    return train_tiny_run(fake_data_dir, tmp_path_factory.mktemp("predict") / "run")
-
-
 def predict_json(capsys, *args) -> tuple[int, list[dict], list[str]]:
     code = main(["predict", *map(str, args), "--json"])
     out, err = capsys.readouterr()
