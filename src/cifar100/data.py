@@ -242,6 +242,8 @@ class Splits:
     train: Split
     val: Split
     test: Split
+    train_index: torch.Tensor  # positions of train/val within the full training set, so
+    val_index: torch.Tensor  # per-image caches (e.g. backbone features) can be split alike
 
 
 def make_splits(
@@ -249,7 +251,7 @@ def make_splits(
 ) -> Splits:
     """80/20 train/validation from the training images; the test set stays untouched."""
     train_idx, val_idx = stratified_split(dataset.train.labels, val_fraction, seed)
-    train = dataset.train.subset(train_idx)
     if train_subset:
-        train = train.subset(balanced_subset(train.labels, train_subset, seed))
-    return Splits(train, dataset.train.subset(val_idx), dataset.test)
+        train_idx = train_idx[balanced_subset(dataset.train.labels[train_idx], train_subset, seed)]
+    return Splits(dataset.train.subset(train_idx), dataset.train.subset(val_idx), dataset.test,
+                  train_idx, val_idx)

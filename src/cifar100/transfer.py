@@ -103,19 +103,6 @@ def cached_features(run: Run, model: nn.Module, weights: Path) -> dict[str, torc
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _train_indices(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the train and validation splits within the full training set."""
-    from cifar100.data import balanced_subset, stratified_split
-
-    cfg = run.config
-    train_idx, val_idx = stratified_split(run.dataset.train.labels, cfg.data.val_fraction,
-                                          cfg.train.seed)
-    if cfg.data.train_subset:
-        train_idx = train_idx[balanced_subset(run.dataset.train.labels[train_idx],
-                                              cfg.data.train_subset, cfg.train.seed)]
-    return train_idx, val_idx
-
-
 def frozen_stage(run: Run, model: nn.Module, weights: Path) -> Stage:
     cfg = run.config.transfer
     freeze_backbone(model)
@@ -124,7 +111,7 @@ def frozen_stage(run: Run, model: nn.Module, weights: Path) -> Stage:
         started = time.perf_counter()
         features = cached_features(run, model, weights)
         run.elapsed += time.perf_counter() - started
-        train_idx, val_idx = _train_indices(run)
+        train_idx, val_idx = run.splits.train_index, run.splits.val_index
         train = FeatureBatches(features["plain"][train_idx], features["mirrored"][train_idx],
                                labels[train_idx], run.device)
         val = FeatureBatches(features["plain"][val_idx], features["mirrored"][val_idx],
