@@ -25,6 +25,7 @@ from cifar100.engine import ImageBatches, StepContext
 from cifar100.models import build_model
 from cifar100.models.mobilenetv2 import freeze_backbone, trainable_parameters, unfreeze
 from cifar100.optim import make_optimizer, make_scheduler
+from cifar100.runs import read_json, write_json
 from cifar100.training import Run, Stage, run_stage
 from cifar100.weights import load_pretrained, resolve_weights
 
@@ -152,12 +153,22 @@ def _stage(run, name, trained, full, epochs, batch_size, lr, warmup, train, val,
                  plateau=None if per_step else scheduler, full_model=full)
 
 
+def record_weights(run_dir: Path, weights: Path) -> None:
+    """Add the pretrained file's name and sha256 to run.json: the config may say only None."""
+    if not distributed.is_main():
+        return
+    info = read_json(run_dir / "run.json")
+    info["pretrained_weights"] = {"file": str(weights), "sha256": file_digest(weights)}
+    write_json(run_dir / "run.json", info)
+
+
 def run_transfer(run: Run) -> nn.Module:
     """Stage 1 then (if configured) stage 2; returns the network for the test evaluation."""
     torch.manual_seed(run.config.train.seed)
     model = build_model(run.config.model).to(run.device, memory_format=torch.channels_last)
     weights = resolve_weights(run.config.model.weights)
     load_pretrained(model, weights)
+    record_weights(run.run_dir, weights)
     resumed_stage = run.resume["stage"] if run.resume else None
     best_top1 = run.resume["best_top1"] if run.resume else -1.0
     if resumed_stage != "finetune":
