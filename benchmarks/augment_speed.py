@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from cifar100.augment import augment_batch, to_float
 from cifar100.config import AugmentConfig, ModelConfig
 from cifar100.models import build_model
+from cifar100.runs import cpu_name
 
 RECIPES = {
     "flip+translate 4": AugmentConfig(flip=True, translate=4),
@@ -31,17 +32,6 @@ RECIPES = {
         flip=True, translate=0, rotation=15, zoom=0.1, contrast=0.1),
 }
 MODELS = ("cnn-seed", "cnn-fast")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:

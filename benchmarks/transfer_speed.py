@@ -25,9 +25,7 @@ import datetime
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -35,31 +33,13 @@ import torch.nn.functional as F
 from cifar100.config import ModelConfig
 from cifar100.models import build_model
 from cifar100.models.mobilenetv2 import freeze_backbone, trainable_parameters, unfreeze
+from cifar100.runs import cpu_name
+
+# run as a script, so its own folder is on sys.path: one timing helper for all benchmarks
+from augment_speed import median_seconds  # noqa: E402  (isort: skip)
 
 TRAIN_IMAGES, VAL_IMAGES, ALL_TRAIN_IMAGES = 40_000, 10_000, 50_000
 EXTRACT_BATCH, FINETUNE_BATCH, HEAD_BATCH = 250, 64, 256
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def mobilenet() -> torch.nn.Module:

@@ -38,7 +38,7 @@ def git_commit() -> str | None:
 
 
 def hardware(device: torch.device) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "cpu": _cpu_name(),
+    info = {"platform": platform.platform(), "cpu": cpu_name(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "device": str(device), "python": platform.python_version(),
             "torch": torch.__version__}
@@ -47,7 +47,7 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

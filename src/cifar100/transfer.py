@@ -80,7 +80,7 @@ def _backbone(model: nn.Module, compile_it: bool) -> nn.Module:
         return features
 
 
-def cached_features(run: Run, model: nn.Module, weights: Path) -> dict[str, torch.Tensor]:
+def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> dict[str, torch.Tensor]:
     """Features of all 50,000 training images (plain and mirrored), from cache or computed.
 
     Under torchrun rank 0 computes and writes the file while the other ranks wait for it.
@@ -88,7 +88,7 @@ def cached_features(run: Run, model: nn.Module, weights: Path) -> dict[str, torc
     size = run.preprocess.size
     images = run.dataset.train.images.numpy()
     data_id = hashlib.sha1(images).hexdigest()[:8]  # ~0.2 s: never reuse another set's features
-    key = (f"mobilenetv2-w{run.config.model.width_mult}-{file_digest(weights)[:12]}-{data_id}"
+    key = (f"mobilenetv2-w{run.config.model.width_mult}-{weights_sha256[:12]}-{data_id}"
            f"-{size}px")
     path = default_cache_dir() / "features" / f"{key}.pt"
     if distributed.is_main() and not path.is_file():
@@ -104,13 +104,13 @@ def cached_features(run: Run, model: nn.Module, weights: Path) -> dict[str, torc
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def frozen_stage(run: Run, model: nn.Module, weights: Path) -> Stage:
+def frozen_stage(run: Run, model: nn.Module, weights_sha256: str) -> Stage:
     cfg = run.config.transfer
     freeze_backbone(model)
     labels = run.dataset.train.labels
     if cfg.cache_features:
         started = time.perf_counter()
-        features = cached_features(run, model, weights)
+        features = cached_features(run, model, weights_sha256)
         run.elapsed += time.perf_counter() - started
         train_idx, val_idx = run.splits.train_index, run.splits.val_index
         train = FeatureBatches(features["plain"][train_idx], features["mirrored"][train_idx],
@@ -153,12 +153,12 @@ def _stage(run, name, trained, full, epochs, batch_size, lr, warmup, train, val,
                  plateau=None if per_step else scheduler, full_model=full)
 
 
-def record_weights(run_dir: Path, weights: Path) -> None:
+def record_weights(run_dir: Path, weights: Path, sha256: str) -> None:
     """Add the pretrained file's name and sha256 to run.json: the config may say only None."""
     if not distributed.is_main():
         return
     info = read_json(run_dir / "run.json")
-    info["pretrained_weights"] = {"file": str(weights), "sha256": file_digest(weights)}
+    info["pretrained_weights"] = {"file": str(weights), "sha256": sha256}
     write_json(run_dir / "run.json", info)
 
 
@@ -168,11 +168,12 @@ def run_transfer(run: Run) -> nn.Module:
     model = build_model(run.config.model).to(run.device, memory_format=torch.channels_last)
     weights = resolve_weights(run.config.model.weights)
     load_pretrained(model, weights)
-    record_weights(run.run_dir, weights)
+    weights_sha256 = file_digest(weights)  # names the feature cache and goes into run.json
+    record_weights(run.run_dir, weights, weights_sha256)
     resumed_stage = run.resume["stage"] if run.resume else None
     best_top1 = run.resume["best_top1"] if run.resume else -1.0
     if resumed_stage != "finetune":
-        stage = frozen_stage(run, model, weights)
+        stage = frozen_stage(run, model, weights_sha256)
         run_stage(run, stage)
         best_top1 = stage.best_top1
     if run.config.transfer.stage2_epochs > 0:
