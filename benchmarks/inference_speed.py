@@ -17,6 +17,7 @@ Usage::
 
     nice python benchmarks/inference_speed.py [--models cnn-seed cnn-fast] [--batch-size 256]
     nice python benchmarks/inference_speed.py --clock cpu
+    nice python benchmarks/inference_speed.py --allocator both   # glibc default vs tuned
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ from cifar100.engine import Preprocess
 from cifar100.export import export_onnx
 from cifar100.models import REGISTRY, build_model, count_parameters, model_spec
 from cifar100.runs import hardware
+
+# run as a script, so its own folder is on sys.path
+from cpu_usage import (  # noqa: E402  (isort: skip)
+    Usage,
+    add_allocator_option,
+    apply_allocator,
+    measured,
+    run_both,
+)
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
@@ -106,10 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch and onnxruntime threads")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: one thread, timed by its CPU clock")
+    add_allocator_option(parser)
     return parser.parse_args(argv)
 
 
-def print_header(args: argparse.Namespace) -> None:
+def print_header(args: argparse.Namespace, allocator: str) -> None:
     info = hardware(torch.device("cpu"))
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
@@ -117,29 +128,38 @@ def print_header(args: argparse.Namespace) -> None:
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
     print(f"software: python {info['python']}, torch {torch.__version__}, "
           f"onnxruntime {ort.__version__}, {info['platform']}")
+    print(f"malloc: {allocator}")
     print(f"batch {args.batch_size}, float32 input 3x32x32 (preprocessing included), "
           f"{args.clock} clock\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.allocator == "both":
+        return run_both(sys.argv[1:] if argv is None else argv)
+    allocator = apply_allocator(args.allocator)
     if args.clock == "cpu":
         args.threads = 1  # a thread's CPU clock sees only the work done on that thread
     if args.threads:
         torch.set_num_threads(args.threads)
-    print_header(args)
+    print_header(args, allocator)
     rate, ms = ("img/s", "1-img ms") if args.clock == "wall" else ("img/CPU-s", "1-img CPU ms")
     print(f"{'model':<12} {'params':>9} {'input':>6} | {'torch ' + rate:>15} {ms:>12} | "
           f"{'onnx ' + rate:>14} {ms:>12}")
+    usage: dict[str, Usage] = {}
     for name in args.models:
         classifier = build_classifier(name)
         clock = CLOCKS[args.clock]
-        torch_rate, torch_ms = time_torch(classifier, args.batch_size, args.seconds, clock)
+        with measured(usage.setdefault(name, Usage())):
+            torch_rate, torch_ms = time_torch(classifier, args.batch_size, args.seconds, clock)
         onnx_rate, onnx_ms = time_onnx(build_classifier(name), args.batch_size, args.seconds,
                                        clock)
         print(f"{name:<12} {count_parameters(classifier):>9,} {model_spec(name).input_size:>6} | "
               f"{torch_rate:>15,.0f} {torch_ms:>12.2f} | {onnx_rate:>14,.0f} {onnx_ms:>12.2f}",
               flush=True)
+    print("\nCPU time and minor page faults of the PyTorch measurements (warm-up included):")
+    for name, used in usage.items():
+        print(f"{name:<12} {used}")
     return 0
 
 

@@ -15,7 +15,13 @@ without it (run the frozen backbone over the 40,000 training images every epoch)
 speed-up the cache gives, and the minutes of one fine-tuning epoch (train + validation).
 Accuracy per size comes from real runs (``results/mobilenetv2-*.json``), not from here.
 
+It also prints, per size, the user and system CPU time and the minor page faults of the
+timed work: system time far above a few percent of user time means memory is being handed
+back to the kernel and faulted in again (see ``cifar100.allocator``). ``--allocator both``
+runs everything once with glibc's default and once with the project's setting.
+
     python benchmarks/transfer_speed.py [--sizes 96 128 160 224] [--compile] [--threads N]
+                                        [--allocator tuned|default|both]
 """
 
 from __future__ import annotations
@@ -37,6 +43,13 @@ from cifar100.runs import cpu_name
 
 # run as a script, so its own folder is on sys.path: one timing helper for all benchmarks
 from augment_speed import median_seconds  # noqa: E402  (isort: skip)
+from cpu_usage import (  # noqa: E402  (isort: skip)
+    Usage,
+    add_allocator_option,
+    apply_allocator,
+    measured,
+    run_both,
+)
 
 TRAIN_IMAGES, VAL_IMAGES, ALL_TRAIN_IMAGES = 40_000, 10_000, 50_000
 EXTRACT_BATCH, FINETUNE_BATCH, HEAD_BATCH = 250, 64, 256
@@ -98,21 +111,26 @@ def head_epoch_seconds() -> float:
     return median_seconds(epoch, repeats=3)
 
 
-def print_header() -> None:
+def print_header(allocator: str) -> None:
     print(f"command: {shlex.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"date:    {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
     print(f"cpu:     {cpu_name()}, {os.cpu_count()} logical cores, "
           f"torch threads {torch.get_num_threads()}")
     print(f"torch:   {torch.__version__}, python {platform.python_version()}, "
-          f"load average {os.getloadavg()[0]:.1f}\n")
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"malloc:  {allocator}\n")
 
 
-def report(size: int, args, head_seconds: float) -> None:
-    eager = extract_rate(size, False, args.repeats)
-    compiled = extract_rate(size, True, args.repeats) if args.compile else None
+def report(size: int, args, head_seconds: float) -> tuple[Usage, Usage]:
+    """Print one size's row; return the CPU usage of its extraction and fine-tuning parts."""
+    extraction, finetuning = Usage(), Usage()
+    with measured(extraction):
+        eager = extract_rate(size, False, args.repeats)
+        compiled = extract_rate(size, True, args.repeats) if args.compile else None
     extract = compiled or eager
-    full, top = finetune_rate(size, None, args.repeats), finetune_rate(
-        size, args.top_blocks, args.repeats)
+    with measured(finetuning):
+        full, top = finetune_rate(size, None, args.repeats), finetune_rate(
+            size, args.top_blocks, args.repeats)
     cached = (2 * ALL_TRAIN_IMAGES / extract + args.stage1_epochs * head_seconds) / 60
     uncached = args.stage1_epochs * (TRAIN_IMAGES / eager + head_seconds) / 60
     epoch_full = (TRAIN_IMAGES / full + VAL_IMAGES / extract) / 60
@@ -120,7 +138,8 @@ def report(size: int, args, head_seconds: float) -> None:
     compiled_text = f"{compiled:6.0f}" if compiled else "     -"
     print(f"{size:4d} px | {eager:6.0f} | {compiled_text} | {full:6.1f} | {top:6.1f} | "
           f"{cached:6.1f} | {uncached:6.1f} | {uncached / cached:5.1f}x | "
-          f"{epoch_full:5.1f} | {epoch_top:5.1f}")
+          f"{epoch_full:5.1f} | {epoch_top:5.1f}", flush=True)
+    return extraction, finetuning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1-epochs", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
+    if args.allocator == "both":
+        return run_both(sys.argv[1:] if argv is None else argv)
+    allocator = apply_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print_header()
+    print_header(allocator)
     head_seconds = head_epoch_seconds()
     print(f"stage-1 head epoch on cached features (40,000 x 1280, batch {HEAD_BATCH}): "
           f"{head_seconds:.1f} s\n")
@@ -142,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.top_blocks} (batch {FINETUNE_BATCH});\nminutes: stage 1 ({args.stage1_epochs} "
           "epochs) cached | uncached, cache speed-up, one fine-tune epoch all | top\n")
     print("  size |  eager | compil |  ft all | ft top | s1 cch | s1 unc | speed | ep all | ep top")
-    for size in args.sizes:
-        report(size, args, head_seconds)
+    usage = {size: report(size, args, head_seconds) for size in args.sizes}
+    print("\nCPU time and minor page faults of the timed work (warm-up included):")
+    for size, (extraction, finetuning) in usage.items():
+        print(f"{size:4d} px | extraction {extraction} | fine-tune steps {finetuning}")
     return 0
 
 

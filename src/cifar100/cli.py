@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from cifar100 import stopping
+from cifar100.allocator import tune_allocator
 from cifar100.errors import UserError
 
 # Each module defines register(subparsers) and sets ``func`` on its parser.
@@ -22,16 +24,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # before torch allocates anything: see cifar100.allocator
+    stopping.install()  # SIGINT and SIGTERM stop every phase within seconds
+    stopping.reset()
     args = build_parser().parse_args(argv)
     args.argv = ["cifar100", *(sys.argv[1:] if argv is None else argv)]  # for run.json
     try:
         return args.func(args) or 0
     except UserError as error:
-        code = 130 if type(error).__name__ == "TrainingInterrupted" else 1
         print(f"cifar100: error: {error}", file=sys.stderr)
-        return code
+        return 1
+    except stopping.Interrupted as stop:
+        print(f"cifar100: stopped by {stop.signal_name}: {stop.detail}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
-        print("cifar100: interrupted", file=sys.stderr)
+        print("cifar100: stopped by SIGINT: nothing was saved", file=sys.stderr)
         return 130
 
 

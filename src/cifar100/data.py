@@ -16,6 +16,7 @@ import torch
 
 from cifar100.download import DownloadError, extract_tar, fetch
 from cifar100.errors import UserError
+from cifar100.stopping import interrupted
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -86,11 +87,17 @@ def resolve_data_dir(data_dir: str | Path | None = None, download: bool = True) 
 
 
 def _download(cache: Path) -> None:
-    """Fetch, verify and unpack into ``cache``; the archive never outlives this call."""
+    """Fetch, verify and unpack into ``cache``; the archive never outlives this call.
+
+    ``CIFAR100_URL`` names a mirror of the same archive (its md5 must still match).
+    """
     archive = cache / "cifar-100-python.tar.gz"
     try:
-        fetch(URL, archive, md5=MD5)
+        fetch(os.environ.get("CIFAR100_URL") or URL, archive, md5=MD5)
         extract_tar(archive, cache)
+    except KeyboardInterrupt as stop:  # SIGINT/SIGTERM: fetch and extract_tar cleaned up
+        raise interrupted(stop, "the partial download was removed; the next run downloads "
+                          "again") from None
     finally:
         archive.unlink(missing_ok=True)
     if not (cache / FOLDER / "meta").is_file():

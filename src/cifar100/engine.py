@@ -19,19 +19,23 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cifar100 import distributed
+from cifar100 import distributed, stopping
 from cifar100.augment import augment_batch, mix_batch, one_hot, to_float
 from cifar100.config import AugmentConfig
 from cifar100.data import Split
 from cifar100.errors import UserError
+from cifar100.stopping import Interrupted
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
-class TrainingInterrupted(UserError):
-    """Ctrl-C (SIGINT) or SIGTERM: state was saved, the run can resume."""
+class TrainingInterrupted(Interrupted):
+    """A training stage stopped on request after saving its state: the run can resume."""
+
+    def __init__(self, detail: str):
+        super().__init__(stopping.requested() or signal.SIGINT, detail)
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -169,27 +173,6 @@ def train_step(model, inputs, labels, ctx: StepContext, generator) -> tuple[floa
     return loss.item(), logits.detach()
 
 
-class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (state stays whole)."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C means "now"
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step; saving a checkpoint...", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 def train_one_epoch(
     model: nn.Module,
     batches,
@@ -236,6 +219,7 @@ def predict_logits(model: nn.Module, batches, batch_size: int, tta_flip: bool = 
     model.eval()
     outputs = []
     for start in range(0, len(batches), batch_size):
+        stopping.check()  # a stop asked for during a training stage's validation
         indices = torch.arange(start, min(start + batch_size, len(batches)))
         with torch.autocast(batches.device.type, dtype=autocast or torch.float32,
                             enabled=autocast is not None):

@@ -16,6 +16,8 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,22 @@ def _write_atomic(data: bytes, path: Path) -> None:
     except OSError as error:
         Path(tmp).unlink(missing_ok=True)
         raise ExportError(f"{path}: could not write ({error.strerror or error})") from None
+
+
+@contextmanager
+def published_after_check(path: Path) -> Iterator[Path]:
+    """Yield a hidden sibling to write and check; it becomes ``path`` only if the block ends
+    normally. A failed check or a stop signal leaves no file a user could mistake for a
+    verified export."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unchecked = path.with_name(f".{path.name}.unchecked")
+    try:
+        yield unchecked
+        os.replace(unchecked, path)
+    except ExportError as error:  # name the file the user asked for, not the hidden one
+        raise ExportError(str(error).replace(str(unchecked), str(path))) from None
+    finally:
+        unchecked.unlink(missing_ok=True)
 
 
 def export_onnx(classifier: nn.Module, path: str | Path, metadata: dict[str, str]) -> Path:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from cifar100.allocator import tune_allocator
 from cifar100.config import Config, load_config, save_config
 
 
@@ -41,7 +42,8 @@ def hardware(device: torch.device) -> dict[str, Any]:
     info = {"platform": platform.platform(), "cpu": cpu_name(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "device": str(device), "python": platform.python_version(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "allocator": tune_allocator(),
+            "load_average": round(os.getloadavg()[0], 2)}  # > threads: the machine was shared
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar100 import distributed
+from cifar100 import distributed, stopping
+from cifar100.allocator import tune_allocator
 from cifar100.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from cifar100.config import Config, ConfigError, to_dict
 from cifar100.data import Cifar100, Splits, load_cifar100, make_splits
@@ -27,7 +28,6 @@ from cifar100.engine import (
     ModelEma,
     Preprocess,
     StepContext,
-    StopSignal,
     TrainingInterrupted,
     evaluate,
     select_device,
@@ -48,7 +48,6 @@ class Run:
     dataset: Cifar100
     splits: Splits
     preprocess: Preprocess
-    stop: StopSignal
     elapsed: float = 0.0  # training seconds, summed over resumes
     resume: dict[str, Any] | None = None  # last.pt of an interrupted run
     on_epoch: Callable[[dict[str, Any]], None] | None = None  # gets each epoch's metrics row
@@ -125,7 +124,16 @@ def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState 
 
 
 def run_stage(run: Run, stage: Stage) -> None:
-    """The epoch loop: train, validate, keep the best (on validation), checkpoint, stop early."""
+    """The epoch loop: train, validate, keep the best (on validation), checkpoint, stop early.
+
+    A stop signal is deferred to the end of the current step, which then saves ``last.pt``
+    (see ``cifar100.stopping``): the run resumes at that exact step.
+    """
+    with stopping.deferred():
+        _run_epochs(run, stage)
+
+
+def _run_epochs(run: Run, stage: Stage) -> None:
     cfg, ckpt_dir = run.config.train, run.run_dir / "checkpoints"
     if len(stage.train_batches) < stage.batch_size:
         raise ConfigError(f"{stage.name}: {len(stage.train_batches)} training images are fewer "
@@ -145,7 +153,7 @@ def run_stage(run: Run, stage: Stage) -> None:
     def on_pause(state: EpochState) -> bool:
         nonlocal last_save, started
         timed = time.monotonic() - last_save > cfg.checkpoint_minutes * 60
-        stop, timed = distributed.agree(run.stop.requested, timed)  # all ranks, same step
+        stop, timed = distributed.agree(stopping.requested() is not None, timed)  # all ranks
         if stop or timed:
             run.elapsed += time.perf_counter() - started
             started = time.perf_counter()
@@ -161,12 +169,22 @@ def run_stage(run: Run, stage: Stage) -> None:
         order = epoch_order(cfg.seed, stage.epoch, len(stage.train_batches))
         order, batch_size = distributed.shard_order(order, stage.batch_size)  # this rank's part
         desc = f"{stage.name} {stage.epoch + 1}/{stage.epochs}"
+        state = epoch_state or EpochState()
         train = train_one_epoch(model, stage.train_batches, stage.ctx, batch_size,
-                                order, generator, epoch_state or EpochState(), on_pause, desc)
+                                order, generator, state, on_pause, desc)
         train = distributed.mean_metrics(train)
         epoch_state = None
-        val = distributed.evaluate_sharded(evaluate, eval_model(stage), stage.val_batches,
-                                           cfg.eval_batch_size, autocast=stage.ctx.autocast)
+        try:
+            val = distributed.evaluate_sharded(evaluate, eval_model(stage), stage.val_batches,
+                                               cfg.eval_batch_size, autocast=stage.ctx.autocast)
+        except KeyboardInterrupt:
+            # The epoch's training is done: keep it, and validate first thing on resume.
+            run.elapsed += time.perf_counter() - started
+            if distributed.is_main():
+                save_checkpoint(checkpoint_state(run, stage, state, generator),
+                                ckpt_dir / "last.pt")
+            raise TrainingInterrupted(f"stopped while validating epoch {stage.epoch + 1}"
+                                      ) from None
         run.elapsed += time.perf_counter() - started  # wall time: training and validation
         row = _end_epoch(run, stage, train, val, generator)
         if run.on_epoch is not None:
@@ -206,7 +224,7 @@ def _end_epoch(run: Run, stage: Stage, train: dict, val: dict, generator) -> dic
     return row
 
 
-def prepare_run(config: Config, run_dir: Path, resume: bool, stop: StopSignal,
+def prepare_run(config: Config, run_dir: Path, resume: bool,
                 command: list[str] | None = None) -> Run:
     cfg = config.train
     if cfg.threads:
@@ -217,10 +235,13 @@ def prepare_run(config: Config, run_dir: Path, resume: bool, stop: StopSignal,
     spec = model_spec(config.model.name)
     preprocess = Preprocess(input_size(config.model), spec.mean, spec.std,
                             config.data.standardize).to(device)
-    state = load_checkpoint(run_dir / "checkpoints" / "last.pt") if resume else None
+    last = run_dir / "checkpoints" / "last.pt"
+    # A run stopped before its first checkpoint (e.g. while extracting features) resumes
+    # from the start, with its recorded config.
+    state = load_checkpoint(last) if resume and last.exists() else None
     if not resume and distributed.is_main():
         start_run(run_dir, config, device, command)
-    run = Run(config, run_dir, device, dataset, splits, preprocess, stop, resume=state)
+    run = Run(config, run_dir, device, dataset, splits, preprocess, resume=state)
     if state is not None:
         run.elapsed = state["elapsed"]
     return run
@@ -278,15 +299,24 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
     every rank returns rank 0's results.
     """
     run_dir = Path(run_dir)
-    with StopSignal() as stop:
-        run = prepare_run(config, run_dir, resume, stop, command)
-        run.on_epoch = on_epoch
-        try:
-            model = _train_stages(run)
-        except TrainingInterrupted as error:
-            raise TrainingInterrupted(f"{error}; state saved, resume with: cifar100 train "
-                                      f"--resume {run_dir}") from None
-    results = final_results(run, model, test_set) if distributed.is_main() else None
+    tune_allocator()  # the CLI already did; Python API users get the same speed
+    run = prepare_run(config, run_dir, resume, command)
+    run.on_epoch = on_epoch
+    try:
+        model = _train_stages(run)
+    except TrainingInterrupted as stop:
+        raise stopping.interrupted(stop, f"{stop.detail}; state saved, resume with: cifar100 "
+                                   f"train --resume {run_dir}") from None
+    except KeyboardInterrupt as stop:  # between stages: e.g. extracting features
+        detail = getattr(stop, "detail", "stopped before training")
+        raise stopping.interrupted(stop, f"{detail}; resume with: cifar100 train --resume "
+                                   f"{run_dir}") from None
+    try:
+        results = final_results(run, model, test_set) if distributed.is_main() else None
+    except KeyboardInterrupt as stop:
+        raise stopping.interrupted(stop, "stopped during the test-set evaluation; training "
+                                   f"is finished and saved: cifar100 train --resume {run_dir} "
+                                   "evaluates it") from None
     return distributed.share(results)
 
 

@@ -8,20 +8,23 @@ head on them: an epoch then costs a matrix multiply instead of 40,000 backbone p
 
 from __future__ import annotations
 
-import hashlib
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from cifar100 import distributed
-from cifar100.data import default_cache_dir
 from cifar100.download import file_digest
 from cifar100.engine import ImageBatches, StepContext
+from cifar100.features import (
+    FeatureBatches,
+    FeatureCache,
+    backbone_runner,
+    cache_path,
+    fill_cache,
+    open_cache,
+)
 from cifar100.models import build_model
 from cifar100.models.mobilenetv2 import freeze_backbone, trainable_parameters, unfreeze
 from cifar100.optim import make_optimizer, make_scheduler
@@ -29,79 +32,37 @@ from cifar100.runs import read_json, write_json
 from cifar100.training import Run, Stage, run_stage
 from cifar100.weights import load_pretrained, resolve_weights
 
-FEATURE_BATCH = 250
 
+def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> FeatureCache:
+    """Pooled backbone features of the images this run uses, from the cache or computed.
 
-@dataclass
-class FeatureBatches:
-    """Cached backbone features served like ``ImageBatches``; "augmentation" picks a view."""
-
-    plain: torch.Tensor  # (N, 1280) features of the images
-    mirrored: torch.Tensor  # (N, 1280) features of their horizontal mirrors
-    labels: torch.Tensor  # (N,)
-    device: torch.device
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def get(self, indices: torch.Tensor, generator: torch.Generator | None = None,
-            flip: bool = False) -> torch.Tensor:
-        if generator is None:
-            return (self.mirrored if flip else self.plain)[indices].float().to(self.device)
-        pick = torch.rand(len(indices), generator=generator, device=generator.device) < 0.5
-        views = torch.where(pick.cpu()[:, None], self.mirrored[indices], self.plain[indices])
-        return views.float().to(self.device)
-
-
-def _extract(backbone, batches: ImageBatches, flip: bool, desc: str) -> torch.Tensor:
-    outputs = []
-    with torch.no_grad(), tqdm(total=len(batches), desc=desc, unit="img", file=sys.stderr,
-                               leave=False, disable=None) as bar:
-        for start in range(0, len(batches), FEATURE_BATCH):
-            indices = torch.arange(start, min(start + FEATURE_BATCH, len(batches)))
-            images = batches.get(indices, flip=flip)
-            if len(indices) < FEATURE_BATCH:  # keep one static shape for the compiled graph
-                pad = images[:1].expand(FEATURE_BATCH - len(indices), -1, -1, -1)
-                images = torch.cat([images, pad]).contiguous(memory_format=torch.channels_last)
-            features = backbone(images)[: len(indices)]  # (B, 1280, h, w)
-            outputs.append(features.mean(dim=(2, 3)).half().cpu())  # fp16 halves the cache
-            bar.update(len(indices))
-    return torch.cat(outputs)
-
-
-def _backbone(model: nn.Module, compile_it: bool) -> nn.Module:
-    features = model.features.eval()
-    if not compile_it:
-        return features
-    try:
-        return torch.compile(features, dynamic=False)
-    except Exception as error:  # no compiler toolchain: eager is only slower
-        print(f"torch.compile unavailable ({type(error).__name__}); using eager", file=sys.stderr)
-        return features
-
-
-def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> dict[str, torch.Tensor]:
-    """Features of all 50,000 training images (plain and mirrored), from cache or computed.
-
-    Under torchrun rank 0 computes and writes the file while the other ranks wait for it.
+    Training images need both views (the mirror is stage 1's flip augmentation) unless
+    flipping is off; validation images only the plain one. Under torchrun rank 0 computes
+    and saves while the other ranks wait, then read the file.
     """
-    size = run.preprocess.size
-    images = run.dataset.train.images.numpy()
-    data_id = hashlib.sha1(images).hexdigest()[:8]  # ~0.2 s: never reuse another set's features
-    key = (f"mobilenetv2-w{run.config.model.width_mult}-{weights_sha256[:12]}-{data_id}"
-           f"-{size}px")
-    path = default_cache_dir() / "features" / f"{key}.pt"
-    if distributed.is_main() and not path.is_file():
-        batches = ImageBatches(run.dataset.train, run.preprocess, run.device)
-        backbone = _backbone(model, run.config.transfer.compile and run.device.type == "cpu")
-        cached = {"plain": _extract(backbone, batches, False, f"features {size}px"),
-                  "mirrored": _extract(backbone, batches, True, f"mirrored features {size}px")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(cached, tmp)
-        tmp.replace(path)  # atomic: a killed extraction never leaves a half file behind
+    dataset, size = run.dataset.train, run.preprocess.size
+    path = cache_path(run.config, size, weights_sha256, dataset.images)
+    wanted = {"plain": torch.cat([run.splits.train_index, run.splits.val_index]).unique()}
+    if run.config.augment.flip:
+        wanted["mirrored"] = run.splits.train_index
+    channels = feature_channels(model.features, size, run.device)
+    if distributed.is_main():
+        cache = open_cache(path, len(dataset), channels)
+        compile_allowed = run.config.transfer.compile and run.device.type == "cpu"
+        fill_cache(cache, backbone_runner(model.features, compile_allowed),
+                   ImageBatches(dataset, run.preprocess, run.device), wanted, size)
     distributed.barrier()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return cache if distributed.is_main() else open_cache(path, len(dataset), channels)
+
+
+def feature_channels(features: nn.Module, size: int, device: torch.device) -> int:
+    """Channels of the backbone's output, probed in eval mode (BN statistics untouched)."""
+    was_training = features.training
+    features.eval()
+    with torch.no_grad():
+        channels = features(torch.zeros(1, 3, size, size, device=device)).shape[1]
+    features.train(was_training)
+    return channels
 
 
 def frozen_stage(run: Run, model: nn.Module, weights_sha256: str) -> Stage:
@@ -110,13 +71,13 @@ def frozen_stage(run: Run, model: nn.Module, weights_sha256: str) -> Stage:
     labels = run.dataset.train.labels
     if cfg.cache_features:
         started = time.perf_counter()
-        features = cached_features(run, model, weights_sha256)
+        cache = cached_features(run, model, weights_sha256)
         run.elapsed += time.perf_counter() - started
         train_idx, val_idx = run.splits.train_index, run.splits.val_index
-        train = FeatureBatches(features["plain"][train_idx], features["mirrored"][train_idx],
-                               labels[train_idx], run.device)
-        val = FeatureBatches(features["plain"][val_idx], features["mirrored"][val_idx],
-                             labels[val_idx], run.device)
+        mirrored = cache.features["mirrored"][train_idx] if run.config.augment.flip else None
+        train = FeatureBatches(cache.features["plain"][train_idx], mirrored, labels[train_idx],
+                               run.device)
+        val = FeatureBatches(cache.features["plain"][val_idx], None, labels[val_idx], run.device)
         trained, augment = model.classifier, None
     else:
         train = ImageBatches(run.splits.train, run.preprocess, run.device, run.config.augment)

@@ -23,8 +23,9 @@ from typing import Any
 
 import yaml
 
+from cifar100 import stopping
 from cifar100.config import Config, from_dict, to_dict
-from cifar100.engine import TrainingDiverged, TrainingInterrupted
+from cifar100.engine import TrainingDiverged
 from cifar100.errors import UserError
 from cifar100.models import model_spec
 from cifar100.models.cnn import FastCNN, SeedCNN
@@ -179,9 +180,9 @@ def run_study(study_dir: Path, base: Config, trials: int, timeout_minutes: float
             study.optimize(lambda t: objective(t, base, study_dir), n_trials=remaining,
                            timeout=timeout_minutes * 60 if timeout_minutes else None,
                            callbacks=[after_trial], gc_after_trial=True)
-        except TrainingInterrupted:
-            raise TrainingInterrupted(f"stopped; {study_dir / 'study.db'} keeps the finished "
-                                      "trials: rerun the same command to continue") from None
+        except KeyboardInterrupt as stop:  # SIGINT/SIGTERM, in a trial or between trials
+            raise stopping.interrupted(stop, f"{study_dir / 'study.db'} keeps the finished "
+                                       "trials: rerun the same command to continue") from None
     write_report(study, study_dir)
     return study
 

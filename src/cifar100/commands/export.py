@@ -21,8 +21,10 @@ from cifar100.export import (
     export_safetensors,
     load_safetensors,
     model_metadata,
+    published_after_check,
 )
 from cifar100.inference import TrainedModel, checkpoint_path, load_trained
+from cifar100.stopping import interrupted
 
 SUFFIXES = {"onnx": ".onnx", "safetensors": ".safetensors"}
 
@@ -72,20 +74,31 @@ def export_run(run: Path, fmt: str = "onnx", out: Path | None = None,
     images, labels = check_images(trained, data_dir, count)
     classifier = trained.classifier()
     report: dict = {"source_run": str(run), "files": {}, "checks": {}}
-    if "onnx" in paths:
-        export_onnx(classifier, paths["onnx"], metadata)
-        report["checks"]["onnx"] = check_onnx(classifier, paths["onnx"], images, labels)
-    if "safetensors" in paths:
-        export_safetensors(trained, paths["safetensors"], metadata)
-        reloaded = load_safetensors(paths["safetensors"]).classifier()
-        result = compare_logits(batched_logits(classifier, images),
-                                batched_logits(reloaded, images), labels)
-        if result["max_abs_logit_diff"] != 0.0:
-            raise ExportError(f"{paths['safetensors']}: reloaded weights give different "
-                              f"logits (max abs difference {result['max_abs_logit_diff']:.3g})")
-        report["checks"]["safetensors"] = result
+    try:
+        if "onnx" in paths:
+            with published_after_check(paths["onnx"]) as unchecked:
+                export_onnx(classifier, unchecked, metadata)
+                report["checks"]["onnx"] = check_onnx(classifier, unchecked, images, labels)
+        if "safetensors" in paths:
+            with published_after_check(paths["safetensors"]) as unchecked:
+                export_safetensors(trained, unchecked, metadata)
+                report["checks"]["safetensors"] = check_safetensors(classifier, unchecked,
+                                                                    images, labels)
+    except KeyboardInterrupt as stop:
+        raise interrupted(stop, "an export file appears only once its check passed; "
+                          "run the same command again") from None
     report["files"] = {f: str(p) for f, p in paths.items()}
     return report
+
+
+def check_safetensors(classifier, path: Path, images, labels) -> dict:
+    reloaded = load_safetensors(path).classifier()
+    result = compare_logits(batched_logits(classifier, images),
+                            batched_logits(reloaded, images), labels)
+    if result["max_abs_logit_diff"] != 0.0:
+        raise ExportError(f"{path}: reloaded weights give different "
+                          f"logits (max abs difference {result['max_abs_logit_diff']:.3g})")
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
