@@ -144,19 +144,26 @@ def test_sigkill_then_resume_equals_uninterrupted(fake_data_dir, tmp_path, unint
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
-def test_ctrl_c_saves_and_resumes_exactly(fake_data_dir, tmp_path, uninterrupted):
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stop_signal_saves_and_resumes_exactly(fake_data_dir, tmp_path, uninterrupted, signum,
+                                               code):
     run_dir = tmp_path / "interrupted"
     proc = subprocess.Popen(_train_cmd(fake_data_dir, run_dir), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    assert proc.poll() is None, "the run ended before the signal could be sent"
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "resume" in stderr.strip().splitlines()[-1]
+    assert proc.returncode == code, stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"cifar100: stopped by {signal.Signals(signum).name}")
+    assert f"resume with: cifar100 train --resume {run_dir}" in last_line
+    assert not (run_dir / "results.json").exists()  # the signal landed before the end
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert state["epoch_state"] is not None or state["epoch"] >= 1
+    assert state["epoch"] < 3  # stopped inside the 3-epoch run, after at least one epoch
+    assert state["epoch"] >= 1 or state["epoch_state"]["step"] >= 1
     subprocess.run([sys.executable, "-m", "cifar100", "train", "--resume", str(run_dir)],
                    env=_env(), check=True, capture_output=True)
     _assert_same_run(_final_state(run_dir), uninterrupted)

