@@ -191,3 +191,18 @@ def test_sigterm_during_download_leaves_no_partial_file(tmp_path):
     assert "partial download was removed" in last
     left = [p.name for p in cache.rglob("*") if p.is_file()]
     assert left == [], left
+
+
+def test_sigterm_inside_a_tuning_trial_then_the_study_continues(fake_data_dir, tmp_path):
+    study_dir = tmp_path / "study"
+    args = ["tune", "--trials", "2", "--study-dir", str(study_dir), "--data-dir",
+            str(fake_data_dir), "--epochs", "2", "--set", "model.widths=8,16,32", "--set",
+            "train.batch_size=64"]
+    cmd = Command(args)
+    cmd.wait_for("[main] epoch 1/2")  # inside the first trial
+    code, seconds, last = cmd.stop()
+    assert code == 143 and seconds < EXIT_WITHIN_S
+    assert "study.db keeps the finished trials: rerun the same command" in last
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "2 finished trials" in again.stdout

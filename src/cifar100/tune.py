@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import io
 import itertools
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -114,7 +115,27 @@ def objective(trial, base: Config, study_dir: Path) -> float:
     except TrainingDiverged:  # a legitimate outcome of a too-high learning rate
         trial.set_user_attr("diverged", True)
         return 0.0
+    except KeyboardInterrupt:  # stopped: Optuna marks it failed; the rerun tries it again
+        trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        raise
     return results["val_top1"]
+
+
+class _NoInterruptTracebacks(logging.Filter):
+    """Optuna logs a stopped trial's KeyboardInterrupt with its traceback; our one line says
+    what happened instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[0]
+                    and issubclass(record.exc_info[0], KeyboardInterrupt))
+
+
+def quiet_interrupts() -> None:
+    require_optuna()
+    optuna.logging.disable_default_handler()
+    handler = logging.StreamHandler()
+    handler.addFilter(_NoInterruptTracebacks())
+    optuna.logging.get_logger("optuna").addHandler(handler)
 
 
 def open_study(study_dir: Path, base: Config, seed: int = 0):

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
+    tune.quiet_interrupts()
     study_dir = args.study_dir or Path("studies") / args.preset
     study = tune.run_study(study_dir, base_config(args), args.trials, args.timeout, args.seed,
                            on_trial=_print_trial)
