@@ -286,9 +286,21 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
                    "test_loss": test["loss"]} if test else {}),
                "tta_flip": cfg.tta_flip, "train_minutes": round(run.elapsed / 60, 2),
                "parameters": sum(p.numel() for p in model.parameters()),
-               "train_images": len(run.splits.train)}
+               "train_images": len(run.splits.train), "process": process_usage()}
     write_json(run.run_dir / "results.json", results)
     return results
+
+
+def process_usage() -> dict[str, float]:
+    """CPU seconds (user, kernel) and minor page faults of this process so far: system time
+    far above a few percent of user time means memory churn (see cifar100.allocator)."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return {}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": round(usage.ru_utime, 1), "system_s": round(usage.ru_stime, 1),
+            "minor_faults": usage.ru_minflt}
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False,
