@@ -15,7 +15,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from cifar100.allocator import ENV, tune_allocator
+from cifar100.allocator import ENV, GLIBC_ENV, tune_allocator
 
 
 @dataclass
@@ -51,26 +51,35 @@ def measured(total: Usage):
                         end.faults - start.faults))
 
 
+# "environ": the same thresholds as environment variables read by glibc at start-up (the
+# mechanism issue 17 measured), to compare with the in-process mallopt the project uses.
+SETTINGS = ("default", "tuned", "environ")
+
+
 def add_allocator_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--allocator", choices=["tuned", "default", "both"], default="tuned",
-                        help="malloc setting (cifar100.allocator): the project's 'tuned' "
-                        "default, glibc's 'default', or 'both', one after the other")
+    parser.add_argument("--allocator", choices=[*SETTINGS, "both", "all"], default="tuned",
+                        help="malloc setting: glibc's 'default', the project's 'tuned' "
+                        "(cifar100.allocator, mallopt), 'environ' (MALLOC_*_ variables); "
+                        "'both' = default + tuned, 'all' = the three, one after the other")
 
 
 def apply_allocator(setting: str) -> str:
     """Set the allocator as asked before any large allocation; return its description."""
-    os.environ[ENV] = setting
+    os.environ[ENV] = "default" if setting == "default" else "tuned"
     return tune_allocator()
 
 
-def run_both(argv: list[str]) -> int:
+def run_settings(argv: list[str], which: str) -> int:
     """Run this script once per allocator setting, in fresh processes (glibc reads its
-    settings at start-up), so the two tables come from one command on one machine state."""
+    settings at start-up), so the tables come from one command on one machine state."""
     code = 0
-    for setting in ("default", "tuned"):
+    for setting in ("default", "tuned") if which == "both" else SETTINGS:
         print(f"===== allocator: {setting} =====", flush=True)
-        args = _without_allocator(argv)
-        code |= subprocess.call([sys.executable, sys.argv[0], *args, "--allocator", setting])
+        env = {k: v for k, v in os.environ.items() if k not in GLIBC_ENV}
+        if setting == "environ":
+            env.update(GLIBC_ENV)
+        code |= subprocess.call([sys.executable, sys.argv[0], *_without_allocator(argv),
+                                 "--allocator", setting], env=env)
         print(flush=True)
     return code
 

@@ -50,7 +50,7 @@ from cpu_usage import (  # noqa: E402  (isort: skip)
     add_allocator_option,
     apply_allocator,
     measured,
-    run_both,
+    run_settings,
 )
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -135,8 +135,8 @@ def print_header(args: argparse.Namespace, allocator: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.allocator == "both":
-        return run_both(sys.argv[1:] if argv is None else argv)
+    if args.allocator in ("both", "all"):
+        return run_settings(sys.argv[1:] if argv is None else argv, args.allocator)
     allocator = apply_allocator(args.allocator)
     if args.clock == "cpu":
         args.threads = 1  # a thread's CPU clock sees only the work done on that thread

@@ -21,7 +21,7 @@ back to the kernel and faulted in again (see ``cifar100.allocator``). ``--alloca
 runs everything once with glibc's default and once with the project's setting.
 
     python benchmarks/transfer_speed.py [--sizes 96 128 160 224] [--compile] [--threads N]
-                                        [--allocator tuned|default|both]
+                                        [--allocator tuned|default|environ|both|all]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from cpu_usage import (  # noqa: E402  (isort: skip)
     add_allocator_option,
     apply_allocator,
     measured,
-    run_both,
+    run_settings,
 )
 
 TRAIN_IMAGES, VAL_IMAGES, ALL_TRAIN_IMAGES = 40_000, 10_000, 50_000
@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     add_allocator_option(parser)
     args = parser.parse_args(argv)
-    if args.allocator == "both":
-        return run_both(sys.argv[1:] if argv is None else argv)
+    if args.allocator in ("both", "all"):
+        return run_settings(sys.argv[1:] if argv is None else argv, args.allocator)
     allocator = apply_allocator(args.allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
