@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cifar100 import distributed
 from cifar100.download import DownloadError, extract_tar, fetch
 from cifar100.errors import UserError
 
@@ -192,8 +193,13 @@ def load_names(path: Path) -> tuple[list[str], list[str]]:
 
 
 def load_cifar100(data_dir: str | Path | None = None, download: bool = True) -> Cifar100:
-    """The whole data set, validated by structure (a local copy may differ in md5)."""
-    folder = resolve_data_dir(data_dir, download) / FOLDER
+    """The whole data set, validated by structure (a local copy may differ in md5).
+
+    Under torchrun rank 0 alone downloads and extracts (one process per machine at most);
+    the others wait for it, then read the cache.
+    """
+    root = distributed.main_first(lambda allowed: resolve_data_dir(data_dir, download and allowed))
+    folder = root / FOLDER
     fine_names, coarse_names = load_names(folder / "meta")
     train = load_split(folder / "train")
     test = load_split(folder / "test")
