@@ -43,6 +43,13 @@ class Split:
     def subset(self, indices: torch.Tensor) -> Split:
         return Split(self.images[indices], self.labels[indices], self.coarse_labels[indices])
 
+    def to(self, device: torch.device | str) -> Split:
+        """The split on ``device`` (itself when it is there already)."""
+        if self.images.device == torch.device(device):
+            return self
+        return Split(self.images.to(device), self.labels.to(device),
+                     self.coarse_labels.to(device))
+
 
 @dataclass(frozen=True)
 class Cifar100:
