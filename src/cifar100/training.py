@@ -35,7 +35,7 @@ from cifar100.engine import (
     train_one_epoch,
 )
 from cifar100.models import build_model, input_size, model_spec
-from cifar100.optim import make_optimizer, make_scheduler
+from cifar100.optim import load_optimizer_state, make_optimizer, make_scheduler
 from cifar100.runs import append_metrics, plot_curves, start_run, truncate_metrics, write_json
 from cifar100.speed import compile_model, speed_up, sync_interval
 
@@ -114,7 +114,7 @@ def checkpoint_state(run: Run, stage: Stage, epoch_state: EpochState | None, gen
 
 def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState | None:
     saved_model(stage).load_state_dict(state["model"])
-    stage.ctx.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(stage.ctx.optimizer, state["optimizer"])  # CUDA file on CPU, and back
     scheduler = stage.ctx.scheduler or stage.plateau
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
