@@ -164,8 +164,8 @@ class RunningSums:
 
     def __init__(self, state: EpochState, device: torch.device):
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        self.sums = torch.tensor([state.loss_sum, state.top1, state.top5], dtype=dtype,
-                                 device=device)  # loss sum, top-1 hits, top-5 hits
+        sums = torch.tensor([state.loss_sum, state.top1, state.top5], dtype=dtype)
+        self.sums = sums.to(device, non_blocking=True)  # loss sum, top-1 hits, top-5 hits
         self.seen = state.seen
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -271,7 +271,7 @@ def train_one_epoch(
     """
     model.train()
     steps = len(order) // batch_size  # drop the ragged last batch: BN prefers full ones
-    order = order.to(batches.labels.device)  # index where the data lives: no copy per step
+    order = order.to(batches.labels.device, non_blocking=True)  # index where the data lives
     sums = RunningSums(state, batches.device)
     started, first = time.perf_counter(), state.step
     with tqdm(total=steps, initial=state.step, desc=desc, file=sys.stderr, leave=False,
