@@ -84,7 +84,9 @@ def worker(rank: int, world: int, threads: int, port: int, args, device_type: st
             torch.cuda.synchronize()
         started = time.perf_counter()
         inputs = batches.get(mine, generator)
-        train_step(model, inputs, batches.labels[mine].to(device), ctx, generator)  # .item() syncs
+        train_step(model, inputs, batches.labels[mine].to(device), ctx, generator)
+        if device_type == "cuda":
+            torch.cuda.synchronize()  # train_step no longer reads the loss back: wait here
         distributed.barrier()
         if step >= args.warmup:
             times.append(time.perf_counter() - started)

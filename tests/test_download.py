@@ -289,3 +289,34 @@ def test_extract_tar_replaces_a_stale_folder(tmp_path, fake_tarball):
     assert sorted(p.name for p in (target / "cifar-100-python").iterdir()) == [
         "meta", "test", "train"]
     assert [p.name for p in target.iterdir()] == ["cifar-100-python"]
+
+
+TORCHRUN_LOAD = """
+import sys
+from pathlib import Path
+import torch
+from cifar100 import data, distributed
+data.URL, data.MD5 = sys.argv[1], sys.argv[2]
+distributed.init(torch.device("cpu"))
+images = len(data.load_cifar100().train)
+Path(sys.argv[3], f"rank{distributed.rank()}").write_text(str(images))
+"""
+
+
+def test_under_torchrun_only_rank_zero_downloads(monkeypatch, host, fake_tarball, tmp_path):
+    """Two real processes, one empty cache: one request; rank 1 waits, then reads the cache."""
+    url = publish(monkeypatch, host, fake_tarball)
+    script = tmp_path / "load.py"
+    script.write_text(TORCHRUN_LOAD)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={port}", str(script), url, md5(fake_tarball),
+         str(tmp_path)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["200", "200"]
+    assert host.requests == ["/cifar-100-python.tar.gz"]
+    assert "cifar-100-python/train" in leftovers()

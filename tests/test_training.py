@@ -16,7 +16,16 @@ import torch
 from cifar100.augment import one_hot
 from cifar100.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cifar100.config import AugmentConfig, ModelConfig, OptimConfig
-from cifar100.engine import StepContext, TrainingDiverged, train_step
+from cifar100.data import Split
+from cifar100.engine import (
+    EpochState,
+    ImageBatches,
+    Preprocess,
+    StepContext,
+    TrainingDiverged,
+    train_one_epoch,
+    train_step,
+)
 from cifar100.models import REGISTRY, build_model, count_parameters, model_spec
 from cifar100.optim import make_optimizer
 
@@ -56,8 +65,12 @@ def test_nan_loss_stops_with_a_clear_error():
         model.classifier[1].bias.fill_(float("nan"))
     optimizer = make_optimizer(model.parameters(), OptimConfig())
     ctx = StepContext(optimizer, None, 100, 0.0, AugmentConfig())
+    split = Split(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.arange(8), torch.arange(8))
+    batches = ImageBatches(split, Preprocess(32, (0.5,) * 3, (0.25,) * 3), torch.device("cpu"))
+    # The loss is read (and checked) at sync steps; on CPU that is every step by default.
     with pytest.raises(TrainingDiverged, match="nan"):
-        train_step(model, torch.randn(4, 3, 32, 32), torch.arange(4), ctx, torch.Generator())
+        train_one_epoch(model, batches, ctx, 4, torch.arange(8), torch.Generator(),
+                        EpochState(), lambda state: False)
 
 
 def test_one_hot_smoothing_sums_to_one():

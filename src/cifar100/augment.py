@@ -88,6 +88,8 @@ def mix_batch(
     use_mixup, use_cutmix = config.mixup_alpha > 0, config.cutmix_alpha > 0
     if not (use_mixup or use_cutmix):
         return images, targets
+    if images.device.type != "cpu":
+        return mix_batch_on_device(images, targets, config, generator)
     if use_mixup and use_cutmix:
         use_mixup = bool(torch.rand(1, generator=generator, device=generator.device) < 0.5)
     alpha = config.mixup_alpha if use_mixup else config.cutmix_alpha
@@ -119,6 +121,48 @@ def _cutmix(images, order, lam, generator):
     mixed = images.clone()
     mixed[:, :, y0:y1, x0:x1] = images[order, :, y0:y1, x0:x1]
     return mixed, 1 - (y1 - y0) * (x1 - x0) / (H * W)
+
+
+def mix_batch_on_device(
+    images: torch.Tensor, targets: torch.Tensor, config: AugmentConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mix_batch`` with every draw left on the device: no Python number, so no host sync.
+
+    The CPU path draws Python numbers (free on a CPU, and its seeded results stay as they
+    were); on a GPU each would make the host wait for the device. Here the coin, the
+    Beta(alpha, alpha) mixing weight and the CutMix box are tensors, the box a mask.
+    """
+    B, H, W = len(images), *images.shape[-2:]
+    device = images.device
+    both = config.mixup_alpha > 0 and config.cutmix_alpha > 0
+    use_mixup = (torch.rand((), generator=generator, device=device) < 0.5 if both
+                 else torch.full((), config.mixup_alpha > 0, device=device))
+    alpha = torch.where(use_mixup, config.mixup_alpha, config.cutmix_alpha).expand(2)
+    # The one gamma sampler that takes a generator: Beta(a, a) = G1 / (G1 + G2).
+    g1, g2 = torch._standard_gamma(alpha.float(), generator=generator)
+    lam = g1 / (g1 + g2)
+    order = torch.randperm(B, generator=generator, device=device)
+    box = _cutmix_box(H, W, lam, generator) & ~use_mixup  # (H, W) True where pasted
+    mixed = torch.where(use_mixup, images * lam + images[order] * (1 - lam),
+                        torch.where(box, images[order], images))
+    lam = torch.where(use_mixup, lam, 1 - box.float().mean())
+    return mixed, targets * lam + targets[order] * (1 - lam)
+
+
+def _cutmix_box(H: int, W: int, lam: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(H, W) bool mask of ``_cutmix``'s box: side sqrt(1 - lam), centred at random."""
+    device = lam.device
+    cut_h = torch.floor(H * torch.sqrt(1 - lam))
+    cut_w = torch.floor(W * torch.sqrt(1 - lam))
+    cy = torch.randint(0, H, (), generator=generator, device=device)
+    cx = torch.randint(0, W, (), generator=generator, device=device)
+    rows = torch.arange(H, device=device)
+    cols = torch.arange(W, device=device)
+    inside_y = (rows >= cy - torch.div(cut_h, 2, rounding_mode="floor")) & (
+        rows < cy + torch.div(cut_h, 2, rounding_mode="floor"))
+    inside_x = (cols >= cx - torch.div(cut_w, 2, rounding_mode="floor")) & (
+        cols < cx + torch.div(cut_w, 2, rounding_mode="floor"))
+    return inside_y[:, None] & inside_x[None, :]
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

@@ -9,6 +9,7 @@ temporary file in the same folder, flushed to disk, then renamed over the old on
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,21 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
+    restore_generator(generator, state["generator"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"][:torch.cuda.device_count()]  # saved on a machine with more GPUs
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def restore_generator(generator: torch.Generator, saved: torch.Tensor) -> None:
+    """Give ``generator`` its saved state, if the state was saved from the same kind of device.
+
+    A CPU generator's state (5 kB of Mersenne Twister) means nothing to a CUDA generator
+    (seed and offset), and back: a run moved between a GPU and a CPU keeps its seeded
+    generator instead, so it resumes at the same step, with other random augmentations.
+    """
+    if saved.numel() == generator.get_state().numel():
+        generator.set_state(saved)
+        return
+    print(f"resuming on {generator.device.type}: the augmentation random state was saved on "
+          "another kind of device; continuing from the seed instead", file=sys.stderr)

@@ -84,6 +84,9 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0  # also save mid-epoch this often (long epochs)
     threads: int | None = None  # CPU threads; None: all cores
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
+    sync_every: int | None = None  # steps between host read-backs / rank votes; None: 1 on
+    # CPU, 20 on a GPU (reading a GPU value makes the host wait for the device)
+    compile: bool = False  # torch.compile the training forward/backward (falls back to eager)
 
 
 @dataclass(frozen=True)

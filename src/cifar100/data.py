@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cifar100 import distributed
 from cifar100.download import DownloadError, extract_tar, fetch
 from cifar100.errors import UserError
 from cifar100.stopping import interrupted
@@ -43,6 +44,13 @@ class Split:
 
     def subset(self, indices: torch.Tensor) -> Split:
         return Split(self.images[indices], self.labels[indices], self.coarse_labels[indices])
+
+    def to(self, device: torch.device | str) -> Split:
+        """The split on ``device`` (itself when it is there already)."""
+        if self.images.device == torch.device(device):
+            return self
+        return Split(self.images.to(device), self.labels.to(device),
+                     self.coarse_labels.to(device))
 
 
 @dataclass(frozen=True)
@@ -201,8 +209,13 @@ def load_names(path: Path) -> tuple[list[str], list[str]]:
 
 
 def load_cifar100(data_dir: str | Path | None = None, download: bool = True) -> Cifar100:
-    """The whole data set, validated by structure (a local copy may differ in md5)."""
-    folder = resolve_data_dir(data_dir, download) / FOLDER
+    """The whole data set, validated by structure (a local copy may differ in md5).
+
+    Under torchrun rank 0 alone downloads and extracts (one process per machine at most);
+    the others wait for it, then read the cache.
+    """
+    root = distributed.main_first(lambda allowed: resolve_data_dir(data_dir, download and allowed))
+    folder = root / FOLDER
     fine_names, coarse_names = load_names(folder / "meta")
     train = load_split(folder / "train")
     test = load_split(folder / "test")

@@ -1,9 +1,10 @@
 """Data-parallel training under ``torchrun``: one process per core group or GPU.
 
 ``torchrun --nproc_per_node=N -m cifar100 train ...`` sets WORLD_SIZE, RANK and LOCAL_RANK;
-``init`` reads them and joins the process group (gloo on CPU, nccl on CUDA). Every helper
-here is a no-op in a plain single process, so the training loop calls them unconditionally
-and a single-process run is unchanged, bit for bit.
+``init`` reads them and joins the process group (gloo on CPU; on CUDA nccl for tensors on
+the GPU, gloo for the few Python objects exchanged). Every helper here is a no-op in a
+plain single process, so the training loop calls them unconditionally and a
+single-process run is unchanged, bit for bit.
 
 The choices, and why:
 
@@ -16,8 +17,12 @@ The choices, and why:
   (plateau steps, best checkpoint, early stopping) without further talk.
 - Only rank 0 writes files and prints progress; ``print`` to stdout is silenced on the
   others (as in torchvision's references); errors on stderr still show.
-- Stopping (Ctrl-C, SIGTERM, the checkpoint timer) is agreed on with an all-reduce every
-  step: a rank that stopped alone would leave the others waiting in DDP's all-reduce.
+- Stopping (Ctrl-C, SIGTERM, the checkpoint timer) is agreed on with an all-reduce: a rank
+  that stopped alone would leave the others waiting in DDP's all-reduce. The training loop
+  agrees every ``train.sync_every`` steps, not every step, because reading the vote back
+  makes the host wait for the GPU.
+- Every tensor handed to a collective lives on ``collective_device()``, the rank's GPU
+  under nccl: nccl cannot reduce CPU tensors.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import atexit
 import builtins
 import os
 import sys
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,6 +45,10 @@ from cifar100.errors import UserError
 
 class DistributedError(UserError):
     """A setting that does not fit the distributed launch (names the setting)."""
+
+
+T = TypeVar("T")
+_COLLECTIVE_DEVICE = torch.device("cpu")  # set by init(): where collective tensors live
 
 
 def env_world_size() -> int:
@@ -57,19 +67,33 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_rank() -> int:
+    """This process's index on its own machine (0 in a single process)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if world_size() > 1 else 0
+
+
+def collective_device() -> torch.device:
+    """The device of every tensor this module hands to a collective: the rank's GPU on CUDA."""
+    return _COLLECTIVE_DEVICE
+
+
 def init(device: torch.device) -> torch.device:
     """Join the process group when launched by torchrun; return this rank's device.
 
-    On CUDA every process drives one GPU, ``cuda:LOCAL_RANK``. Called again (a second
-    ``train()`` in the same process) it keeps the group it has.
+    On CUDA every process drives one GPU, ``cuda:LOCAL_RANK``, and the group pairs nccl
+    (GPU tensors: gradients, metrics, votes) with gloo (CPU: barriers, pickled objects
+    such as the RNG states). Called again (a second ``train()`` in the same process) it
+    keeps the group it has.
     """
+    global _COLLECTIVE_DEVICE
     if env_world_size() <= 1:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    _COLLECTIVE_DEVICE = device if device.type == "cuda" else torch.device("cpu")
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
         # Rank 0 alone measures the test set at the end while the others wait: give it time.
         dist.init_process_group(backend, timeout=timedelta(minutes=60))
         atexit.register(shutdown)
@@ -99,6 +123,31 @@ def _quiet_print(main: bool) -> None:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def main_first(fetch: Callable[[bool], T]) -> T:
+    """``fetch(may_download)`` on every rank, with one download per machine at most.
+
+    Rank 0 fetches first while the others wait at a barrier; then the first process of
+    each other machine (its cache may be its own); then the rest, with
+    ``may_download=False``: they only read what is now there. Without this every rank
+    would download and extract into the same cache at once. A failure is raised after the
+    barriers, so that no rank is left waiting for one that gave up.
+    """
+    if world_size() == 1:
+        return fetch(True)
+    result: Any = None
+    error: Exception | None = None
+    for my_turn in (rank() == 0, local_rank() == 0):
+        if my_turn and result is None and error is None:
+            try:
+                result = fetch(True)
+            except Exception as failure:  # re-raised below, once every rank has passed
+                error = failure
+        barrier()
+    if error is not None:
+        raise error
+    return fetch(False) if result is None else result
 
 
 def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
@@ -139,13 +188,18 @@ def shard_order(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int
     return mine.reshape(-1), per_rank
 
 
+def _to_host(tensor: torch.Tensor) -> list[float]:
+    """A collective's result as Python numbers: the one place these helpers wait for it."""
+    return tensor.tolist()
+
+
 def agree(*flags: bool) -> tuple[bool, ...]:
     """Each flag is True on every rank if it is True on any (one small all-reduce)."""
     if world_size() == 1:
         return flags
-    votes = torch.tensor([float(f) for f in flags])
+    votes = torch.tensor([float(f) for f in flags], device=collective_device())
     dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-    return tuple(bool(v) for v in votes)
+    return tuple(bool(v) for v in _to_host(votes))
 
 
 def mean_metrics(metrics: dict[str, float], weight: float = 1.0) -> dict[str, float]:
@@ -153,9 +207,11 @@ def mean_metrics(metrics: dict[str, float], weight: float = 1.0) -> dict[str, fl
     if world_size() == 1:
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([metrics[k] * weight for k in keys] + [weight], dtype=torch.float64)
+    values = torch.tensor([metrics[k] * weight for k in keys] + [weight], dtype=torch.float64,
+                          device=collective_device())
     dist.all_reduce(values)
-    return {k: float(v / values[-1]) for k, v in zip(keys, values[:-1], strict=True)}
+    *sums, total = _to_host(values)
+    return {k: v / total for k, v in zip(keys, sums, strict=True)}
 
 
 def sync_buffers(model: nn.Module) -> None:
@@ -166,7 +222,7 @@ def sync_buffers(model: nn.Module) -> None:
     """
     if world_size() == 1:
         return
-    for buffer in model.buffers():
+    for buffer in model.buffers():  # on the model's device, the rank's GPU under nccl
         dist.broadcast(buffer, src=0)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -19,12 +21,42 @@ def make_optimizer(params: Iterable, config: OptimConfig, lr: float | None = Non
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr)
+        return torch.optim.Adam(groups, lr=lr, **_kernels(torch.optim.Adam, params))
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, **_kernels(torch.optim.AdamW, params))
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
+                               **_kernels(torch.optim.SGD, params))
     raise ValueError(f"unknown optimizer '{config.optimizer}' (adam, adamw or sgd)")
+
+
+def _kernels(optimizer: type, params: list[torch.Tensor]) -> dict[str, Any]:
+    """``fused=True`` when every parameter is on CUDA and this torch has the fused kernel.
+
+    One kernel updates all parameters instead of a few per tensor. CPU keeps torch's
+    default implementation, so CPU results are what they were.
+    """
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    if on_cuda and "fused" in inspect.signature(optimizer).parameters:
+        return {"fused": True}
+    return {}
+
+
+KERNEL_FLAGS = ("fused", "foreach", "capturable")  # how to step, not what to step with
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this optimizer's choice of kernels.
+
+    ``load_state_dict`` takes every group setting from the file, the kernel flags too: a
+    checkpoint saved by a fused CUDA optimizer would ask a CPU resume for fused kernels,
+    and a CPU checkpoint would switch a GPU resume's fused kernels off. The flags also
+    decide where the ``step`` counters go (the device for fused, the host otherwise).
+    """
+    mine = [{k: g[k] for k in KERNEL_FLAGS if k in g} for g in optimizer.param_groups]
+    groups = [{**{k: v for k, v in saved.items() if k not in KERNEL_FLAGS}, **flags}
+              for saved, flags in zip(state["param_groups"], mine, strict=True)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 class StepSchedule:

@@ -30,12 +30,14 @@ from cifar100.engine import (
     StepContext,
     TrainingInterrupted,
     evaluate,
+    is_sync_step,
     select_device,
     train_one_epoch,
 )
 from cifar100.models import build_model, input_size, model_spec
-from cifar100.optim import make_optimizer, make_scheduler
+from cifar100.optim import load_optimizer_state, make_optimizer, make_scheduler
 from cifar100.runs import append_metrics, plot_curves, start_run, truncate_metrics, write_json
+from cifar100.speed import compile_model, speed_up, sync_interval
 
 
 @dataclass
@@ -111,7 +113,7 @@ def checkpoint_state(run: Run, stage: Stage, epoch_state: EpochState | None, gen
 
 def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState | None:
     saved_model(stage).load_state_dict(state["model"])
-    stage.ctx.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(stage.ctx.optimizer, state["optimizer"])  # CUDA file on CPU, and back
     scheduler = stage.ctx.scheduler or stage.plateau
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
@@ -142,6 +144,9 @@ def _run_epochs(run: Run, stage: Stage) -> None:
     # Under torchrun every rank augments its own images: its own generator (seed + rank).
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed + distributed.rank())
     model = distributed.wrap_model(stage.model, run.device, cfg.sync_bn)  # DDP, or itself
+    if cfg.compile:
+        model = compile_model(model)  # for training only; stage.model is saved and evaluated
+    every, steps = sync_interval(cfg.sync_every, run.device), 0
     epoch_state = None
     if run.resume is not None and run.resume["stage"] == stage.name:
         epoch_state = restore_stage(stage, run.resume, generator)
@@ -151,7 +156,11 @@ def _run_epochs(run: Run, stage: Stage) -> None:
     last_save, started = time.monotonic(), time.perf_counter()
 
     def on_pause(state: EpochState) -> bool:
+        # Only at sync steps: there ``state`` is up to date, and every rank votes at the same
+        # step without a collective at each one. A stop waits at most ``every`` steps.
         nonlocal last_save, started
+        if not is_sync_step(state.step, steps, every):
+            return False
         timed = time.monotonic() - last_save > cfg.checkpoint_minutes * 60
         stop, timed = distributed.agree(stopping.requested() is not None, timed)  # all ranks
         if stop or timed:
@@ -168,10 +177,11 @@ def _run_epochs(run: Run, stage: Stage) -> None:
         started = time.perf_counter()
         order = epoch_order(cfg.seed, stage.epoch, len(stage.train_batches))
         order, batch_size = distributed.shard_order(order, stage.batch_size)  # this rank's part
+        steps = len(order) // batch_size
         desc = f"{stage.name} {stage.epoch + 1}/{stage.epochs}"
         state = epoch_state or EpochState()
-        train = train_one_epoch(model, stage.train_batches, stage.ctx, batch_size,
-                                order, generator, state, on_pause, desc)
+        train = train_one_epoch(model, stage.train_batches, stage.ctx, batch_size, order,
+                                generator, state, on_pause, desc, every)
         train = distributed.mean_metrics(train)
         epoch_state = None
         try:
@@ -230,6 +240,7 @@ def prepare_run(config: Config, run_dir: Path, resume: bool,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = distributed.init(select_device(cfg.device))  # under torchrun: cuda:LOCAL_RANK
+    speed_up(device)  # CUDA only: cuDNN autotuning, TF32
     dataset = load_cifar100(config.data.data_dir)
     splits = make_splits(dataset, config.data.val_fraction, cfg.seed, config.data.train_subset)
     spec = model_spec(config.model.name)

@@ -94,6 +94,10 @@ def _register_builtin() -> None:
                        "the coursework CNN: Conv-BN-ReLU stacks, MaxPool, Dropout, GAP"))
     register(ModelSpec("cnn-fast", cnn.build_fast_cnn, 32, CIFAR_MEAN, CIFAR_STD, False,
                        "residual CNN tuned for accuracy per CPU-minute"))
+    from cifar100.models import resnet
+
+    register(ModelSpec("resnet18", resnet.build_resnet18, 32, CIFAR_MEAN, CIFAR_STD, False,
+                       "ResNet-18 with a 3x3 stem for 32 px: the GPU recipe's network"))
     try:
         from cifar100.models import mobilenetv2
     except ImportError:  # not written yet

@@ -1,0 +1,54 @@
+"""How fast a run goes on its device, never what it computes: CPU runs are left exactly alone.
+
+On CUDA: cuDNN autotuning and TF32 for the few float32 matmuls outside bf16 autocast (set
+by ``speed_up``), an optional ``torch.compile`` that falls back to eager on any compiler
+failure, and the step cadence at which the host reads results back (``sync_interval``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from cifar100.config import ConfigError
+
+# Steps between host read-backs (and cross-rank agreements) on a GPU. A step of these
+# networks takes tens of milliseconds there, so a stop request waits a second or two at
+# most, while the pipeline drains once per 20 steps instead of at every step.
+GPU_SYNC_EVERY = 20
+
+
+def sync_interval(setting: int | None, device: torch.device) -> int:
+    """``train.sync_every``, or its default: every step on CPU, where reading a number back
+    costs nothing (and Ctrl-C stops at the very next step), every 20 on an accelerator."""
+    if setting is not None:
+        if setting < 1:
+            raise ConfigError(f"train.sync_every={setting}: must be 1 or more steps")
+        return setting
+    return 1 if device.type == "cpu" else GPU_SYNC_EVERY
+
+
+def speed_up(device: torch.device) -> None:
+    """Fast defaults on CUDA: the input shapes never change, so cuDNN may time its kernels
+    once and keep the fastest; float32 matmuls may use TF32."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)``, guarded: compiling happens at the first step, and a failure
+    there (no C++ compiler or Triton, an unsupported op) runs that code eagerly instead of
+    ending the run. The caller keeps the plain module for checkpoints and evaluation."""
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True  # compiler errors: eager, with a warning
+        return torch.compile(model)
+    except Exception as error:  # torch built without dynamo, an old Python
+        print(f"torch.compile unavailable ({type(error).__name__}: {error}); training eagerly",
+              file=sys.stderr)
+        return model
