@@ -116,6 +116,7 @@ def _final_state(run_dir: Path) -> tuple[dict, dict]:
     results = json.loads((run_dir / "results.json").read_text())
     results.pop("run_dir")
     results.pop("train_minutes")
+    results.pop("process")  # CPU seconds and page faults: timing, like the minutes
     return results, load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
 
 
