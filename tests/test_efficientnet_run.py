@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_fake_cifar
 
 from cifar100.cli import main
 from cifar100.commands.export import export_run
@@ -21,13 +22,19 @@ PHOTOS = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 
 
 @pytest.fixture(scope="module")
-def lite_run(fake_data_dir, shared_dir, tmp_path_factory) -> Path:
+def small_data_dir(tmp_path_factory) -> Path:
+    """Half the shared fake set (500 train images): stage 1 extracts them all, and mirrors."""
+    return write_fake_cifar(tmp_path_factory.mktemp("small_fake"), train_per_class=5)
+
+
+@pytest.fixture(scope="module")
+def lite_run(small_data_dir, shared_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lite")
     weights = shared_dir / "weights" / "efficientnet-lite0-57934424.pth"
     with pytest.MonkeyPatch.context() as mp:  # module scope: the autouse cache comes later
         mp.setenv("CIFAR100_CACHE", str(root / "cache"))
         code = main(["train", "--preset", "efficientnet-lite0-finetune", "--epochs", "1",
-                     "--train-subset", "200", "--data-dir", str(fake_data_dir),
+                     "--train-subset", "200", "--data-dir", str(small_data_dir),
                      "--run-dir", str(root / "run"), "--set", "model.image_size=64",
                      "--set", f"model.weights={weights}", "--set", "transfer.compile=false",
                      "--set", "transfer.stage1_batch_size=50", "--set", "train.batch_size=50",
@@ -48,9 +55,9 @@ def test_both_stages_ran_from_the_lite0_weights(lite_run):
 
 
 @pytest.fixture(scope="module")
-def exported(lite_run, fake_data_dir) -> dict:
+def exported(lite_run, small_data_dir) -> dict:
     """ONNX and safetensors beside the run, each checked on the 200 fake test images."""
-    return export_run(lite_run, "all", None, str(fake_data_dir), 200)
+    return export_run(lite_run, "all", None, str(small_data_dir), 200)
 
 
 def test_export_onnx_and_safetensors_match_pytorch(exported):
@@ -75,8 +82,8 @@ def test_predict_agrees_between_run_and_onnx(lite_run, exported, shared_dir):
         assert a.top[0][1] == pytest.approx(b.top[0][1], abs=1e-5)
 
 
-def test_evaluate_reports_the_test_accuracy_of_training(lite_run, fake_data_dir):
-    assert main(["evaluate", str(lite_run), "--data-dir", str(fake_data_dir), "--tta"]) == 0
+def test_evaluate_reports_the_test_accuracy_of_training(lite_run, small_data_dir):
+    assert main(["evaluate", str(lite_run), "--data-dir", str(small_data_dir), "--tta"]) == 0
     report = json.loads((lite_run / "report" / "report.json").read_text())
     results = json.loads((lite_run / "results.json").read_text())
     assert report["images"] == 200
