@@ -79,3 +79,4 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR100_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("CIFAR100_DATA", raising=False)
     monkeypatch.delenv("CIFAR100_WEIGHTS", raising=False)
+    monkeypatch.delenv("CIFAR100_EFFICIENTNET_LITE0_WEIGHTS", raising=False)

@@ -1,4 +1,6 @@
-"""MobileNetV2: the architecture proven on real ImageNet weights and photos, and freezing.
+"""MobileNetV2: the architecture proven on real ImageNet weights and photos.
+
+Freezing is tested for every pretrained backbone in test_backbones.py.
 
 The oracle and deep-sort tests read ../shared (or $CIFAR100_SHARED). They are real-data
 checks that must run everywhere, so a missing folder fails instead of skipping.
@@ -15,15 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cifar100.config import ModelConfig
-from cifar100.models import build_model
-from cifar100.models.mobilenetv2 import (
-    MobileNetV2,
-    extract_features,
-    freeze_backbone,
-    trainable_parameters,
-    unfreeze,
-)
+from cifar100.models.mobilenetv2 import MobileNetV2
 from cifar100.weights import load_backbone_state, load_pretrained
 
 ORACLE = "weights/tf2_mobilenet_v2_1.0_224_ptq_dequant_tvlayout.pth"
@@ -117,61 +111,3 @@ def _bn_input_correlations(model: MobileNetV2, images: torch.Tensor) -> list[flo
         handle.remove()
     assert len(correlations) == 34  # 17 blocks x (depthwise BN, projection BN)
     return correlations
-
-
-def _train_step(model: nn.Module, size: int = 64) -> None:
-    torch.manual_seed(0)
-    # All parameters, with weight decay: frozen ones have no grad, so SGD must skip them.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
-    model.train()
-    images, labels = torch.randn(8, 3, size, size), torch.randint(0, 10, (8,))
-    nn.functional.cross_entropy(model(images), labels).backward()
-    optimizer.step()
-
-
-def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def test_frozen_backbone_stays_frozen_through_train() -> None:
-    model = MobileNetV2(num_classes=10)
-    freeze_backbone(model)
-    features, head = _snapshot(model.features), _snapshot(model.classifier)
-    _train_step(model)
-    for key, value in model.features.state_dict().items():  # weights AND running stats
-        assert torch.equal(value, features[key]), key
-    assert not torch.equal(model.classifier[1].weight, head["1.weight"])
-    assert all(not m.training for m in model.features.modules())
-    assert model.classifier.training
-    assert trainable_parameters(model) == list(model.classifier.parameters())
-
-
-def test_unfreeze_top_blocks() -> None:
-    model = MobileNetV2(num_classes=10)
-    freeze_backbone(model)
-    unfreeze(model, 2)
-    before = [_snapshot(block) for block in model.features]
-    _train_step(model)
-    for block, old in zip(model.features[:-2], before[:-2], strict=True):
-        assert all(torch.equal(v, old[k]) for k, v in block.state_dict().items())
-        assert not block.training and not any(p.requires_grad for p in block.parameters())
-    for block, old in zip(model.features[-2:], before[-2:], strict=True):
-        assert block.training and all(p.requires_grad for p in block.parameters())
-        now = block.state_dict()
-        stats = [k for k in old if k.endswith("running_mean")]
-        assert stats and all(not torch.equal(now[k], old[k]) for k in stats)
-    unfreeze(model, None)
-    assert model.frozen_blocks == 0 and all(m.training for m in model.features.modules())
-    with pytest.raises(ValueError):
-        unfreeze(model, 20)
-
-
-@pytest.mark.parametrize("size", [96, 128])
-def test_forward_and_feature_shapes(size: int) -> None:
-    model = build_model(ModelConfig(name="mobilenetv2"), num_classes=100)
-    images = torch.randn(2, 3, size, size)
-    stats = _snapshot(model.features)
-    assert extract_features(model, images).shape == (2, 1280)
-    assert model.training  # mode restored, and no BN statistics moved while extracting
-    assert all(torch.equal(v, stats[k]) for k, v in model.features.state_dict().items())
-    assert model(images).shape == (2, 100)

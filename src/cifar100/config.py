@@ -49,9 +49,9 @@ class ModelConfig:
     name: str = "cnn-fast"
     widths: tuple[int, ...] | None = None  # per-stage channels; None: the model's default
     dropout: float | None = None
-    width_mult: float = 1.0  # MobileNetV2 width multiplier
+    width_mult: float = 1.0  # MobileNetV2 width multiplier (ImageNet weights: 1.0 only)
     image_size: int | None = None  # input size the model sees; None: the model's default
-    weights: str | None = None  # pretrained weights file; None: resolved by weight sources
+    weights: str | None = None  # pretrained weights file; None: env variable, cache, download
     head_hidden: int | None = None  # transfer head: None = dropout + linear; N = small MLP
 
 
@@ -91,7 +91,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """MobileNetV2's two stages: a frozen backbone with a new head, then fine-tuning."""
+    """A pretrained model's two stages: a frozen backbone with a new head, then fine-tuning."""
 
     stage1_epochs: int = 30
     stage1_lr: float = 1e-3

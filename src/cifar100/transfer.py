@@ -1,5 +1,8 @@
-"""MobileNetV2 transfer learning: stage 1 trains a new head on a frozen backbone, stage 2
-fine-tunes the whole network (or its top blocks) at a low learning rate.
+"""Transfer learning from an ImageNet backbone (MobileNetV2, EfficientNet-Lite0): stage 1
+trains a new head on the frozen backbone, stage 2 fine-tunes the whole network (or its top
+blocks) at a low learning rate. Both backbones share ``features`` / ``classifier`` and the
+freezing helpers of ``cifar100.models.backbone``; their weight sources are in
+``cifar100.weights.SOURCES``.
 
 While the backbone is frozen its output for an image never changes, so stage 1 computes
 the pooled features once (per input size, for the image and its mirror) and trains the
@@ -26,11 +29,11 @@ from cifar100.features import (
     open_cache,
 )
 from cifar100.models import build_model
-from cifar100.models.mobilenetv2 import freeze_backbone, trainable_parameters, unfreeze
+from cifar100.models.backbone import freeze_backbone, trainable_parameters, unfreeze
 from cifar100.optim import make_optimizer, make_scheduler
 from cifar100.runs import read_json, write_json
 from cifar100.training import Run, Stage, run_stage
-from cifar100.weights import load_pretrained, resolve_weights
+from cifar100.weights import load_pretrained, resolve_weights, weight_source
 
 
 def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> FeatureCache:
@@ -127,7 +130,8 @@ def run_transfer(run: Run) -> nn.Module:
     """Stage 1 then (if configured) stage 2; returns the network for the test evaluation."""
     torch.manual_seed(run.config.train.seed)
     model = build_model(run.config.model).to(run.device, memory_format=torch.channels_last)
-    weights = resolve_weights(run.config.model.weights)
+    weights = resolve_weights(run.config.model.weights,
+                              source=weight_source(run.config.model.name))
     load_pretrained(model, weights)
     weights_sha256 = file_digest(weights)  # names the feature cache and goes into run.json
     record_weights(run.run_dir, weights, weights_sha256)

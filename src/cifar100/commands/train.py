@@ -15,12 +15,14 @@ from cifar100.training import train
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model and report its test accuracy",
                               description=__doc__)
-    p.add_argument("--model", help="cnn-seed, cnn-fast or mobilenetv2 (default: the preset's)")
+    p.add_argument("--model", help="cnn-seed, cnn-fast, mobilenetv2 or efficientnet-lite0 "
+                   "(default: the preset's; see `cifar100 models`)")
     p.add_argument("--preset", help=f"named recipe: {', '.join(preset_names())} "
                    "(default: the recipe named like --model, else 'quick')")
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML file(s) applied on top of the preset, in order")
-    p.add_argument("--epochs", type=int, help="number of epochs (per stage for mobilenetv2)")
+    p.add_argument("--epochs", type=int,
+                   help="number of epochs (per stage for the pretrained models)")
     p.add_argument("--seed", type=int, help="fixes split, initialisation and augmentation")
     p.add_argument("--train-subset", type=int, metavar="N",
                    help="train on a class-balanced subset of N images (smoke runs)")

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from cifar100.config import load_config, parse_overrides, preset_names
+from cifar100.models import model_spec
 
 
 def register(subparsers) -> None:
@@ -24,7 +25,7 @@ def register(subparsers) -> None:
                    help=f"base recipe to search around: {', '.join(preset_names())} "
                    "(default: quick)")
     p.add_argument("--epochs", type=_positive_int, help="epochs per trial (per stage for "
-                   "mobilenetv2; default: the preset's)")
+                   "the pretrained models; default: the preset's)")
     p.add_argument("--train-subset", type=_positive_int, metavar="N",
                    help="train each trial on a class-balanced subset of N images")
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ (or $CIFAR100_DATA)")
@@ -50,10 +51,12 @@ def base_config(args: argparse.Namespace):
     for (section, key), value in flags.items():
         if value is not None:
             overrides.setdefault(section, {})[key] = value
-    if args.epochs is not None and "mobilenet" in args.preset:
+    config = load_config(args.preset, [], overrides)
+    if args.epochs is not None and model_spec(config.model.name).pretrained:
         overrides.setdefault("transfer", {}).update(stage1_epochs=args.epochs,
                                                     stage2_epochs=args.epochs)
-    return load_config(args.preset, [], overrides)
+        config = load_config(args.preset, [], overrides)
+    return config
 
 
 def run(args: argparse.Namespace) -> int:

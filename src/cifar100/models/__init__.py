@@ -19,6 +19,9 @@ from cifar100.data import STD as CIFAR_STD
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on (pixel - 127) / 128; on [0, 1] images that is:
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
 
 
 @dataclass(frozen=True)
@@ -94,16 +97,15 @@ def _register_builtin() -> None:
                        "the coursework CNN: Conv-BN-ReLU stacks, MaxPool, Dropout, GAP"))
     register(ModelSpec("cnn-fast", cnn.build_fast_cnn, 32, CIFAR_MEAN, CIFAR_STD, False,
                        "residual CNN tuned for accuracy per CPU-minute"))
-    from cifar100.models import resnet
+    from cifar100.models import efficientnet_lite, mobilenetv2, resnet
 
     register(ModelSpec("resnet18", resnet.build_resnet18, 32, CIFAR_MEAN, CIFAR_STD, False,
                        "ResNet-18 with a 3x3 stem for 32 px: the GPU recipe's network"))
-    try:
-        from cifar100.models import mobilenetv2
-    except ImportError:  # not written yet
-        return
     register(ModelSpec("mobilenetv2", mobilenetv2.build_mobilenetv2, 128, IMAGENET_MEAN,
                        IMAGENET_STD, True, "ImageNet MobileNetV2, frozen then fine-tuned"))
+    register(ModelSpec("efficientnet-lite0", efficientnet_lite.build_efficientnet_lite0, 128,
+                       LITE_MEAN, LITE_STD, True,
+                       "ImageNet EfficientNet-Lite0, frozen then fine-tuned"))
 
 
 _register_builtin()

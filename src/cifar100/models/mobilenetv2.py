@@ -1,22 +1,35 @@
-"""MobileNetV2 (Sandler et al. 2018) in torchvision's state-dict layout, plus freezing helpers.
+"""MobileNetV2 (Sandler et al. 2018) in torchvision's state-dict layout.
 
 Keeping torchvision's module names (``features.N.conv.M...``, ``classifier.1``) means any
-torchvision-layout ImageNet checkpoint loads strictly, with no key surgery here; other
-layouts are mapped by ``cifar100.weights``, which does all file I/O. This module never
-touches files.
-
-The transfer recipe freezes the backbone, trains a new head, then unfreezes the top blocks.
-In PyTorch ``requires_grad=False`` does not stop BatchNorm running statistics from moving,
-and a one-off ``bn.eval()`` is undone by the next ``model.train()``; so the model remembers
-how many leading feature blocks are frozen and re-applies eval mode to them in ``train()``.
+torchvision-layout ImageNet checkpoint loads strictly, with no key surgery; the classic
+layout is renamed by a pure function here (``from_classic_layout``) that
+``cifar100.weights``, which does all file I/O, applies. This module never touches files.
+Freezing (BatchNorm included) and the head are shared with EfficientNet-Lite0 in
+``cifar100.models.backbone``; their names are re-exported here for older imports.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
 
 from cifar100.config import ModelConfig
+from cifar100.models.backbone import (
+    Backbone,
+    build_head,
+    extract_features,
+    freeze_backbone,
+    init_weights,
+    set_frozen_blocks,
+    trainable_parameters,
+    unfreeze,
+)
+
+__all__ = ["MobileNetV2", "build_head", "build_mobilenetv2", "extract_features",
+           "freeze_backbone", "from_classic_layout", "set_frozen_blocks",
+           "trainable_parameters", "unfreeze"]
 
 # t: expansion factor, c: output channels, n: repeats, s: stride of the first repeat
 INVERTED_RESIDUAL_SETTING = [
@@ -75,22 +88,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-def build_head(
-    in_features: int, num_classes: int, dropout: float = DEFAULT_DROPOUT, hidden: int | None = None
-) -> nn.Sequential:
-    """Classifier head; ``classifier.1`` stays the first Linear as in torchvision."""
-    if hidden is None:
-        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, num_classes))
-    return nn.Sequential(
-        nn.Dropout(dropout),
-        nn.Linear(in_features, hidden),
-        nn.ReLU(inplace=True),
-        nn.Dropout(dropout),
-        nn.Linear(hidden, num_classes),
-    )
-
-
-class MobileNetV2(nn.Module):
+class MobileNetV2(Backbone):
     def __init__(
         self,
         num_classes: int = 1000,
@@ -112,38 +110,7 @@ class MobileNetV2(nn.Module):
         features.append(ConvBNReLU(in_ch, self.last_channel, kernel=1))
         self.features = nn.Sequential(*features)  # 19 blocks: stem, 17 bottlenecks, 1x1 conv
         self.classifier = build_head(self.last_channel, num_classes, dropout, head_hidden)
-        self.frozen_blocks = 0  # leading feature blocks kept frozen (weights and BN stats)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # torchvision's scheme, so a fresh model matches a fresh torchvision one statistically
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
-
-    def train(self, mode: bool = True) -> MobileNetV2:
-        super().train(mode)
-        # Re-applied on every call: otherwise model.train() would let frozen BN stats drift.
-        for block in self.features[: self.frozen_blocks]:
-            block.eval()
-        if mode and self.frozen_blocks == len(self.features):
-            self.features.eval()  # so a fully frozen backbone also reports eval as a whole
-        return self
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.features(images)  # (B, last_channel=1280, H/32, W/32)
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)  # (B, 1280)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.forward_features(images))  # (B, num_classes)
+        init_weights(self)
 
 
 def build_mobilenetv2(config: ModelConfig, num_classes: int) -> nn.Module:
@@ -153,54 +120,28 @@ def build_mobilenetv2(config: ModelConfig, num_classes: int) -> nn.Module:
                        head_hidden=config.head_hidden)
 
 
-def set_frozen_blocks(model: MobileNetV2, frozen_blocks: int) -> None:
-    """Freeze the first ``frozen_blocks`` feature blocks and make the rest trainable.
+# The classic pytorch-mobilenet-v2 port numbers a block's layers flat (ReLU6 included);
+# torchvision nests Conv-BN-ReLU triples. Old index -> new suffix, per block kind.
+_EXPANDED_BLOCK = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
+_DEPTHWISE_BLOCK = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}  # t=1: no expansion layer
+_BLOCK_KEY = re.compile(r"^features\.(\d+)\.conv\.(\d+)\.([a-z_]+)$")
 
-    Frozen blocks get ``requires_grad=False`` and stay in eval mode (BN running statistics
-    fixed) through every later ``model.train()``; the classifier is always trainable.
+
+def from_classic_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename classic pytorch-mobilenet-v2 block keys to torchvision's nested ones.
+
+    Raises KeyError naming the first block key that has no torchvision counterpart.
     """
-    if not 0 <= frozen_blocks <= len(model.features):
-        raise ValueError(f"frozen_blocks must be in 0..{len(model.features)}, got {frozen_blocks}")
-    model.frozen_blocks = frozen_blocks
-    for i, block in enumerate(model.features):
-        block.requires_grad_(i >= frozen_blocks)
-    model.classifier.requires_grad_(True)
-    model.train(model.training)  # re-apply modes now, keeping the current train/eval state
-
-
-def freeze_backbone(model: MobileNetV2) -> None:
-    """Stage 1 of transfer learning: only the classifier head learns."""
-    set_frozen_blocks(model, len(model.features))
-
-
-def unfreeze(model: MobileNetV2, top_blocks: int | None = None) -> None:
-    """Stage 2: make the top ``top_blocks`` feature blocks trainable (None: all of them).
-
-    Blocks below stay frozen, including their BatchNorm statistics.
-    """
-    n_blocks = len(model.features)
-    if top_blocks is None:
-        top_blocks = n_blocks
-    if not 0 <= top_blocks <= n_blocks:
-        raise ValueError(f"top_blocks must be in 0..{n_blocks}, got {top_blocks}")
-    set_frozen_blocks(model, n_blocks - top_blocks)
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Only what should learn, so optimizers (and weight decay) never touch frozen weights."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-@torch.no_grad()
-def extract_features(model: MobileNetV2, images: torch.Tensor) -> torch.Tensor:
-    """Pooled backbone features ``(B, last_channel)``, deterministic (eval mode, no grad).
-
-    Used to cache stage-1 inputs once instead of re-running the frozen backbone every epoch;
-    the model's train/eval mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        return model.forward_features(images)  # (B, 1280)
-    finally:
-        model.train(was_training)
+    mapped = {}
+    for key, value in state.items():
+        match = _BLOCK_KEY.match(key)
+        if not match:  # stem (features.0), last conv (features.18), classifier already agree
+            mapped[key] = value
+            continue
+        block, index, param = match.groups()
+        # Only expanded blocks (t=6) have the 8-layer layout with a projection at conv.6.
+        table = _EXPANDED_BLOCK if f"features.{block}.conv.6.weight" in state else _DEPTHWISE_BLOCK
+        if index not in table:
+            raise KeyError(key)
+        mapped[f"features.{block}.conv.{table[index]}.{param}"] = value
+    return mapped
