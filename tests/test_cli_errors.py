@@ -72,6 +72,8 @@ def _cases() -> list[tuple[str, list[str]]]:
         ("tune zero epochs", ["tune", "--epochs", "0"]),
         ("tune unknown optimizer", ["tune", "--set", "optim.optimizer=adamz"]),
         ("tune ignored setting", ["tune", "--preset", "mobilenetv2", "--set", "optim.lr=1"]),
+        ("tune study folder is a file", ["tune", "--study-dir", "img.png"]),
+        ("tune study is no database", ["tune", "--study-dir", "notes"]),
         ("compare nothing", ["compare"]), ("compare missing", ["compare", "nope.json"]),
         ("compare bad JSON", ["compare", "broken.yaml"]),
         ("record without --to", ["compare", "--record", "run"]),
@@ -105,6 +107,7 @@ def workdir(tmp_path, tiny_run, monkeypatch) -> Path:
     (tmp_path / "broken.yaml").write_text("train: {epochs: [\n")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("not a run\n")
+    (tmp_path / "notes" / "study.db").write_text("not a database\n")
     (tmp_path / "model.onnx").write_bytes(b"stand-in")
     from PIL import Image
 

@@ -126,15 +126,23 @@ def objective(trial, base: Config, study_dir: Path) -> float:
 def open_study(study_dir: Path, base: Config, seed: int = 0):
     """Create or reopen ``study_dir/study.db``; a reopened study must keep its base recipe."""
     require_optuna()
-    study_dir.mkdir(parents=True, exist_ok=True)
-    # Heartbeats let a restarted or parallel worker mark the trials of a killed one FAIL.
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's terms
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'study.db'}",
-                                             heartbeat_interval=60, grace_period=180)
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TuneError(f"{study_dir}: cannot create the study folder ({error.strerror})"
+                        ) from None
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
-                                pruner=pruner, load_if_exists=True)
+    try:
+        # Heartbeats let a restarted or parallel worker mark a killed one's trials FAIL.
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's terms
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'study.db'}",
+                                                 heartbeat_interval=60, grace_period=180)
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage,
+                                    direction="maximize", pruner=pruner, load_if_exists=True)
+    except Exception as error:  # SQLAlchemy raises many kinds for a file that is no study
+        raise TuneError(f"{study_dir / 'study.db'}: not a readable Optuna study "
+                        f"({type(error).__name__})") from None
     _check_base(study, base, study_dir)
     # Seeded, and shifted by the trials already there: a restarted worker does not
     # repeat the first worker's random start-up points.
