@@ -48,6 +48,10 @@ def _cases() -> list[tuple[str, list[str]]]:
         ("folder holds a run", [*train, "--run-dir", "run"]),
         ("overwrite a folder that is no run", [*train, "--run-dir", "notes", "--overwrite"]),
         ("run folder is a file", [*train, "--run-dir", "img.png"]),
+        ("folder holds a failed start", [*train, "--run-dir", "failed"]),
+        ("resume a failed start", [*train, "--resume", "failed"]),
+        ("missing weights file", [*train, "--model", "mobilenetv2",
+                                  "--set", "model.weights=nope.pt"]),
         ("resume nothing", [*train, "--resume", MISSING]),
         ("resume with a setting", [*train, "--resume", "run", "--set", "optim.lr=1"]),
         ("resume with overwrite", [*train, "--resume", "run", "--overwrite"]),
@@ -108,6 +112,8 @@ def workdir(tmp_path, tiny_run, monkeypatch) -> Path:
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("not a run\n")
     (tmp_path / "notes" / "study.db").write_text("not a database\n")
+    (tmp_path / "failed").mkdir()  # a run that stopped before its first checkpoint
+    shutil.copy(tmp_path / "run" / "config.yaml", tmp_path / "failed" / "config.yaml")
     (tmp_path / "model.onnx").write_bytes(b"stand-in")
     from PIL import Image
 

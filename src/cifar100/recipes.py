@@ -14,6 +14,7 @@ value that differs from the default). Presets are held to the same rule by the t
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from cifar100.engine import select_device
 from cifar100.models import model_spec
 from cifar100.runlock import claim_resume
 from cifar100.runs import load_run_config, read_json
+from cifar100.weights import ENV_VAR as WEIGHTS_ENV
+from cifar100.weights import resolve_weights
 
 DEFAULT_PRESET = "quick"
 AUGMENT_BEYOND_FLIP = ("augment.translate", "augment.rotation", "augment.zoom",
@@ -67,7 +70,9 @@ def resolve(preset: str | None, files: list = (), sets: list[str] = (),
             explicit.add(name)
     config = load_config(preset, files, overrides)
     explicit |= _changed_in_files(files, config)
-    model_spec(config.model.name)  # an unknown name fails here, listing the models
+    if model_spec(config.model.name).pretrained and (config.model.weights
+                                                     or os.environ.get(WEIGHTS_ENV)):
+        resolve_weights(config.model.weights, download=False)  # a wrong path fails now
     config, stage_keys = with_epochs(config, epochs)
     check_settings(config, explicit | stage_keys)
     check_device(config.train.device)

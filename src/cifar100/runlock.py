@@ -153,6 +153,9 @@ def claim_fresh(run_dir: Path, overwrite: bool) -> None:
     if not holds_run(run_dir):
         raise RunDirError(f"{run_dir}: the folder is not empty and holds no run; choose a new "
                           "or empty --run-dir (--overwrite only ever replaces a run)")
+    if not overwrite and not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise RunDirError(f"{run_dir}: holds a run that saved no checkpoint (it failed or was "
+                          "stopped before its first); replace it with --overwrite")
     if not overwrite:
         raise RunDirError(f"{run_dir}: holds {describe(run_dir)}; continue it with "
                           f"'cifar100 train --resume {run_dir}', or replace it with --overwrite")
@@ -168,7 +171,8 @@ def claim_resume(run_dir: Path) -> None:
     """Refuse to resume a folder with nothing to resume from."""
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory")
+    if not holds_run(run_dir):
+        raise RunDirError(f"{run_dir}: nothing to resume (the folder holds no run)")
     if not (run_dir / "checkpoints" / "last.pt").is_file():
-        what = "holds no run" if not holds_run(run_dir) else "has no checkpoints/last.pt"
-        raise RunDirError(f"{run_dir}: nothing to resume (the folder {what}); start a run "
-                          "there with 'cifar100 train --run-dir ...'")
+        raise RunDirError(f"{run_dir}: nothing to resume (the run saved no checkpoint before "
+                          "it stopped); start it again with --run-dir DIR --overwrite")
