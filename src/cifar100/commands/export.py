@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    if report["temperature"] != 1.0:
+        print(f"calibrated: logits divided by T = {report['temperature']:.4f} (fitted on the "
+              "validation split by 'cifar100 evaluate')")
     for fmt, path in report["files"].items():
         check = report["checks"][fmt]
         print(f"{fmt}: {path}")
