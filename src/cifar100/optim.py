@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cifar100.config import OptimConfig
+from cifar100.config import ConfigError, OptimConfig
 
 
 def make_optimizer(params: Iterable, config: OptimConfig, lr: float | None = None):
@@ -27,7 +27,7 @@ def make_optimizer(params: Iterable, config: OptimConfig, lr: float | None = Non
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
                                **_kernels(torch.optim.SGD, params))
-    raise ValueError(f"unknown optimizer '{config.optimizer}' (adam, adamw or sgd)")
+    raise ConfigError(f"unknown optim.optimizer '{config.optimizer}' (adam, adamw or sgd)")
 
 
 def _kernels(optimizer: type, params: list[torch.Tensor]) -> dict[str, Any]:
@@ -79,7 +79,8 @@ class StepSchedule:
             return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         if self.kind == "onecycle":  # airbench-style: ramp up (warm-up), then linear to zero
             return max(1.0 - progress, self.min_ratio)
-        raise ValueError(f"unknown schedule '{self.kind}'")
+        raise ConfigError(f"unknown optim.schedule '{self.kind}' (plateau, cosine, onecycle or "
+                          "constant)")
 
 
 def make_scheduler(optimizer, config: OptimConfig, epochs: int, steps_per_epoch: int,
@@ -98,3 +99,21 @@ def make_scheduler(optimizer, config: OptimConfig, epochs: int, steps_per_epoch:
                             round(warmup * steps_per_epoch), config.min_lr / base_lr)
     schedule(0)  # fail now, not mid-run, on an unknown name
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), True
+
+
+def restore_scheduler(scheduler, saved: dict, optimizer) -> None:
+    """Load the scheduler's progress; its shape (length, warm-up) follows the config.
+
+    ``LambdaLR`` saves its schedule objects' fields too, so a resume with more epochs
+    (``--resume RUN --epochs N``) would otherwise keep the old length. An unchanged
+    config restores the very same values: an exact resume stays exact.
+    """
+    schedules = getattr(scheduler, "lr_lambdas", [])
+    planned = [dict(vars(f)) for f in schedules]
+    scheduler.load_state_dict(saved)
+    if any(vars(f) != p for f, p in zip(schedules, planned, strict=True)):
+        for f, p in zip(schedules, planned, strict=True):
+            vars(f).update(p)
+        for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, schedules,
+                                  strict=True):
+            group["lr"] = base * f(scheduler.last_epoch)

@@ -65,6 +65,8 @@ def _cards(report: dict[str, Any]) -> str:
              ("Superclass accuracy", _pct(report["superclass_accuracy"])),
              ("Macro F1", f"{report['macro_f1']:.3f}"), ("ECE (15 bins)", _pct(report["ece"])),
              ("Test loss (NLL)", f"{report['nll']:.3f}")]
+    if "temperature_scaling" in report:
+        cards.append(("ECE, temperature-scaled", _pct(report["temperature_scaling"]["ece_after"])))
     return '<div class="cards">' + "".join(
         f"<div class=card><b>{v}</b><span>{k}</span></div>" for k, v in cards) + "</div>"
 
@@ -142,6 +144,8 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
         f"{_pairs_table(report['most_confused'])}</div></div>",
         _figure("superclass_confusion", images, heading=False),
         _figure("misclassified", images), _figure("reliability", images),
+        f"<p class=muted>{html.escape(scaling_note(report))}</p>"
+        if "temperature_scaling" in report else "",
         _figure("curves", images),
         '<h2 id="per-class">Per-class report</h2>'
         + _report_table("class-report", report["classification_report"], groups),
@@ -166,6 +170,25 @@ def _md_report(report: dict[str, Any], label: str) -> list[str]:
     return lines
 
 
+def scaling_note(report: dict[str, Any]) -> str:
+    """One sentence on temperature scaling: T, where it was fitted, ECE before and after."""
+    scaling = report["temperature_scaling"]
+    members = scaling["members"]
+    temps = ", ".join(f"{m['temperature']:.3f}" for m in members)
+    seeds = ", ".join(str(m["split_seed"]) for m in members)
+    return (f"Temperature scaling: T = {temps}, fitted on the validation split (split seed "
+            f"{seeds}, {sum(m['val_images'] for m in members):,} images; never the test set); "
+            f"test ECE {_pct(scaling['ece_before'])} before, {_pct(scaling['ece_after'])} after, "
+            f"test NLL {scaling['nll_before']:.3f} before, {scaling['nll_after']:.3f} after.")
+
+
+def _md_scaling(report: dict[str, Any]) -> list[str]:
+    if "temperature_scaling" not in report:
+        return []
+    after = report["temperature_scaling"]["ece_after"]
+    return [f"| ECE after temperature scaling | {_pct(after)} |", "", scaling_note(report)]
+
+
 def render_markdown(report: dict[str, Any], figures: list[str]) -> str:
     """Markdown twin of the page; figures are linked as the PNG files beside it."""
     runs = ", ".join(f"`{r}`" for r in report["runs"])
@@ -179,7 +202,7 @@ def render_markdown(report: dict[str, Any], figures: list[str]) -> str:
              f"| superclass accuracy | {_pct(report['superclass_accuracy'])} |",
              f"| macro F1 | {report['macro_f1']:.3f} |",
              f"| expected calibration error (15 bins) | {_pct(report['ece'])} |",
-             f"| test loss (NLL) | {report['nll']:.3f} |", ""]
+             f"| test loss (NLL) | {report['nll']:.3f} |"] + _md_scaling(report) + [""]
     for stem in figures:
         lines += [f"## {FIGURES[stem][0]}", "", FIGURES[stem][1], "", f"![{stem}]({stem}.png)",
                   ""]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cifar100.allocator import tune_allocator
-from cifar100.config import Config, load_config, save_config
+from cifar100.config import Config, ConfigError, from_saved, read_yaml, save_config
 
 
 def git_commit() -> str | None:
@@ -78,8 +78,26 @@ def start_run(run_dir: Path, config: Config, device: torch.device,
     write_json(run_dir / "run.json", info)
 
 
+def resume_run(run_dir: Path, config: Config, device: torch.device,
+               command: list[str] | None = None) -> None:
+    """Record a resume: the config as it now stands (--epochs, --device, --data-dir may
+    have changed it) and, in run.json, the command and when."""
+    save_config(config, run_dir / "config.yaml")
+    path = run_dir / "run.json"
+    info = read_json(path) if path.is_file() else {}
+    info.setdefault("resumed", []).append({"command": command or sys.argv, "at": _now(),
+                                           "device": str(device)})
+    write_json(path, info)
+
+
 def load_run_config(run_dir: Path) -> Config:
-    return load_config(files=[Path(run_dir) / "config.yaml"])
+    path = Path(run_dir) / "config.yaml"
+    try:
+        return from_saved(read_yaml(path))
+    except ConfigError as error:
+        message = str(error)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}"
+                          ) from None
 
 
 def _now() -> str:

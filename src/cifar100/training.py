@@ -7,6 +7,7 @@ mid-epoch, so a killed run resumes at the exact step it reached with the same RN
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar100 import distributed, stopping
+from cifar100 import distributed, runlock, stopping
 from cifar100.allocator import tune_allocator
 from cifar100.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from cifar100.config import Config, ConfigError, to_dict
@@ -35,8 +36,20 @@ from cifar100.engine import (
     train_one_epoch,
 )
 from cifar100.models import build_model, input_size, model_spec
-from cifar100.optim import load_optimizer_state, make_optimizer, make_scheduler
-from cifar100.runs import append_metrics, plot_curves, start_run, truncate_metrics, write_json
+from cifar100.optim import (
+    load_optimizer_state,
+    make_optimizer,
+    make_scheduler,
+    restore_scheduler,
+)
+from cifar100.runs import (
+    append_metrics,
+    plot_curves,
+    resume_run,
+    start_run,
+    truncate_metrics,
+    write_json,
+)
 from cifar100.speed import compile_model, speed_up, sync_interval
 
 
@@ -116,7 +129,7 @@ def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState 
     load_optimizer_state(stage.ctx.optimizer, state["optimizer"])  # CUDA file on CPU, and back
     scheduler = stage.ctx.scheduler or stage.plateau
     if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
+        restore_scheduler(scheduler, state["scheduler"], stage.ctx.optimizer)
     if stage.ctx.ema is not None:
         stage.ctx.ema.model.load_state_dict(state["ema"])
     stage.epoch, stage.best_top1, stage.bad_epochs = (state["epoch"], state["best_top1"],
@@ -242,7 +255,8 @@ def prepare_run(config: Config, run_dir: Path, resume: bool,
     device = distributed.init(select_device(cfg.device))  # under torchrun: cuda:LOCAL_RANK
     speed_up(device)  # CUDA only: cuDNN autotuning, TF32
     dataset = load_cifar100(config.data.data_dir)
-    splits = make_splits(dataset, config.data.val_fraction, cfg.seed, config.data.train_subset)
+    splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed,
+                         config.data.train_subset)
     spec = model_spec(config.model.name)
     preprocess = Preprocess(input_size(config.model), spec.mean, spec.std,
                             config.data.standardize).to(device)
@@ -250,8 +264,8 @@ def prepare_run(config: Config, run_dir: Path, resume: bool,
     # A run stopped before its first checkpoint (e.g. while extracting features) resumes
     # from the start, with its recorded config.
     state = load_checkpoint(last) if resume and last.exists() else None
-    if not resume and distributed.is_main():
-        start_run(run_dir, config, device, command)
+    if distributed.is_main():
+        (resume_run if resume else start_run)(run_dir, config, device, command)
     run = Run(config, run_dir, device, dataset, splits, preprocess, resume=state)
     if state is not None:
         run.elapsed = state["elapsed"]
@@ -295,7 +309,8 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
                "val_top1": best["val"]["top1"], "val_top5": best["val"]["top5"],
                **({"test_top1": test["top1"], "test_top5": test["top5"],
                    "test_loss": test["loss"]} if test else {}),
-               "tta_flip": cfg.tta_flip, "train_minutes": round(run.elapsed / 60, 2),
+               "tta_flip": cfg.tta_flip, "split_seed": run.config.data.split_seed,
+               "train_minutes": round(run.elapsed / 60, 2),
                "parameters": sum(p.numel() for p in model.parameters()),
                "train_images": len(run.splits.train), "process": process_usage()}
     write_json(run.run_dir / "results.json", results)
@@ -316,15 +331,32 @@ def process_usage() -> dict[str, float]:
 
 def train(config: Config, run_dir: str | Path, resume: bool = False,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          test_set: bool = True, command: list[str] | None = None) -> dict[str, Any]:
+          test_set: bool = True, command: list[str] | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
     """Train as ``config`` says; return the final metrics (also in ``results.json``).
 
     ``on_epoch(row)`` sees each epoch's metrics row (what ``metrics.jsonl`` gets) and may
     raise to end the run, e.g. ``optuna.TrialPruned``. ``test_set=False`` skips the test
     evaluation. ``command`` is recorded in run.json (default: ``sys.argv``). Under torchrun
     every rank returns rank 0's results.
+
+    A ``run_dir`` that holds a run is continued with ``resume=True`` or replaced with
+    ``overwrite=True``, and refused otherwise; a run another process is writing (its
+    lock is held) is never touched (see ``cifar100.runlock``).
     """
     run_dir = Path(run_dir)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone owns the folder
+        return _train(config, run_dir, resume, on_epoch, test_set, command)
+    with runlock.locked(run_dir):
+        if resume:
+            runlock.claim_resume(run_dir)
+        else:
+            runlock.claim_fresh(run_dir, overwrite)
+        return _train(config, run_dir, resume, on_epoch, test_set, command)
+
+
+def _train(config: Config, run_dir: Path, resume: bool, on_epoch, test_set: bool,
+           command: list[str] | None) -> dict[str, Any]:
     tune_allocator()  # the CLI already did; Python API users get the same speed
     run = prepare_run(config, run_dir, resume, command)
     run.on_epoch = on_epoch

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from cifar100 import stopping
-from cifar100.config import Config, from_dict, to_dict
+from cifar100.config import Config, from_saved, to_dict
 from cifar100.engine import TrainingDiverged
 from cifar100.errors import UserError
 from cifar100.models import model_spec
@@ -64,8 +64,11 @@ def sample_params(trial, base: Config) -> dict[str, float]:
         "weight_decay": trial.suggest_float("weight_decay", 1e-6, 5e-2, log=True),
         "dropout": trial.suggest_float("dropout", 0.0, 0.5),
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.3),
-        "augment": trial.suggest_float("augment", 0.0, 1.5),
     }
+    t = base.transfer
+    if not (pretrained and t.cache_features and t.stage2_epochs == 0):
+        # (stage 1 alone, on cached features, has no augmentation to strengthen)
+        params["augment"] = trial.suggest_float("augment", 0.0, 1.5)
     if not pretrained and (base.model.widths or base.model.name in DEFAULT_WIDTHS):
         # (ImageNet weights fix a pretrained model's widths)
         params["width"] = trial.suggest_float("width", 0.5, 1.5, step=0.25)
@@ -87,11 +90,13 @@ def apply_params(base: Config, params: dict[str, float]) -> Config:
         widths = base.model.widths or DEFAULT_WIDTHS[base.model.name]
         model = dataclasses.replace(model, widths=tuple(
             max(4, round(w * params["width"] / 4) * 4) for w in widths))  # multiples of 4
-    s = params["augment"]
-    augment = dataclasses.replace(base.augment, translate=round(AUGMENT_AT_1["translate"] * s),
-                                  rotation=AUGMENT_AT_1["rotation"] * s,
-                                  zoom=AUGMENT_AT_1["zoom"] * s,
-                                  contrast=AUGMENT_AT_1["contrast"] * s)
+    augment = base.augment
+    if "augment" in params:
+        s = params["augment"]
+        augment = dataclasses.replace(augment, translate=round(AUGMENT_AT_1["translate"] * s),
+                                      rotation=AUGMENT_AT_1["rotation"] * s,
+                                      zoom=AUGMENT_AT_1["zoom"] * s,
+                                      contrast=AUGMENT_AT_1["contrast"] * s)
     return dataclasses.replace(base, optim=optim, model=model, augment=augment,
                                transfer=transfer)
 
@@ -111,7 +116,9 @@ def objective(trial, base: Config, study_dir: Path) -> float:
             raise optuna.TrialPruned(f"validation top-1 {row['val_top1']:.3f} at epoch {step}")
 
     try:
-        results = train(config, run_dir, on_epoch=report, test_set=False)
+        # A trial's folder belongs to the study (its number is never reused): one left by
+        # a deleted study.db is replaced, not refused.
+        results = train(config, run_dir, on_epoch=report, test_set=False, overwrite=True)
     except TrainingDiverged:  # a legitimate outcome of a too-high learning rate
         trial.set_user_attr("diverged", True)
         return 0.0
@@ -141,15 +148,23 @@ def quiet_interrupts() -> None:
 def open_study(study_dir: Path, base: Config, seed: int = 0):
     """Create or reopen ``study_dir/study.db``; a reopened study must keep its base recipe."""
     require_optuna()
-    study_dir.mkdir(parents=True, exist_ok=True)
-    # Heartbeats let a restarted or parallel worker mark the trials of a killed one FAIL.
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's terms
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'study.db'}",
-                                             heartbeat_interval=60, grace_period=180)
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TuneError(f"{study_dir}: cannot create the study folder ({error.strerror})"
+                        ) from None
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
-                                pruner=pruner, load_if_exists=True)
+    try:
+        # Heartbeats let a restarted or parallel worker mark a killed one's trials FAIL.
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's terms
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'study.db'}",
+                                                 heartbeat_interval=60, grace_period=180)
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage,
+                                    direction="maximize", pruner=pruner, load_if_exists=True)
+    except Exception as error:  # SQLAlchemy raises many kinds for a file that is no study
+        raise TuneError(f"{study_dir / 'study.db'}: not a readable Optuna study "
+                        f"({type(error).__name__})") from None
     _check_base(study, base, study_dir)
     # Seeded, and shifted by the trials already there: a restarted worker does not
     # repeat the first worker's random start-up points.
@@ -212,7 +227,7 @@ def best_config(study) -> Config | None:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         return None
-    return from_dict(study.best_trial.user_attrs["config"])
+    return from_saved(study.best_trial.user_attrs["config"])
 
 
 def trial_rows(study) -> list[dict[str, Any]]:

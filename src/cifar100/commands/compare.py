@@ -27,8 +27,9 @@ COLUMNS = ["Model", "Test accuracy", "Top-5", "Parameters", "Training time", "Ha
            "Date", "Command"]
 RESULT_KEYS = ["model", "test_top1", "test_top5", "val_top1", "val_top5", "test_loss",
                "tta_flip", "parameters", "train_minutes", "train_images", "best_stage",
-               "best_epoch", "process"]
-EVALUATION_KEYS = ["top1", "top5", "superclass_accuracy", "macro_f1", "ece", "nll", "tta_flip"]
+               "best_epoch", "split_seed", "process"]
+EVALUATION_KEYS = ["top1", "top5", "superclass_accuracy", "macro_f1", "ece", "ece_calibrated",
+                   "nll", "tta_flip"]
 
 
 class RecordError(UserError):

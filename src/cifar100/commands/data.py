@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cifar100.augment import augment_batch, to_float
+from cifar100.commands.argtypes import fraction, positive_int, seed
 from cifar100.config import AugmentConfig
 from cifar100.data import Cifar100, DataError, load_cifar100, make_splits
 
@@ -19,23 +20,18 @@ def register(subparsers) -> None:
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     info = actions.add_parser("info", help="counts, class names, split sizes, sample grid")
     info.add_argument("--data-dir", help="folder holding cifar-100-python/ (or $CIFAR100_DATA)")
-    info.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
-    info.add_argument("--val-fraction", type=float, default=0.2)
+    info.add_argument("--seed", type=seed, default=0, help="seed of the train/validation "
+                      "split, as data.split_seed in a run (default 0)")
+    info.add_argument("--val-fraction", type=fraction, default=0.2,
+                      help="share of the training images set aside for validation")
     info.add_argument("--grid", type=Path, default=Path("runs/data-samples.png"),
                       help="where to write the PNG grid of samples (one row per class)")
-    info.add_argument("--per-class", type=_positive_int, default=8,
+    info.add_argument("--per-class", type=positive_int, default=8,
                       help="images per class in the grid")
     info.add_argument("--augmented", action="store_true",
                       help="show augmented views (the cnn-seed recipe's augmentation)")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(func=run_info)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def summarize(dataset: Cifar100, seed: int, val_fraction: float) -> dict:

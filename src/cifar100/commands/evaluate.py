@@ -16,12 +16,23 @@ from typing import Any
 import numpy as np
 
 from cifar100 import report_plots
+from cifar100.calibration import fit_run
+from cifar100.commands.argtypes import positive_int
 from cifar100.data import Cifar100, load_cifar100
 from cifar100.engine import ImageBatches, predict_logits, select_device
 from cifar100.errors import UserError
-from cifar100.inference import TrainedModel, load_trained
+from cifar100.inference import TrainedModel, checkpoint_path, load_trained
+from cifar100.recipes import check_device
 from cifar100.report_html import render_html, render_markdown
-from cifar100.reports import build_report, ensemble_probs, misclassified, softmax, topk_accuracy
+from cifar100.reports import (
+    build_report,
+    calibration,
+    ensemble_probs,
+    misclassified,
+    nll,
+    softmax,
+    topk_accuracy,
+)
 from cifar100.runs import git_commit, read_metrics, write_json
 
 
@@ -36,8 +47,12 @@ def register(subparsers) -> None:
                    help="flip test-time augmentation: average with the mirrored image")
     p.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/report, or "
                    "FIRST_RUN_DIR/report-ensemble for several runs)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--batch-size", type=int, default=500, help="images per inference batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=positive_int, default=500,
+                   help="images per inference batch")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="skip temperature scaling (fitted on each run's validation split, "
+                   "never the test set; costs one pass over it)")
     p.add_argument("--json", action="store_true", help="print the headline metrics as JSON")
     p.set_defaults(func=run)
 
@@ -53,27 +68,51 @@ def _check_classes(trained: TrainedModel, run_dir: Path, dataset: Cifar100) -> N
 
 
 def predict_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
-                 device: str = "auto", batch_size: int = 500
+                 device: str = "auto", batch_size: int = 500,
+                 models: list[TrainedModel] | None = None
                  ) -> tuple[list[TrainedModel], list[np.ndarray]]:
-    """Each run's test-set logits (N, 100), in the test split's order."""
+    """Each run's test-set logits (N, 100), in the test split's order (``models``: the runs
+    already loaded on ``device``)."""
     target = select_device(device)
-    models, logits = [], []
-    for run_dir in run_dirs:
-        trained = load_trained(run_dir, target)
+    models = models or [load_trained(run_dir, target) for run_dir in run_dirs]
+    logits = []
+    for run_dir, trained in zip(run_dirs, models, strict=True):
         _check_classes(trained, run_dir, dataset)
         batches = ImageBatches(dataset.test, trained.preprocess, target)
         print(f"{run_dir}: predicting {len(batches):,} test images"
               f"{' and their mirrors' if tta else ''}", file=sys.stderr, flush=True)
         logits.append(predict_logits(trained.model, batches, batch_size, tta_flip=tta).numpy())
-        models.append(trained)
     return models, logits
 
 
+def temperature_scaling(models: list[TrainedModel], run_dirs: list[Path],
+                        logits: list[np.ndarray], dataset: Cifar100, tta: bool, device: str,
+                        batch_size: int) -> dict[str, Any]:
+    """Each member's T fitted on its validation split; the test set's ECE before and after."""
+    labels = dataset.test.labels.numpy()
+    members, scaled = [], []
+    for trained, run_dir, member_logits in zip(models, run_dirs, logits, strict=True):
+        fit = fit_run(trained, checkpoint_path(run_dir), dataset, tta, select_device(device),
+                      batch_size)
+        members.append({"run": str(run_dir), **fit})
+        scaled.append(member_logits / fit["temperature"])
+    before, after = ensemble_probs(logits), ensemble_probs(scaled)
+    return {"fitted_on": "validation split", "members": members,
+            "ece_before": calibration(before, labels)["ece"],
+            "ece_after": calibration(after, labels)["ece"],
+            "nll_before": nll(before, labels), "nll_after": nll(after, labels)}
+
+
 def evaluate_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
-                  device: str = "auto", batch_size: int = 500
+                  device: str = "auto", batch_size: int = 500, calibrate: bool = False,
+                  models: list[TrainedModel] | None = None
                   ) -> tuple[dict[str, Any], np.ndarray]:
-    """The report dict (as written to report.json) and the (N, 100) probabilities behind it."""
-    models, logits = predict_runs(run_dirs, dataset, tta, device, batch_size)
+    """The report dict (as written to report.json) and the (N, 100) probabilities behind it.
+
+    ``calibrate`` adds temperature scaling (``report["temperature_scaling"]``) and writes
+    each run's fitted temperature to RUN/calibration.json.
+    """
+    models, logits = predict_runs(run_dirs, dataset, tta, device, batch_size, models)
     probs = ensemble_probs(logits)
     labels = dataset.test.labels.numpy()
     first = models[0]
@@ -89,7 +128,12 @@ def evaluate_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
                     for name, m, lg in zip(names, models, logits, strict=True)],
         "tta_flip": tta, "data": str(dataset.source), "commit": git_commit(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "split_seeds": [m.metadata["config_obj"].data.split_seed for m in models],
     })
+    if calibrate:
+        report["temperature_scaling"] = temperature_scaling(models, run_dirs, logits, dataset,
+                                                            tta, device, batch_size)
+        report["ece_calibrated"] = report["temperature_scaling"]["ece_after"]
     return report, probs
 
 
@@ -143,13 +187,16 @@ def run(args: argparse.Namespace) -> int:
         if not (run_dir / "checkpoints" / "best.pt").is_file():
             raise UserError(f"{run_dir}: not a trained run directory "
                             "(no checkpoints/best.pt)")
+    target = select_device(check_device(args.device))
+    models = [load_trained(run_dir, target) for run_dir in args.run_dirs]  # before the data
     dataset = load_cifar100(args.data_dir)
     report, probs = evaluate_runs(args.run_dirs, dataset, args.tta, args.device,
-                                  args.batch_size)
+                                  args.batch_size, not args.no_calibration, models)
     figures = make_figures(report, probs, dataset, args.run_dirs[0])
     paths = write_report(report, figures, args.out or default_out(args.run_dirs))
     headline = {k: report[k] for k in ("top1", "top5", "superclass_accuracy", "macro_f1",
-                                       "ece", "nll", "images", "tta_flip", "runs")}
+                                       "ece", "ece_calibrated", "nll", "images", "tta_flip",
+                                       "runs", "split_seeds") if k in report}
     if args.json:
         print(json.dumps({**headline, "report": {k: str(p) for k, p in paths.items()}},
                          indent=2))
@@ -158,5 +205,10 @@ def run(args: argparse.Namespace) -> int:
           f"superclass {report['superclass_accuracy']:.2%}, macro F1 {report['macro_f1']:.3f}, "
           f"ECE {report['ece']:.2%} on {report['images']} test images"
           f"{' (flip TTA)' if args.tta else ''}")
+    if "temperature_scaling" in report:
+        scaling = report["temperature_scaling"]
+        temps = ", ".join(f"{m['temperature']:.3f}" for m in scaling["members"])
+        print(f"temperature scaling (T = {temps}, fitted on the validation split): test ECE "
+              f"{scaling['ece_before']:.2%} -> {scaling['ece_after']:.2%}")
     print(f"report: {paths['html']}")
     return 0

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from cifar100.commands.argtypes import positive_int
 from cifar100.data import load_cifar100
 from cifar100.export import (
     ExportError,
@@ -42,8 +43,11 @@ def register(subparsers) -> None:
                    "default: RUN_DIR/model.onnx, RUN_DIR/model.safetensors")
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ for the check "
                    "(default: the run's, else $CIFAR100_DATA, the cache or a download)")
-    p.add_argument("--check-images", type=int, default=1000, metavar="N",
+    p.add_argument("--check-images", type=positive_int, default=1000, metavar="N",
                    help="compare with PyTorch on the first N test images (default: 1000)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="divide the logits by the temperature 'cifar100 evaluate' fitted on "
+                   "the validation split (RUN/calibration.json)")
     p.add_argument("--json", action="store_true", help="print the files and checks as JSON")
     p.set_defaults(func=run)
 
@@ -67,14 +71,16 @@ def check_images(trained: TrainedModel, data_dir: str | None, count: int):
 
 
 def export_run(run: Path, fmt: str = "onnx", out: Path | None = None,
-               data_dir: str | None = None, count: int = 1000) -> dict:
+               data_dir: str | None = None, count: int = 1000,
+               calibrated: bool = False) -> dict:
     """Export ``run`` and check every file written; returns paths and check results."""
-    trained = load_trained(run)
+    trained = load_trained(run, calibrated=calibrated)
     metadata = model_metadata(trained, run)
     paths = output_paths(run, fmt, out)
     images, labels = check_images(trained, data_dir, count)
     classifier = trained.classifier()
-    report: dict = {"source_run": str(run), "files": {}, "checks": {}}
+    report: dict = {"source_run": str(run), "temperature": trained.temperature, "files": {},
+                    "checks": {}}
     try:
         if "onnx" in paths:
             with published_after_check(paths["onnx"]) as unchecked:
@@ -105,10 +111,14 @@ def check_safetensors(classifier, path: Path, images, labels) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = export_run(args.run, args.format, args.out, args.data_dir, args.check_images)
+    report = export_run(args.run, args.format, args.out, args.data_dir, args.check_images,
+                        args.calibrated)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    if report["temperature"] != 1.0:
+        print(f"calibrated: logits divided by T = {report['temperature']:.4f} (fitted on the "
+              "validation split by 'cifar100 evaluate')")
     for fmt, path in report["files"].items():
         check = report["checks"][fmt]
         print(f"{fmt}: {path}")

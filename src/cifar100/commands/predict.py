@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from cifar100.commands.argtypes import positive_int
+from cifar100.errors import UserError
 from cifar100.images import ImageError, read_image
 
 CHUNK = 256  # images read and classified at a time: bounded memory for any number of files
@@ -44,13 +46,6 @@ class Prediction:
         return entry
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="top-K classes of any image file",
                               description=__doc__)
@@ -61,14 +56,25 @@ def register(subparsers) -> None:
                    "(.onnx, .safetensors)")
     p.add_argument("--top", type=positive_int, default=5, metavar="K",
                    help="how many classes to list per image (default: 5)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="temperature-scaled probabilities (the temperature 'cifar100 evaluate' "
+                   "fitted on the validation split; run directories and checkpoints only: an "
+                   "exported file carries its own)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {image, top: [{class, probability}], error?}")
     p.set_defaults(func=run)
 
 
-def load_predictor(path: str | Path) -> Predictor:
-    """A run directory or .pt checkpoint (PyTorch), an .onnx (onnxruntime), a .safetensors."""
+def load_predictor(path: str | Path, calibrated: bool = False) -> Predictor:
+    """A run directory or .pt checkpoint (PyTorch), an .onnx (onnxruntime), a .safetensors.
+
+    ``calibrated`` applies the run's fitted temperature; exported files carry their own.
+    """
     path = Path(path)
+    if calibrated and path.suffix in (".onnx", ".safetensors"):
+        raise UserError(f"{path}: --calibrated applies to run directories and checkpoints; an "
+                        "exported file keeps the temperature it was exported with "
+                        "('cifar100 export --calibrated')")
     if path.suffix == ".onnx":
         from cifar100.export import OnnxClassifier
 
@@ -81,7 +87,7 @@ def load_predictor(path: str | Path) -> Predictor:
     else:
         from cifar100.inference import load_trained
 
-        trained = load_trained(path)
+        trained = load_trained(path, calibrated=calibrated)
     return Predictor(trained.class_names, trained.classifier(), str(path))
 
 
@@ -113,7 +119,7 @@ def print_prediction(prediction: Prediction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    predictor = load_predictor(args.model)
+    predictor = load_predictor(args.model, args.calibrated)
     results = []
     for start in range(0, len(args.images), CHUNK):
         chunk = predict_images(args.images[start:start + CHUNK], predictor, args.top)

@@ -1,4 +1,8 @@
-"""``cifar100 train``: train a model, evaluate the best checkpoint on the test set."""
+"""``cifar100 train``: train a model, evaluate the best checkpoint on the test set.
+
+A run folder that holds a run is never replaced by accident: ``--resume RUN`` continues it
+(``--epochs N`` extends it), ``--overwrite`` replaces it, anything else is refused.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +10,41 @@ import argparse
 import json
 from pathlib import Path
 
-from cifar100.config import PRESETS_DIR, load_config, parse_overrides, preset_names
-from cifar100.models import model_spec
-from cifar100.runs import load_run_config, new_run_dir
+from cifar100.commands.argtypes import positive_int, seed
+from cifar100.config import ConfigError, preset_names
+from cifar100.models import REGISTRY
+from cifar100.recipes import choose_preset, resolve, resume_config
+from cifar100.runs import new_run_dir
 from cifar100.training import train
+
+# What --resume may change; every other flag would be silently dropped, so it is refused.
+RESUME_FLAGS = ("--epochs", "--device", "--data-dir", "--json")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model and report its test accuracy",
                               description=__doc__)
-    p.add_argument("--model", help="cnn-seed, cnn-fast, mobilenetv2 or efficientnet-lite0 "
-                   "(default: the preset's; see `cifar100 models`)")
+    p.add_argument("--model", help=f"{', '.join(sorted(REGISTRY))} (default: the preset's)")
     p.add_argument("--preset", help=f"named recipe: {', '.join(preset_names())} "
                    "(default: the recipe named like --model, else 'quick')")
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML file(s) applied on top of the preset, in order")
-    p.add_argument("--epochs", type=int,
-                   help="number of epochs (per stage for the pretrained models)")
-    p.add_argument("--seed", type=int, help="fixes split, initialisation and augmentation")
-    p.add_argument("--train-subset", type=int, metavar="N",
+    p.add_argument("--epochs", type=positive_int,
+                   help="number of epochs (for pretrained models: of each stage the recipe runs); "
+                   "with --resume: extend the run to this many")
+    p.add_argument("--seed", type=seed, help="fixes initialisation, shuffling and "
+                   "augmentation (the validation split has its own data.split_seed)")
+    p.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train on a class-balanced subset of N images (smoke runs)")
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ (or $CIFAR100_DATA)")
-    p.add_argument("--device", help="auto, cpu, cuda or mps")
-    p.add_argument("--run-dir", type=Path, help="run folder (default: runs/MODEL-TIMESTAMP)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--run-dir", type=Path, help="run folder (default: runs/MODEL-TIMESTAMP); "
+                   "one that holds a run is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --run-dir (never one another process is writing)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                   help="continue an interrupted run exactly where it stopped")
+                   help="continue a run where it stopped, with its own settings; accepts "
+                   f"only {', '.join(RESUME_FLAGS)}")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any setting, e.g. --set optim.lr=0.01")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
@@ -38,38 +52,35 @@ def register(subparsers) -> None:
 
 
 def resolve_config(args: argparse.Namespace):
-    preset = args.preset or (args.model if args.model and (
-        PRESETS_DIR / f"{args.model}.yaml").exists() else None) or (
-        None if args.model else "quick")
-    overrides = parse_overrides(args.set)
-    flags = {("model", "name"): args.model, ("train", "epochs"): args.epochs,
-             ("train", "seed"): args.seed, ("data", "train_subset"): args.train_subset,
-             ("data", "data_dir"): args.data_dir, ("train", "device"): args.device}
-    for (section, key), value in flags.items():
-        if value is not None:
-            overrides.setdefault(section, {})[key] = value
-    config = load_config(preset, args.config, overrides)
-    if args.epochs is not None and config.transfer and model_spec(config.model.name).pretrained:
-        # --epochs sets each stage's length; a stage the recipe leaves off stays off.
-        stages = {"stage1_epochs": args.epochs}
-        if config.transfer.stage2_epochs > 0:
-            stages["stage2_epochs"] = args.epochs
-        config = load_config(preset, args.config, {**overrides, "transfer": {
-            **overrides.get("transfer", {}), **stages}})
-    return config
+    """The run's config from the flags: see ``cifar100.recipes`` for the precedence."""
+    flags = {"model.name": args.model, "train.seed": args.seed,
+             "data.train_subset": args.train_subset, "data.data_dir": args.data_dir,
+             "train.device": args.device}
+    return resolve(choose_preset(args.preset, args.model), args.config, args.set, flags,
+                   args.epochs)
+
+
+def _check_resume_flags(args: argparse.Namespace) -> None:
+    given = {"--model": args.model, "--preset": args.preset, "--config": args.config,
+             "--seed": args.seed, "--train-subset": args.train_subset,
+             "--run-dir": args.run_dir, "--overwrite": args.overwrite, "--set": args.set}
+    refused = [flag for flag, value in given.items() if value not in (None, [], False)]
+    if refused:
+        raise ConfigError(f"--resume continues {args.resume} with its own settings; it "
+                          f"cannot take {', '.join(refused)} (it accepts "
+                          f"{', '.join(RESUME_FLAGS)}; for other settings start a new run)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.resume:
+        _check_resume_flags(args)
         run_dir = args.resume
-        config = load_run_config(run_dir)
-        if args.data_dir:  # the data may live elsewhere on the resuming machine
-            from dataclasses import replace
-            config = replace(config, data=replace(config.data, data_dir=args.data_dir))
+        config = resume_config(run_dir, args.epochs, args.device, args.data_dir)
     else:
         config = resolve_config(args)
         run_dir = args.run_dir or new_run_dir("runs", config.model.name)
-    results = train(config, run_dir, resume=bool(args.resume), command=args.argv)
+    results = train(config, run_dir, resume=bool(args.resume), command=args.argv,
+                    overwrite=args.overwrite)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cifar100.config import load_config, parse_overrides, preset_names
-from cifar100.models import model_spec
+from cifar100.commands.argtypes import positive_float, positive_int, seed
+from cifar100.config import preset_names
+from cifar100.recipes import resolve
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("tune", help="search hyperparameters (Optuna, validation only)",
                               description=__doc__)
-    p.add_argument("--trials", type=_positive_int, default=20,
+    p.add_argument("--trials", type=positive_int, default=20,
                    help="finished trials the study should hold; a rerun tops it up (default 20)")
     p.add_argument("--study-dir", type=Path,
                    help="folder for study.db, trials/, summary and best.yaml "
@@ -24,39 +25,23 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="quick",
                    help=f"base recipe to search around: {', '.join(preset_names())} "
                    "(default: quick)")
-    p.add_argument("--epochs", type=_positive_int, help="epochs per trial (per stage for "
+    p.add_argument("--epochs", type=positive_int, help="epochs per trial (per stage for "
                    "the pretrained models; default: the preset's)")
-    p.add_argument("--train-subset", type=_positive_int, metavar="N",
+    p.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train each trial on a class-balanced subset of N images")
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ (or $CIFAR100_DATA)")
-    p.add_argument("--timeout", type=float, metavar="MIN",
+    p.add_argument("--timeout", type=positive_float, metavar="MIN",
                    help="start no new trial after this many minutes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the sampler (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="change the base recipe, e.g. --set train.batch_size=128")
     p.set_defaults(func=run)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def base_config(args: argparse.Namespace):
-    overrides = parse_overrides(args.set)
-    flags = {("train", "epochs"): args.epochs, ("data", "train_subset"): args.train_subset,
-             ("data", "data_dir"): args.data_dir}
-    for (section, key), value in flags.items():
-        if value is not None:
-            overrides.setdefault(section, {})[key] = value
-    config = load_config(args.preset, [], overrides)
-    if args.epochs is not None and model_spec(config.model.name).pretrained:
-        overrides.setdefault("transfer", {}).update(stage1_epochs=args.epochs,
-                                                    stage2_epochs=args.epochs)
-        config = load_config(args.preset, [], overrides)
-    return config
+    """The recipe every trial starts from: the same resolver as ``train`` (--epochs too)."""
+    flags = {"data.train_subset": args.train_subset, "data.data_dir": args.data_dir}
+    return resolve(args.preset, [], args.set, flags, args.epochs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
     tune.quiet_interrupts()
+    base = base_config(args)  # before any folder is made: a bad option leaves nothing
     study_dir = args.study_dir or Path("studies") / args.preset
-    study = tune.run_study(study_dir, base_config(args), args.trials, args.timeout, args.seed,
+    study = tune.run_study(study_dir, base, args.trials, args.timeout, args.seed,
                            on_trial=_print_trial)
     print(f"\n{tune.finished(study)} finished trials in {study_dir / 'study.db'}; "
           f"summary: {study_dir / 'summary.md'}")

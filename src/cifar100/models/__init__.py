@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cifar100.config import ModelConfig
+from cifar100.config import ConfigError, ModelConfig
 from cifar100.data import MEAN as CIFAR_MEAN
 from cifar100.data import NUM_CLASSES
 from cifar100.data import STD as CIFAR_STD
@@ -45,7 +45,8 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 def model_spec(name: str) -> ModelSpec:
     if name not in REGISTRY:
-        raise ValueError(f"unknown model '{name}' (choose from {', '.join(sorted(REGISTRY))})")
+        # ConfigError is a ValueError too: callers that caught ValueError still do.
+        raise ConfigError(f"unknown model '{name}' (choose from {', '.join(sorted(REGISTRY))})")
     return REGISTRY[name]
 
 

@@ -1,0 +1,253 @@
+"""From command-line flags to a checked ``Config``: the one resolver ``train`` and ``tune`` use.
+
+Precedence, last wins: defaults < preset < ``--config`` files (in order) < ``--set`` <
+flags (``--model``, ``--seed``, ...). ``--epochs N`` means the length of the run: for a
+CNN ``train.epochs``, for a two-stage transfer model the length of each stage the resolved
+recipe has switched on (a stage it leaves off stays off).
+
+Settings are honest: one that would do nothing for the resolved recipe (``optim.lr`` for
+MobileNetV2, whose stages have their own rates; plateau settings with a cosine schedule)
+is rejected with the reason, when the user set it (``--set``, a flag, or a config file
+value that differs from the default). Presets are held to the same rule by the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar100.checkpoint import load_checkpoint
+from cifar100.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    load_config,
+    parse_overrides,
+    preset_names,
+    read_yaml,
+    to_dict,
+)
+from cifar100.engine import select_device
+from cifar100.models import model_spec
+from cifar100.runlock import claim_resume
+from cifar100.runs import load_run_config, read_json
+from cifar100.weights import ENV_VAR as WEIGHTS_ENV
+from cifar100.weights import resolve_weights
+
+DEFAULT_PRESET = "quick"
+AUGMENT_BEYOND_FLIP = ("augment.translate", "augment.rotation", "augment.zoom",
+                       "augment.contrast", "augment.mixup_alpha", "augment.cutmix_alpha")
+STAGE2_KEYS = ("train.batch_size", "transfer.stage2_lr", "transfer.stage2_unfreeze",
+               "transfer.stage2_warmup_epochs")
+PRETRAINED_ONLY = ("model.width_mult", "model.weights", "model.head_hidden")
+WIDTH_STAGES = {"cnn-seed": (3, 3), "cnn-fast": (1, 4)}  # how many widths each CNN takes
+DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
+
+
+def choose_preset(preset: str | None, model: str | None) -> str | None:
+    """The preset named, else the one named like ``--model``, else 'quick' (no --model)."""
+    if preset:
+        return preset
+    if model:
+        return model if model in preset_names() else None
+    return DEFAULT_PRESET
+
+
+def resolve(preset: str | None, files: list = (), sets: list[str] = (),
+            flags: dict[str, Any] | None = None, epochs: int | None = None) -> Config:
+    """The checked config of a new run; ``flags`` maps 'section.key' to a value or None."""
+    overrides = parse_overrides(list(sets))
+    explicit = {f"{section}.{key}" for section, keys in overrides.items() for key in keys}
+    for name, value in (flags or {}).items():
+        if value is not None:
+            section, key = name.split(".")
+            overrides.setdefault(section, {})[key] = value
+            explicit.add(name)
+    config = load_config(preset, files, overrides)
+    explicit |= _changed_in_files(files, config)
+    if model_spec(config.model.name).pretrained and (config.model.weights
+                                                     or os.environ.get(WEIGHTS_ENV)):
+        resolve_weights(config.model.weights, download=False)  # a wrong path fails now
+    config, stage_keys = with_epochs(config, epochs)
+    check_settings(config, explicit | stage_keys)
+    check_device(config.train.device)
+    return config
+
+
+def _changed_in_files(files: list, config: Config) -> set[str]:
+    """Keys the files set to something other than the default (a full dump of a config,
+    e.g. a tuning study's best.yaml, restates every default: those do not count)."""
+    defaults, values = to_dict(Config()), to_dict(config)
+    keys = set()
+    for file in files:
+        for section, settings in (read_yaml(file) or {}).items():
+            for key in settings or {}:
+                if values[section][key] != defaults[section][key]:
+                    keys.add(f"{section}.{key}")
+    return keys
+
+
+def with_epochs(config: Config, epochs: int | None) -> tuple[Config, set[str]]:
+    """``config`` with ``--epochs`` applied, and the keys that it set."""
+    if epochs is None:
+        return config, set()
+    if not model_spec(config.model.name).pretrained:
+        return dataclasses.replace(config, train=dataclasses.replace(
+            config.train, epochs=epochs)), {"train.epochs"}
+    stages = {"stage1_epochs": epochs}
+    if config.transfer.stage2_epochs > 0:
+        stages["stage2_epochs"] = epochs
+    transfer = dataclasses.replace(config.transfer, **stages)
+    return dataclasses.replace(config, transfer=transfer), {f"transfer.{k}" for k in stages}
+
+
+def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
+    """(applies, keys, why they do nothing) for the resolved ``config``."""
+    o, t, name = config.optim, config.transfer, config.model.name
+    rules = [
+        (o.schedule != "plateau", ("optim.plateau_factor", "optim.plateau_patience"),
+         f"they steer the plateau schedule, and optim.schedule is '{o.schedule}'"),
+        (o.schedule == "plateau", ("optim.warmup_epochs",), "the plateau schedule has no "
+         "warm-up (choose optim.schedule cosine, onecycle or constant)"),
+        (o.schedule == "constant", ("optim.min_lr",), "a constant schedule never decays"),
+        (o.optimizer != "sgd", ("optim.momentum", "optim.nesterov"),
+         f"they apply to sgd, and optim.optimizer is '{o.optimizer}'"),
+    ]
+    if not model_spec(name).pretrained:
+        transfer_keys = tuple(f"transfer.{f.name}" for f in dataclasses.fields(t))
+        return rules + [(True, transfer_keys + PRETRAINED_ONLY,
+                         f"they apply to pretrained models, and {name} is trained from scratch")]
+    stage1_only = t.stage2_epochs == 0
+    return rules + [
+        (True, ("train.epochs",), "a transfer model trains in stages: set "
+         "transfer.stage1_epochs / transfer.stage2_epochs, or --epochs for every stage"),
+        (True, ("optim.lr",), "each stage has its own: transfer.stage1_lr, transfer.stage2_lr"),
+        (True, ("optim.warmup_epochs",), "stage 1 has no warm-up; stage 2's is "
+         "transfer.stage2_warmup_epochs"),
+        (config.train.ema_decay is not None, ("train.ema_decay",),
+         "the transfer stages keep no moving average of the weights"),
+        (True, ("model.widths",), f"{name}'s widths follow model.width_mult"),
+        (stage1_only, STAGE2_KEYS, "they apply to stage 2, which is off "
+         "(transfer.stage2_epochs=0; stage 1's batch is transfer.stage1_batch_size)"),
+        (stage1_only and t.cache_features, AUGMENT_BEYOND_FLIP, "stage 1 trains on cached "
+         "features, where only augment.flip applies (they apply in stage 2, or with "
+         "transfer.cache_features=false)"),
+    ]
+
+
+def check_settings(config: Config, explicit: set[str]) -> None:
+    """Reject the explicitly set keys that would do nothing for ``config``; check sizes."""
+    ignored = [f"{', '.join(hit)} ({why})" for applies, keys, why in _rules(config) if applies
+               for hit in [[k for k in keys if k in explicit]] if hit]
+    if ignored:
+        raise ConfigError(f"settings that would do nothing for {config.model.name}: "
+                          + "; ".join(ignored))
+    _check_widths(config)
+    _check_subset(config)
+
+
+def _check_widths(config: Config) -> None:
+    widths, name = config.model.widths, config.model.name
+    if widths is None or model_spec(name).pretrained:
+        return
+    if name not in WIDTH_STAGES:
+        raise ConfigError(f"model.widths does nothing for {name}")
+    low, high = WIDTH_STAGES[name]
+    if not low <= len(widths) <= high:
+        count = str(low) if low == high else f"{low} to {high}"
+        raise ConfigError(f"model.widths: {name} takes {count} widths (one per stage), "
+                          f"got {len(widths)}")
+
+
+def _check_subset(config: Config) -> None:
+    subset = config.data.train_subset
+    if subset is None:
+        return
+    if model_spec(config.model.name).pretrained:
+        batches = {"transfer.stage1_batch_size": config.transfer.stage1_batch_size}
+        if config.transfer.stage2_epochs > 0:
+            batches["train.batch_size"] = config.train.batch_size
+    else:
+        batches = {"train.batch_size": config.train.batch_size}
+    for key, size in batches.items():
+        if subset < size:
+            raise ConfigError(f"data.train_subset={subset} images are fewer than one batch "
+                              f"({key}={size}): raise --train-subset or lower {key}")
+
+
+def check_device(name: str) -> str:
+    """``name`` if this machine has that device, else a one-line error saying why not."""
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise ConfigError(f"unknown device '{name}' (choose from auto, cpu, cuda, cuda:N, mps)")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{name}': CUDA is not available on this machine "
+                              f"(PyTorch {torch.__version__}); use --device cpu or auto")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device '{name}': this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and not (mps and mps.is_available()):
+        raise ConfigError("device 'mps': Apple's Metal backend is not available here")
+    return name
+
+
+def resume_config(run_dir: Path, epochs: int | None = None, device: str | None = None,
+                  data_dir: str | None = None) -> Config:
+    """The config to continue ``run_dir`` with: its own, changed only where allowed.
+
+    ``epochs`` extends the run (a finished one too), as torchvision's ``--resume`` with
+    ``--epochs``: for a transfer model, every stage not yet finished gets that length.
+    ``device`` may change the device, not its type: the saved random state of the
+    augmentation belongs to one kind of generator. ``data_dir``: where the data now is.
+    """
+    claim_resume(run_dir)
+    config = load_run_config(run_dir)
+    if data_dir is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                      data_dir=data_dir))
+    if device is not None:
+        _check_device_type(run_dir, check_device(device))
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                       device=device))
+    if epochs is not None:
+        config = _extend(config, load_checkpoint(run_dir / "checkpoints" / "last.pt"),
+                         epochs, run_dir)
+    return config
+
+
+def _check_device_type(run_dir: Path, device: str) -> None:
+    try:
+        saved = read_json(run_dir / "run.json")["hardware"]["device"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # nothing recorded: nothing to compare with
+    new = select_device(device).type
+    if torch.device(saved).type != new:
+        raise ConfigError(f"{run_dir} was trained on {saved}; its saved random state cannot "
+                          f"continue on {new}: resume it on a {torch.device(saved).type} device")
+
+
+def _extend(config: Config, state: dict[str, Any], epochs: int, run_dir: Path) -> Config:
+    stage, done, t = state["stage"], state["epoch"], config.transfer
+    if not model_spec(config.model.name).pretrained:
+        changes, last_stage = {"train": {"epochs": epochs}}, True
+    elif stage == "finetune":
+        changes, last_stage = {"transfer": {"stage2_epochs": epochs}}, True
+    else:
+        stages = {"stage1_epochs": epochs, **({"stage2_epochs": epochs}
+                                              if t.stage2_epochs > 0 else {})}
+        changes, last_stage = {"transfer": stages}, t.stage2_epochs == 0
+    if epochs < done:
+        raise ConfigError(f"{run_dir}: stage '{stage}' has trained {done} epochs already; "
+                          f"--epochs must be at least {done}")
+    patience = config.train.early_stopping
+    if epochs > done and last_stage and patience and state["bad_epochs"] >= patience:
+        raise ConfigError(f"{run_dir}: stopped early ({state['bad_epochs']} epochs without a "
+                          "better validation top-1); more epochs would stop again at once")
+    return from_dict(changes, config)

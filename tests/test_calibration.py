@@ -1,0 +1,124 @@
+"""Temperature scaling: the fit, the validation split it uses (never the test set), the
+report, and predict/export with the fitted temperature."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifar100 import engine
+from cifar100.calibration import CalibrationError, fit_temperature, load_temperature, nll_at
+from cifar100.cli import main
+from cifar100.commands.predict import load_predictor
+from cifar100.data import load_cifar100, make_splits
+from cifar100.inference import load_trained
+
+
+def test_fit_recovers_the_temperature_that_made_the_labels():
+    """Labels drawn from softmax(z / 2): the best temperature for logits z is 2."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(20_000, 10, generator=generator) * 4
+    labels = torch.multinomial(torch.softmax(logits / 2.0, dim=1), 1, generator=generator)[:, 0]
+    fitted = fit_temperature(logits, labels)
+    assert fitted == pytest.approx(2.0, rel=0.05)
+    assert nll_at(logits, labels, fitted) < nll_at(logits, labels, 1.0)
+    sharp = fit_temperature(logits / 3, labels)  # under-confident logits need T < 1
+    assert sharp == pytest.approx(2.0 / 3, rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tiny_run, fake_data_dir, tmp_path_factory):
+    """A copy of the shared tiny run, evaluated (which fits and writes the temperature),
+    with every split that the fit was given recorded."""
+    run_dir = tmp_path_factory.mktemp("calibrated") / "run"
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("report*", "model.*",
+                                                                     "calibration.json"))
+    seen = []
+    original = engine.predict_logits
+
+    def spy(model, batches, *args, **kwargs):
+        seen.append(batches.split)
+        return original(model, batches, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "predict_logits", spy)
+        assert main(["evaluate", str(run_dir), "--data-dir", str(fake_data_dir), "--tta"]) == 0
+    return run_dir, seen
+
+
+def test_the_temperature_is_fitted_on_the_validation_split(calibrated_run, fake_data_dir):
+    run_dir, seen = calibrated_run
+    dataset = load_cifar100(fake_data_dir)
+    val = make_splits(dataset, 0.2, 0).val
+    assert len(seen) == 1  # the fit's one pass (the test set goes through evaluate's own)
+    assert torch.equal(seen[0].images, val.images) and torch.equal(seen[0].labels, val.labels)
+    values = json.loads((run_dir / "calibration.json").read_text())
+    assert values["fitted_on"] == "validation split" and values["split_seed"] == 0
+    assert values["val_images"] == len(val) and values["tta_flip"] is False
+    assert values["val_nll_after"] <= values["val_nll_before"] + 1e-9
+    assert values["temperature"] != 1.0
+
+
+def test_the_report_gives_ece_before_and_after(calibrated_run):
+    run_dir, _ = calibrated_run
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    scaling = report["temperature_scaling"]
+    assert scaling["ece_before"] == report["ece"]
+    assert report["ece_calibrated"] == scaling["ece_after"] != scaling["ece_before"]
+    member = scaling["members"][0]
+    assert member["split_seed"] == 0 and member["val_images"] == 200
+    assert report["split_seeds"] == [0]
+    markdown = (run_dir / "report" / "report.md").read_text()
+    assert "fitted on the validation split (split seed 0" in markdown
+    assert "ECE after temperature scaling" in markdown
+    assert "ECE, temperature-scaled" in (run_dir / "report" / "report.html").read_text()
+
+
+def _image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                    ).save(path)
+    return path
+
+
+def test_predict_and_export_use_the_fitted_temperature(calibrated_run, fake_data_dir,
+                                                       tmp_path, capsys):
+    run_dir, _ = calibrated_run
+    temperature = load_temperature(run_dir / "checkpoints" / "best.pt")
+    images = torch.rand(4, 3, 32, 32)
+    raw = load_predictor(run_dir).logits(images)
+    scaled = load_predictor(run_dir, calibrated=True).logits(images)
+    assert torch.allclose(scaled, raw / temperature, atol=1e-5)
+    assert torch.equal(scaled.argmax(1), raw.argmax(1))  # no prediction changes
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(run_dir), "--format", "all", "--calibrated", "--out", str(out),
+                 "--data-dir", str(fake_data_dir), "--check-images", "20", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["temperature"] == pytest.approx(temperature)
+    for exported in (out, out.with_suffix(".safetensors")):
+        assert torch.allclose(load_predictor(exported).logits(images), scaled, atol=1e-4)
+    assert main(["predict", str(_image(tmp_path)), "--model", str(run_dir), "--calibrated",
+                 "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert top[0]["probability"] < 1.0
+
+
+def test_a_changed_checkpoint_needs_a_new_fit(calibrated_run, tmp_path):
+    run_dir, _ = calibrated_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    values = json.loads((copy / "calibration.json").read_text())
+    values["checkpoint_sha256"] = "0" * 64  # as after a resume that found a better model
+    (copy / "calibration.json").write_text(json.dumps(values))
+    with pytest.raises(CalibrationError, match="fitted for another checkpoint"):
+        load_trained(copy, calibrated=True)
+    (copy / "calibration.json").unlink()
+    with pytest.raises(CalibrationError, match=f"cifar100 evaluate {copy}"):
+        load_trained(copy, calibrated=True)
