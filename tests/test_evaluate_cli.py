@@ -135,6 +135,23 @@ def test_ensemble_of_one_model_twice_equals_the_model(trained_run, fake_data_dir
     assert len(ensemble["members"]) == 2 and "ensemble of 2 runs" in ensemble["title"]
 
 
+def test_ensemble_report_becomes_a_record(trained_run, fake_data_dir, tmp_path, capsys):
+    out = tmp_path / "ensemble"
+    assert main(["evaluate", str(trained_run), str(trained_run), "--data-dir",
+                 str(fake_data_dir), "--out", str(out), "--no-calibration"]) == 0
+    to = tmp_path / "two.json"
+    assert main(["compare", "--record", str(out), "--to", str(to)]) == 0
+    record, report = json.loads(to.read_text()), json.loads((out / "report.json").read_text())
+    member = json.loads((trained_run / "results.json").read_text())
+    assert record["test_top1"] == report["top1"] and len(record["members"]) == 2
+    assert record["parameters"] == 2 * member["parameters"]  # what the ensemble costs
+    assert record["model"] == "cnn-fast + cnn-fast" and record["commit"]
+    assert record["command"].startswith("cifar100 evaluate ")
+    capsys.readouterr()
+    assert main(["compare", str(to), "--markdown"]) == 0
+    assert "| two | " in capsys.readouterr().out
+
+
 def test_evaluate_missing_run_is_one_clean_line(tmp_path, capsys):
     missing = tmp_path / "nope"
     assert main(["evaluate", str(missing)]) == 1

@@ -22,7 +22,7 @@ import torch
 from cifar100 import distributed
 from cifar100.config import Config, ConfigError, load_config, save_config
 from cifar100.data import Cifar100, Split, Splits
-from cifar100.engine import EpochState, Preprocess, StopSignal, TrainingInterrupted, train_one_epoch
+from cifar100.engine import EpochState, Preprocess, TrainingInterrupted, train_one_epoch
 from cifar100.inference import load_trained
 from cifar100.models import build_model, input_size, model_spec
 from cifar100.speed import GPU_SYNC_EVERY, compile_model, speed_up, sync_interval
@@ -45,7 +45,7 @@ def random_run(config: Config, device: torch.device, images: int) -> Run:
     preprocess = Preprocess(input_size(config.model), spec.mean, spec.std).to(device)
     index = torch.arange(images)
     return Run(config, Path("."), device, Cifar100(split, split, names, names[:20], Path(".")),
-               Splits(split, split, split, index, index), preprocess, StopSignal())
+               Splits(split, split, split, index, index), preprocess)
 
 
 def _config(preset: str, data_dir: Path, device: str, **train):

@@ -363,8 +363,8 @@ def _train(config: Config, run_dir: Path, resume: bool, on_epoch, test_set: bool
     try:
         model = _train_stages(run)
     except TrainingInterrupted as stop:
-        raise stopping.interrupted(stop, f"{stop.detail}; state saved, resume with: cifar100 "
-                                   f"train --resume {run_dir}") from None
+        raise TrainingInterrupted(f"{stop.detail}; state saved, resume with: cifar100 train "
+                                  f"--resume {run_dir}") from None
     except KeyboardInterrupt as stop:  # between stages: e.g. extracting features
         detail = getattr(stop, "detail", "stopped before training")
         raise stopping.interrupted(stop, f"{detail}; resume with: cifar100 train --resume "

@@ -75,10 +75,16 @@ def _command(raw: Any) -> str:
 
 
 def make_record(run_dir: Path, name: str | None = None) -> dict[str, Any]:
-    """The run's record: metrics, resolved config, commit, hardware, wall time; no weights."""
+    """The run's record: metrics, resolved config, commit, hardware, wall time; no weights.
+
+    ``run_dir`` may also be an ensemble's report folder (``cifar100 evaluate RUN1 RUN2``
+    writes ``RUN1/report-ensemble/``): see :func:`make_ensemble_record`.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RecordError(f"{run_dir}: no such run directory")
+    if not (run_dir / "results.json").exists() and (run_dir / "report.json").is_file():
+        return make_ensemble_record(run_dir, name)
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         raise RecordError(f"{results_path}: missing (is the run finished?)")
@@ -98,6 +104,29 @@ def make_record(run_dir: Path, name: str | None = None) -> dict[str, Any]:
         values = _read_json(report)
         record["evaluation"] = {k: values[k] for k in EVALUATION_KEYS if k in values}
     _check_record(record, results_path)
+    return record
+
+
+def make_ensemble_record(report_dir: Path, name: str | None = None) -> dict[str, Any]:
+    """An ensemble's record: its test metrics from the report, its members' records inside;
+    parameters and training minutes are the members' sums (what the ensemble cost)."""
+    report = _read_json(report_dir / "report.json")
+    runs = report.get("runs") or []
+    if len(runs) < 2:
+        raise RecordError(f"{report_dir / 'report.json'}: not an ensemble's report")
+    members = [make_record(Path(run)) for run in runs]
+    record = {"record_version": RECORD_VERSION, "name": name or report_dir.name,
+              "model": " + ".join(m["model"] for m in members),
+              "test_top1": report["top1"], "test_top5": report["top5"],
+              "tta_flip": report.get("tta_flip"),
+              "parameters": sum(m.get("parameters") or 0 for m in members),
+              "train_minutes": round(sum(m.get("train_minutes") or 0 for m in members), 2),
+              "commit": report.get("commit"), "started": report.get("created"),
+              "command": report.get("command") or "",
+              "hardware": members[0].get("hardware", {}),
+              "evaluation": {k: report[k] for k in EVALUATION_KEYS if k in report},
+              "members": members}
+    _check_record(record, report_dir / "report.json")
     return record
 
 

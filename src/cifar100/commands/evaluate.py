@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -192,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_cifar100(args.data_dir)
     report, probs = evaluate_runs(args.run_dirs, dataset, args.tta, args.device,
                                   args.batch_size, not args.no_calibration, models)
+    report["command"] = shlex.join(args.argv)  # an ensemble's record shows how it was made
     figures = make_figures(report, probs, dataset, args.run_dirs[0])
     paths = write_report(report, figures, args.out or default_out(args.run_dirs))
     headline = {k: report[k] for k in ("top1", "top5", "superclass_accuracy", "macro_f1",
