@@ -18,11 +18,13 @@ from typing import Any
 
 import yaml
 
+from cifar100.coursework import coursework_table
 from cifar100.errors import UserError
 from cifar100.runs import write_json
 
 RECORD_VERSION = 1
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+COURSEWORK_START, COURSEWORK_END = "<!-- coursework:start -->", "<!-- coursework:end -->"
 COLUMNS = ["Model", "Test accuracy", "Top-5", "Parameters", "Training time", "Hardware",
            "Date", "Command"]
 RESULT_KEYS = ["model", "test_top1", "test_top5", "val_top1", "val_top5", "test_loss",
@@ -207,20 +209,27 @@ def text_table(records: list[dict[str, Any]]) -> str:
                      + "  " + row[-1] for row in rows) + "\n"
 
 
-def update_readme(readme: Path, table: str) -> None:
-    """Replace what lies between the results markers with ``table``."""
+def update_readme(readme: Path, table: str, coursework: str | None = None) -> None:
+    """Replace what lies between the results markers with ``table`` (and, where the README
+    has the coursework markers, what lies between them with ``coursework``)."""
     try:
         text = readme.read_text()
     except OSError as error:
         raise RecordError(f"{readme}: cannot read ({error.strerror or error})") from None
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < 0 or end < start:
-        raise RecordError(f"{readme}: needs the markers {START} and then {END} "
-                          "around the results table")
-    new = text[:start + len(START)] + "\n" + table + text[end:]
+    new = _between(text, START, END, table, readme)
+    if coursework is not None and COURSEWORK_START in new:
+        new = _between(new, COURSEWORK_START, COURSEWORK_END, coursework, readme)
     tmp = readme.with_name(readme.name + ".tmp")
     tmp.write_text(new)
     tmp.replace(readme)
+
+
+def _between(text: str, start_marker: str, end_marker: str, table: str, readme: Path) -> str:
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start < 0 or end < 0 or end < start:
+        raise RecordError(f"{readme}: needs the markers {start_marker} and then {end_marker} "
+                          "around the table")
+    return text[:start + len(start_marker)] + "\n" + table + text[end:]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     records = [load_entry(path) for path in args.inputs]
     table = markdown_table(records) if args.markdown or args.readme else text_table(records)
     if args.readme:
-        update_readme(args.readme, markdown_table(records))
+        update_readme(args.readme, markdown_table(records), coursework_table(records))
         print(f"updated the results table in {args.readme}")
     if args.out:
         try:
