@@ -49,7 +49,6 @@ def _cases() -> list[tuple[str, list[str]]]:
         ("overwrite a folder that is no run", [*train, "--run-dir", "notes", "--overwrite"]),
         ("run folder is a file", [*train, "--run-dir", "img.png"]),
         ("folder holds a failed start", [*train, "--run-dir", "failed"]),
-        ("resume a failed start", [*train, "--resume", "failed"]),
         ("missing weights file", [*train, "--model", "mobilenetv2",
                                   "--set", "model.weights=nope.pt"]),
         ("resume nothing", [*train, "--resume", MISSING]),

@@ -109,7 +109,6 @@ def test_every_preset_sets_only_what_takes_effect(name):
     (["--model", "mobilenetv2", "--set", "train.epochs=3"], "--epochs for every stage"),
     (["--model", "mobilenetv2", "--set", "train.ema_decay=0.99"], "no moving average"),
     (["--model", "mobilenetv2", "--set", "augment.translate=4"], "cached features"),
-    (["--model", "mobilenetv2", "--set", "augment.flip=false"], "mirrored images"),
     (["--model", "mobilenetv2", "--set", "train.batch_size=32"], "stage 2, which is off"),
     (["--model", "mobilenetv2", "--set", "optim.warmup_epochs=1"], "stage2_warmup_epochs"),
     (["--model", "cnn-seed", "--set", "transfer.stage1_lr=0.1"], "trained from scratch"),

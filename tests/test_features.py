@@ -14,8 +14,7 @@ from cifar100.cli import main
 from cifar100.stopping import Interrupted
 
 TINY = ["--set", "model.image_size=32", "--set", "transfer.compile=false",
-        "--set", "train.batch_size=50", "--set", "transfer.stage1_batch_size=50",
-        "--set", "model.head_hidden=null"]
+        "--set", "transfer.stage1_batch_size=50", "--set", "model.head_hidden=null"]
 
 
 @pytest.fixture(autouse=True)

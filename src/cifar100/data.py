@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +100,6 @@ def _download(cache: Path) -> None:
     ``CIFAR100_URL`` names a mirror of the same archive (its md5 must still match).
     """
     archive, url = cache / "cifar-100-python.tar.gz", os.environ.get("CIFAR100_URL") or URL
-    print(f"downloading CIFAR-100 from {url} into {cache}", file=sys.stderr, flush=True)
     try:
         fetch(url, archive, md5=MD5)
         extract_tar(archive, cache)
