@@ -21,7 +21,7 @@ def _result(record: dict[str, Any] | None) -> tuple[str, str]:
         return "not recorded yet", ""
     minutes = record.get("train_minutes") or 0.0
     time = f"{minutes:.0f} min" if minutes < 60 else f"{minutes / 60:.1f} h"
-    return f"{100 * record['test_top1']:.2f}% (`{record['name']}`)", time
+    return f"{100 * record['test_top1']:.2f}% (`{record.get('name') or record['model']}`)", time
 
 
 def coursework_table(records: list[dict[str, Any]]) -> str:
