@@ -277,6 +277,18 @@ def train_one_epoch(
     return state.summary()
 
 
+# Above ~1 GB per activation tensor glibc serves memory the tuned allocator cannot keep
+# (cifar100.allocator), and every batch faults it in again: a 160 px MobileNetV2 batch of
+# 500 ran at 270 img/s with 0.56 M page faults per batch, one of 250 at 391 img/s with 23 k.
+# Inference batches are capped at this many input pixels (250 images at 160 px).
+MAX_BATCH_PIXELS = 250 * 160 * 160
+
+
+def capped_batch(batch_size: int, image_size: int) -> int:
+    """``batch_size``, lowered so a batch holds at most ``MAX_BATCH_PIXELS`` input pixels."""
+    return max(1, min(batch_size, MAX_BATCH_PIXELS // (image_size * image_size)))
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches, batch_size: int, tta_flip: bool = False,
                    autocast: torch.dtype | None = None) -> torch.Tensor:
@@ -284,6 +296,9 @@ def predict_logits(model: nn.Module, batches, batch_size: int, tta_flip: bool = 
     model.eval()
     outputs = []
     where = batches.labels.device  # index where the data lives
+    preprocess = getattr(batches, "preprocess", None)  # feature batches have no image size
+    if preprocess is not None:
+        batch_size = capped_batch(batch_size, preprocess.size)
     for start in range(0, len(batches), batch_size):
         stopping.check()  # a stop asked for during a training stage's validation
         indices = torch.arange(start, min(start + batch_size, len(batches)), device=where)

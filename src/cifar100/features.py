@@ -26,7 +26,7 @@ from tqdm import tqdm
 from cifar100.checkpoint import save_checkpoint
 from cifar100.config import Config
 from cifar100.data import default_cache_dir
-from cifar100.engine import ImageBatches
+from cifar100.engine import ImageBatches, capped_batch
 from cifar100.stopping import interrupted
 
 FEATURE_BATCH = 250
@@ -111,12 +111,13 @@ def fill_cache(cache: FeatureCache, backbone_of, batches: ImageBatches,
           f"({', '.join(f'{len(i):,} {v}' for v, i in todo.items() if len(i))}); "
           f"later runs reuse them from {cache.path.parent}", file=sys.stderr, flush=True)
     backbone, progress = backbone_of(total), Progress(total, f"features {size}px")
+    batch = capped_batch(FEATURE_BATCH, size)
     try:
         for view, index in todo.items():
-            for start in range(0, len(index), FEATURE_BATCH):
-                rows = index[start:start + FEATURE_BATCH]
+            for start in range(0, len(index), batch):
+                rows = index[start:start + batch]
                 cache.features[view][rows] = pooled_features(backbone, batches, rows,
-                                                             view == "mirrored")
+                                                             view == "mirrored", batch)
                 cache.done[view][rows] = True
                 if progress.update(len(rows)):
                     cache.save()
@@ -130,10 +131,10 @@ def fill_cache(cache: FeatureCache, backbone_of, batches: ImageBatches,
 
 
 def pooled_features(backbone: nn.Module, batches: ImageBatches, rows: torch.Tensor,
-                    flip: bool) -> torch.Tensor:
+                    flip: bool, batch: int = FEATURE_BATCH) -> torch.Tensor:
     images = batches.get(rows, flip=flip)  # (B, 3, S, S)
-    if len(rows) < FEATURE_BATCH:  # keep one static shape for the compiled graph
-        pad = images[:1].expand(FEATURE_BATCH - len(rows), -1, -1, -1)
+    if len(rows) < batch:  # keep one static shape for the compiled graph
+        pad = images[:1].expand(batch - len(rows), -1, -1, -1)
         images = torch.cat([images, pad]).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         features = backbone(images)[: len(rows)]  # (B, C, h, w)
