@@ -54,12 +54,25 @@ def _finished(study_dir: Path) -> dict[int, tuple]:
             if t.state in FINISHED}
 
 
+def _finished_in_summary(study_dir: Path) -> int:
+    """Finished trials as the worker's summary.csv (written atomically after each) says:
+    polling it never touches the SQLite file the worker is writing."""
+    try:
+        rows = list(csv.DictReader((study_dir / "summary.csv").open()))
+    except OSError:
+        return 0
+    return sum(r["state"] in ("complete", "pruned") for r in rows)
+
+
 def test_killed_study_continues_and_best_config_trains(fake_data_dir, tmp_path):
     study_dir = tmp_path / "study"
-    proc = subprocess.Popen(_tune(fake_data_dir, study_dir, 10), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "worker.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(_tune(fake_data_dir, study_dir, 10), env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 300
-    while len(_finished(study_dir)) < 2 and time.monotonic() < deadline:
+    while _finished_in_summary(study_dir) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]  # the worker must not die
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: a crash
     proc.wait()
