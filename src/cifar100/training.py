@@ -20,19 +20,18 @@ from torch import nn
 
 from cifar100 import distributed, runlock, stopping
 from cifar100.allocator import tune_allocator
+from cifar100.batches import ImageBatches
 from cifar100.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from cifar100.config import Config, ConfigError, to_dict
 from cifar100.data import Cifar100, Splits, load_cifar100, make_splits
+from cifar100.device import select_device
+from cifar100.ema import ModelEma
 from cifar100.engine import (
     EpochState,
-    ImageBatches,
-    ModelEma,
-    Preprocess,
     StepContext,
     TrainingInterrupted,
     evaluate,
     is_sync_step,
-    select_device,
     train_one_epoch,
 )
 from cifar100.models import build_model, input_size, model_spec
@@ -42,6 +41,7 @@ from cifar100.optim import (
     make_scheduler,
     restore_scheduler,
 )
+from cifar100.preprocess import Preprocess
 from cifar100.runs import (
     append_metrics,
     plot_curves,

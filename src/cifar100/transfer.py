@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from cifar100 import distributed
+from cifar100.batches import ImageBatches
 from cifar100.download import file_digest
-from cifar100.engine import ImageBatches, StepContext
+from cifar100.engine import StepContext
 from cifar100.features import (
     FeatureBatches,
     FeatureCache,
