@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,6 @@ class EpochState:
     top1: int = 0
     top5: int = 0
     seen: int = 0
-    extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         n = max(self.seen, 1)

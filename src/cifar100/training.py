@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,6 @@ class Stage:
     best_top1: float = -1.0
     bad_epochs: int = 0
     epoch: int = 0
-    extra_state: dict = field(default_factory=dict)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -135,7 +134,10 @@ def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState 
     stage.epoch, stage.best_top1, stage.bad_epochs = (state["epoch"], state["best_top1"],
                                                       state["bad_epochs"])
     progress = distributed.restore_rank_state(state, generator)  # this rank's, under torchrun
-    return EpochState(**progress) if progress else None
+    if progress is None:
+        return None
+    # Checkpoints written before issue 14 also carry an unused, always empty "extra".
+    return EpochState(**{k: v for k, v in progress.items() if k != "extra"})
 
 
 def run_stage(run: Run, stage: Stage) -> None:
