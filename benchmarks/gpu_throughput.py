@@ -37,10 +37,11 @@ import torch
 from cifar100.config import Config, load_config
 from cifar100.data import Cifar100, Split, Splits
 from cifar100.engine import EpochState, predict_logits, train_one_epoch
+from cifar100.loop import Run, Stage, eval_model
 from cifar100.models import build_model, count_flops, input_size, model_spec
+from cifar100.plans import build_cnn_stage
 from cifar100.preprocess import Preprocess
 from cifar100.speed import compile_model, speed_up, sync_interval
-from cifar100.training import Run, Stage, build_cnn_stage, eval_model
 
 PRESETS = ["resnet18-gpu", "cnn-fast", "mobilenetv2-finetune-gpu"]
 

@@ -1,6 +1,6 @@
 """One step, one epoch, one evaluation: ``train_step``, ``train_one_epoch``, ``evaluate``
 (and ``predict_logits``), plain PyTorch, nothing hidden. The epochs of a stage, with their
-checkpoints and early stopping, are ``cifar100.training``; the batches come from
+checkpoints and early stopping, are ``cifar100.loop``; the batches come from
 ``cifar100.batches`` (or ``cifar100.features`` for a frozen backbone's cached features).
 
 On a GPU the host queues work ahead of the device unless something makes it wait: reading
