@@ -32,11 +32,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cifar100 import distributed
+from cifar100.batches import ImageBatches
 from cifar100.config import AugmentConfig, ModelConfig, OptimConfig
 from cifar100.data import Split
-from cifar100.engine import ImageBatches, Preprocess, StepContext, train_step
+from cifar100.engine import StepContext, train_step
 from cifar100.models import build_model
 from cifar100.optim import make_optimizer
+from cifar100.preprocess import Preprocess
 
 AUGMENT = AugmentConfig(flip=True, translate=2)  # the quick preset's
 

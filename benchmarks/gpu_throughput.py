@@ -36,10 +36,12 @@ import torch
 
 from cifar100.config import Config, load_config
 from cifar100.data import Cifar100, Split, Splits
-from cifar100.engine import EpochState, Preprocess, StopSignal, predict_logits, train_one_epoch
+from cifar100.engine import EpochState, predict_logits, train_one_epoch
+from cifar100.loop import Run, Stage, eval_model
 from cifar100.models import build_model, count_flops, input_size, model_spec
+from cifar100.plans import build_cnn_stage
+from cifar100.preprocess import Preprocess
 from cifar100.speed import compile_model, speed_up, sync_interval
-from cifar100.training import Run, Stage, build_cnn_stage, eval_model
 
 PRESETS = ["resnet18-gpu", "cnn-fast", "mobilenetv2-finetune-gpu"]
 
@@ -83,7 +85,7 @@ def random_run(config: Config, device: torch.device, images: int) -> Run:
     spec = model_spec(config.model.name)
     preprocess = Preprocess(input_size(config.model), spec.mean, spec.std).to(device)
     return Run(config, Path("."), device, dataset, Splits(split, split, split, index, index),
-               preprocess, StopSignal())
+               preprocess)
 
 
 def build_stage(run: Run) -> Stage:

@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from cifar100.config import ModelConfig
-from cifar100.engine import Preprocess
 from cifar100.export import export_onnx
 from cifar100.models import REGISTRY, build_model, count_parameters, model_spec
+from cifar100.preprocess import Preprocess
 from cifar100.runs import hardware
 
 # run as a script, so its own folder is on sys.path

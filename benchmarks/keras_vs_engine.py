@@ -142,9 +142,11 @@ def engine_runner(split, order, batch: int, augment: bool):
     """``run(steps)`` for the real training loop on a fresh cnn-seed, Adam 1e-3."""
     import torch
 
+    from cifar100.batches import ImageBatches
     from cifar100.config import AugmentConfig, ModelConfig
-    from cifar100.engine import EpochState, ImageBatches, Preprocess, StepContext, train_one_epoch
+    from cifar100.engine import EpochState, StepContext, train_one_epoch
     from cifar100.models import build_model, model_spec
+    from cifar100.preprocess import Preprocess
 
     spec = model_spec("cnn-seed")
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ from cifar100 import distributed
 from cifar100.checkpoint import load_checkpoint
 from cifar100.cli import main
 from cifar100.config import OptimConfig
-from cifar100.engine import ModelEma, evaluate
+from cifar100.ema import ModelEma
+from cifar100.engine import evaluate
 from cifar100.optim import make_optimizer, make_scheduler, restore_scheduler
 
 STEPS, EPOCHS = 10, 4  # steps per epoch, epochs

@@ -16,10 +16,10 @@ from cifar100.commands.export import export_run
 from cifar100.commands.predict import load_predictor, predict_images
 from cifar100.config import ModelConfig
 from cifar100.data import load_cifar100
-from cifar100.engine import Preprocess
 from cifar100.export import ExportError, OnnxClassifier, check_onnx, export_onnx, load_safetensors
 from cifar100.inference import load_trained
 from cifar100.models import REGISTRY, build_model, model_spec
+from cifar100.preprocess import Preprocess
 
 SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from cifar100.augment import mix_batch_on_device, one_hot
+from cifar100.batches import ImageBatches
 from cifar100.config import AugmentConfig, ModelConfig, OptimConfig, load_config
 from cifar100.data import Split
+from cifar100.ema import ModelEma
 from cifar100.engine import (
     EpochState,
-    ImageBatches,
-    ModelEma,
-    Preprocess,
     RunningSums,
     StepContext,
     TrainingDiverged,
@@ -28,6 +27,7 @@ from cifar100.engine import (
 )
 from cifar100.models import build_model
 from cifar100.optim import make_optimizer, make_scheduler
+from cifar100.preprocess import Preprocess
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 AUGMENT = AugmentConfig(flip=True, translate=2, rotation=5, zoom=0.1, contrast=0.1)

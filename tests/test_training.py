@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from cifar100.augment import one_hot
+from cifar100.batches import ImageBatches
 from cifar100.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cifar100.config import AugmentConfig, ModelConfig, OptimConfig
 from cifar100.data import Split
 from cifar100.engine import (
     EpochState,
-    ImageBatches,
-    Preprocess,
     StepContext,
     TrainingDiverged,
     train_one_epoch,
@@ -28,6 +27,7 @@ from cifar100.engine import (
 )
 from cifar100.models import REGISTRY, build_model, count_parameters, model_spec
 from cifar100.optim import make_optimizer
+from cifar100.preprocess import Preprocess
 
 TINY = ["--set", "model.widths=8,16,32,32", "--set", "train.batch_size=50",
         "--set", "train.eval_batch_size=100"]

@@ -122,8 +122,9 @@ def fit_run(trained, checkpoint: Path, dataset, tta: bool, device: torch.device,
     The file keeps the temperature of the plain logits (what predict and export compute);
     the returned one fits the logits the report uses (flip TTA averaged when ``tta``).
     """
+    from cifar100.batches import ImageBatches
     from cifar100.data import make_splits
-    from cifar100.engine import ImageBatches, predict_logits
+    from cifar100.engine import predict_logits
     from cifar100.reports import calibration, softmax
 
     data = trained.metadata["config_obj"].data

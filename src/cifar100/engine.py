@@ -1,9 +1,7 @@
-"""The training loop: ``train_one_epoch`` and ``evaluate``, plain PyTorch, nothing hidden.
-
-Data never leaves memory: uint8 image tensors are indexed by a seeded permutation,
-converted and augmented as whole batches on the device they live on (on a GPU the split
-is copied there once). That keeps per-image Python out of the hot loop, which on a 2-core
-CPU is worth more than any data-loader worker, and on a GPU leaves no copy per step.
+"""One step, one epoch, one evaluation: ``train_step``, ``train_one_epoch``, ``evaluate``
+(and ``predict_logits``), plain PyTorch, nothing hidden. The epochs of a stage, with their
+checkpoints and early stopping, are ``cifar100.loop``; the batches come from
+``cifar100.batches`` (or ``cifar100.features`` for a frozen backbone's cached features).
 
 On a GPU the host queues work ahead of the device unless something makes it wait: reading
 a value (``.item()``, ``if tensor``, ``int(tensor)``). The loop therefore keeps its running
@@ -13,13 +11,12 @@ its loss at ``log_interval``); the NaN check happens there too, before any check
 
 from __future__ import annotations
 
-import copy
 import math
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +24,10 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar100 import distributed, stopping
-from cifar100.augment import augment_batch, mix_batch, one_hot, to_float
+from cifar100.augment import mix_batch, one_hot
+from cifar100.batches import capped_batch
 from cifar100.config import AugmentConfig
-from cifar100.data import Split
+from cifar100.ema import ModelEma
 from cifar100.errors import UserError
 from cifar100.stopping import Interrupted
 
@@ -43,86 +41,6 @@ class TrainingInterrupted(Interrupted):
 
     def __init__(self, detail: str):
         super().__init__(stopping.requested() or signal.SIGINT, detail)
-
-
-def select_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-class Preprocess(nn.Module):
-    """float [0, 1] images at 32x32 -> the model's input: resized, normalised."""
-
-    def __init__(self, size: int, mean, std, standardize: bool = True):
-        super().__init__()
-        self.size = size
-        self.register_buffer("mean", torch.tensor(mean if standardize else (0.0,) * 3).view(
-            1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std if standardize else (1.0,) * 3).view(
-            1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] != self.size:
-            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear",
-                                   align_corners=False, antialias=images.shape[-1] > self.size)
-        return (images - self.mean) / self.std
-
-
-@dataclass
-class ImageBatches:
-    """Serves (inputs, labels) batches from a uint8 split that lives on ``device``.
-
-    On a GPU the split is copied there once (the whole training set is 150 MB as uint8):
-    batches are then indexed, converted and augmented on the GPU, with no data-loader
-    workers and no host-to-device copy per step. On CPU nothing moves.
-    """
-
-    split: Split
-    preprocess: Preprocess
-    device: torch.device
-    augment: AugmentConfig | None = None
-
-    def __post_init__(self) -> None:
-        self.split = self.split.to(self.device)
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self.split.labels  # on the device, like the images: index both there
-
-    def get(self, indices: torch.Tensor, generator: torch.Generator | None = None,
-            flip: bool = False) -> torch.Tensor:
-        images = to_float(self.split.images[indices])  # (B, 3, 32, 32) float on the device
-        if self.augment is not None and generator is not None:
-            images = augment_batch(images, self.augment, generator)
-        if flip:
-            images = images.flip(3)
-        images = self.preprocess(images)
-        return images.contiguous(memory_format=torch.channels_last)
-
-
-class ModelEma:
-    """Exponential moving average of the weights (buffers copied), for smoother evaluation."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for ema, live in zip(self.model.state_dict().values(), model.state_dict().values(),
-                             strict=True):
-            if ema.dtype.is_floating_point:
-                ema.lerp_(live, 1.0 - self.decay)
-            else:
-                ema.copy_(live)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -151,7 +69,6 @@ class EpochState:
     top1: int = 0
     top5: int = 0
     seen: int = 0
-    extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         n = max(self.seen, 1)
@@ -275,18 +192,6 @@ def train_one_epoch(
             if on_pause(state):
                 raise TrainingInterrupted(f"stopped at step {state.step} of {steps}")
     return state.summary()
-
-
-# Above ~1 GB per activation tensor glibc serves memory the tuned allocator cannot keep
-# (cifar100.allocator), and every batch faults it in again: a 160 px MobileNetV2 batch of
-# 500 ran at 270 img/s with 0.56 M page faults per batch, one of 250 at 391 img/s with 23 k.
-# Inference batches are capped at this many input pixels (250 images at 160 px).
-MAX_BATCH_PIXELS = 250 * 160 * 160
-
-
-def capped_batch(batch_size: int, image_size: int) -> int:
-    """``batch_size``, lowered so a batch holds at most ``MAX_BATCH_PIXELS`` input pixels."""
-    return max(1, min(batch_size, MAX_BATCH_PIXELS // (image_size * image_size)))
 
 
 @torch.no_grad()

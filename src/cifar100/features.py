@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cifar100.batches import ImageBatches, capped_batch
 from cifar100.checkpoint import save_checkpoint
 from cifar100.config import Config
 from cifar100.data import default_cache_dir
-from cifar100.engine import ImageBatches, capped_batch
 from cifar100.stopping import interrupted
 
 FEATURE_BATCH = 250

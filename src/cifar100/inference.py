@@ -11,8 +11,8 @@ from torch import nn
 
 from cifar100.checkpoint import CheckpointError, load_checkpoint
 from cifar100.config import ConfigError, from_saved
-from cifar100.engine import Preprocess
 from cifar100.models import build_model
+from cifar100.preprocess import Preprocess
 
 # What every checkpoint written by cifar100.training holds besides the weights.
 REQUIRED_KEYS = ("model", "config", "class_names", "superclass_names", "fine_to_coarse",

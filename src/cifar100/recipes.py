@@ -32,7 +32,7 @@ from cifar100.config import (
     read_yaml,
     to_dict,
 )
-from cifar100.engine import select_device
+from cifar100.device import select_device
 from cifar100.models import model_spec
 from cifar100.runlock import claim_resume
 from cifar100.runs import load_run_config, read_json

@@ -1,6 +1,7 @@
 """Transfer learning from an ImageNet backbone (MobileNetV2, EfficientNet-Lite0): stage 1
 trains a new head on the frozen backbone, stage 2 fine-tunes the whole network (or its top
-blocks) at a low learning rate. Both backbones share ``features`` / ``classifier`` and the
+blocks) at a low learning rate: the plan ``transfer_stages`` that their registry entries
+name (``cifar100.plans``). Both backbones share ``features`` / ``classifier`` and the
 freezing helpers of ``cifar100.models.backbone``; their weight sources are in
 ``cifar100.weights.SOURCES``.
 
@@ -12,14 +13,17 @@ head on them: an epoch then costs a matrix multiply instead of 40,000 backbone p
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from cifar100 import distributed
+from cifar100.batches import ImageBatches
+from cifar100.checkpoint import load_checkpoint
 from cifar100.download import file_digest
-from cifar100.engine import ImageBatches, StepContext
+from cifar100.engine import StepContext
 from cifar100.features import (
     FeatureBatches,
     FeatureCache,
@@ -28,11 +32,11 @@ from cifar100.features import (
     fill_cache,
     open_cache,
 )
+from cifar100.loop import Run, Stage
 from cifar100.models import build_model
 from cifar100.models.backbone import freeze_backbone, trainable_parameters, unfreeze
 from cifar100.optim import make_optimizer, make_scheduler
 from cifar100.runs import read_json, write_json
-from cifar100.training import Run, Stage, run_stage
 from cifar100.weights import load_pretrained, resolve_weights, weight_source
 
 
@@ -109,10 +113,9 @@ def _stage(run, name, trained, full, epochs, batch_size, lr, warmup, train, val,
     optimizer = make_optimizer(params, config.optim, lr=lr)
     scheduler, per_step = make_scheduler(optimizer, config.optim, epochs,
                                          max(len(train) // batch_size, 1), warmup)
-    autocast = torch.bfloat16 if run.device.type == "cuda" else None
     ctx = StepContext(optimizer, scheduler if per_step else None, len(run.dataset.class_names),
                       config.optim.label_smoothing, augment, config.optim.grad_clip, None,
-                      autocast)
+                      run.autocast)
     return Stage(name, trained, epochs, batch_size, train, val, ctx,
                  plateau=None if per_step else scheduler, full_model=full)
 
@@ -126,8 +129,8 @@ def record_weights(run_dir: Path, weights: Path, sha256: str) -> None:
     write_json(run_dir / "run.json", info)
 
 
-def run_transfer(run: Run) -> nn.Module:
-    """Stage 1 then (if configured) stage 2; returns the network for the test evaluation."""
+def pretrained_model(run: Run) -> tuple[nn.Module, str]:
+    """The network with its ImageNet weights loaded, and the sha256 of the weights file."""
     torch.manual_seed(run.config.train.seed)
     model = build_model(run.config.model).to(run.device, memory_format=torch.channels_last)
     weights = resolve_weights(run.config.model.weights,
@@ -135,17 +138,21 @@ def run_transfer(run: Run) -> nn.Module:
     load_pretrained(model, weights)
     weights_sha256 = file_digest(weights)  # names the feature cache and goes into run.json
     record_weights(run.run_dir, weights, weights_sha256)
+    return model, weights_sha256
+
+
+def transfer_stages(run: Run) -> Iterator[Stage]:
+    """Stage 1 then (if configured) stage 2, each trained by the loop before the next is
+    built; a run resumed in stage 2 skips stage 1 (and its feature extraction)."""
+    model, weights_sha256 = pretrained_model(run)
     resumed_stage = run.resume["stage"] if run.resume else None
     best_top1 = run.resume["best_top1"] if run.resume else -1.0
     if resumed_stage != "finetune":
         stage = frozen_stage(run, model, weights_sha256)
-        run_stage(run, stage)
+        yield stage
         best_top1 = stage.best_top1
     if run.config.transfer.stage2_epochs > 0:
         if resumed_stage != "finetune":  # fine-tune from the best head, not the last
-            from cifar100.checkpoint import load_checkpoint
-
             model.load_state_dict(load_checkpoint(
                 run.run_dir / "checkpoints" / "best.pt")["model"])
-        run_stage(run, finetune_stage(run, model, best_top1))
-    return model
+        yield finetune_stage(run, model, best_top1)

@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 
 from cifar100 import report_plots
+from cifar100.batches import ImageBatches
 from cifar100.calibration import fit_run
 from cifar100.commands.argtypes import positive_int
 from cifar100.data import Cifar100, load_cifar100
-from cifar100.engine import ImageBatches, predict_logits, select_device
+from cifar100.device import select_device
+from cifar100.engine import predict_logits
 from cifar100.errors import UserError
 from cifar100.inference import TrainedModel, checkpoint_path, load_trained
 from cifar100.recipes import check_device

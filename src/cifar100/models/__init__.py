@@ -31,8 +31,11 @@ class ModelSpec:
     input_size: int  # images are resized to this before the model sees them
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    pretrained: bool  # needs ImageNet weights (two-stage transfer recipe)
+    pretrained: bool  # needs ImageNet weights
     description: str
+    # The stages it trains: a name in cifar100.plans.PLANS ("scratch": one stage;
+    # "transfer": frozen backbone, then fine-tuning). A name, not the function: see there.
+    plan: str
 
 
 REGISTRY: dict[str, ModelSpec] = {}
@@ -92,21 +95,22 @@ def count_flops(model: nn.Module, size: int) -> int:
 
 
 def _register_builtin() -> None:
-    from cifar100.models import cnn
+    from cifar100.models import cnn, efficientnet_lite, mobilenetv2, resnet
 
     register(ModelSpec("cnn-seed", cnn.build_seed_cnn, 32, CIFAR_MEAN, CIFAR_STD, False,
-                       "the coursework CNN: Conv-BN-ReLU stacks, MaxPool, Dropout, GAP"))
+                       "the coursework CNN: Conv-BN-ReLU stacks, MaxPool, Dropout, GAP",
+                       plan="scratch"))
     register(ModelSpec("cnn-fast", cnn.build_fast_cnn, 32, CIFAR_MEAN, CIFAR_STD, False,
-                       "residual CNN tuned for accuracy per CPU-minute"))
-    from cifar100.models import efficientnet_lite, mobilenetv2, resnet
-
+                       "residual CNN tuned for accuracy per CPU-minute", plan="scratch"))
     register(ModelSpec("resnet18", resnet.build_resnet18, 32, CIFAR_MEAN, CIFAR_STD, False,
-                       "ResNet-18 with a 3x3 stem for 32 px: the GPU recipe's network"))
+                       "ResNet-18 with a 3x3 stem for 32 px: the GPU recipe's network",
+                       plan="scratch"))
     register(ModelSpec("mobilenetv2", mobilenetv2.build_mobilenetv2, 128, IMAGENET_MEAN,
-                       IMAGENET_STD, True, "ImageNet MobileNetV2, frozen then fine-tuned"))
+                       IMAGENET_STD, True, "ImageNet MobileNetV2, frozen then fine-tuned",
+                       plan="transfer"))
     register(ModelSpec("efficientnet-lite0", efficientnet_lite.build_efficientnet_lite0, 128,
                        LITE_MEAN, LITE_STD, True,
-                       "ImageNet EfficientNet-Lite0, frozen then fine-tuned"))
+                       "ImageNet EfficientNet-Lite0, frozen then fine-tuned", plan="transfer"))
 
 
 _register_builtin()

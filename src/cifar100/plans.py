@@ -1,0 +1,64 @@
+"""Stage plans: which stages a model trains, named by its ``ModelSpec.plan``.
+
+A plan is a generator ``plan(run) -> Stage, Stage, ...``: the loop
+(``cifar100.loop.run_stages``) trains each stage before the plan builds the next, so a
+later stage can start from what an earlier one left (fine-tuning from the best head).
+
+The registry entry names its plan instead of holding the function because the plans
+build models: ``cifar100.models`` importing them would make the registry import the
+training code that imports the registry (a cycle), and keep file I/O out of ``models``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from cifar100.batches import ImageBatches
+from cifar100.config import ConfigError
+from cifar100.ema import ModelEma
+from cifar100.engine import StepContext
+from cifar100.loop import Run, Stage
+from cifar100.models import build_model
+from cifar100.optim import make_optimizer, make_scheduler
+from cifar100.transfer import transfer_stages
+
+StagePlan = Callable[[Run], Iterator[Stage]]
+
+
+def build_cnn_stage(run: Run) -> Stage:
+    """The one stage of a model trained from scratch (the CNNs, ResNet-18)."""
+    config, device = run.config, run.device
+    torch.manual_seed(config.train.seed)  # initialisation
+    model = build_model(config.model).to(device, memory_format=torch.channels_last)
+    train_batches = ImageBatches(run.splits.train, run.preprocess, device, config.augment)
+    val_batches = ImageBatches(run.splits.val, run.preprocess, device)
+    steps = len(train_batches) // config.train.batch_size
+    optimizer = make_optimizer(model.parameters(), config.optim)
+    scheduler, per_step = make_scheduler(optimizer, config.optim, config.train.epochs, steps)
+    ema = ModelEma(model, config.train.ema_decay) if config.train.ema_decay else None
+    ctx = StepContext(optimizer, scheduler if per_step else None, len(run.dataset.class_names),
+                      config.optim.label_smoothing, config.augment, config.optim.grad_clip,
+                      ema, run.autocast)
+    return Stage("main", model, config.train.epochs, config.train.batch_size, train_batches,
+                 val_batches, ctx, plateau=None if per_step else scheduler)
+
+
+def scratch_stages(run: Run) -> Iterator[Stage]:
+    yield build_cnn_stage(run)
+
+
+PLANS: dict[str, StagePlan] = {"scratch": scratch_stages, "transfer": transfer_stages}
+
+
+def register_plan(name: str, plan: StagePlan) -> StagePlan:
+    """Add a plan that a ``ModelSpec`` can name (e.g. a distillation stage)."""
+    PLANS[name] = plan
+    return plan
+
+
+def stage_plan(name: str) -> StagePlan:
+    if name not in PLANS:
+        raise ConfigError(f"unknown stage plan '{name}' (known: {', '.join(sorted(PLANS))})")
+    return PLANS[name]
