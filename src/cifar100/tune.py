@@ -30,6 +30,7 @@ from cifar100.engine import TrainingDiverged
 from cifar100.errors import UserError
 from cifar100.models import model_spec
 from cifar100.models.cnn import FastCNN, SeedCNN
+from cifar100.plotting import pyplot
 from cifar100.training import train
 
 try:
@@ -309,17 +310,8 @@ def _importances(study) -> dict[str, float] | None:
         return None
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_history(rows: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for state, colour in (("complete", "tab:blue"), ("pruned", "tab:orange")):
         points = [(r["trial"], r["val_top1"]) for r in rows
@@ -345,7 +337,7 @@ def _plot_history(rows: list[dict], path: Path) -> None:
 
 
 def _plot_importances(importances: dict[str, float], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(importances)[::-1]  # largest on top
     fig, ax = plt.subplots(figsize=(6.4, 0.4 * len(names) + 1.2))
     ax.barh(names, [importances[n] for n in names], color="tab:blue")

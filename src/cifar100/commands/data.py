@@ -13,6 +13,7 @@ from cifar100.augment import augment_batch, to_float
 from cifar100.commands.argtypes import fraction, positive_int, seed
 from cifar100.config import AugmentConfig
 from cifar100.data import Cifar100, DataError, load_cifar100, make_splits
+from cifar100.plotting import pyplot
 
 
 def register(subparsers) -> None:
@@ -68,11 +69,7 @@ def _grid_rows(dataset: Cifar100, per_class: int, augmented: bool, seed: int):
 
 def sample_grid(dataset: Cifar100, path: Path, per_class: int, augmented: bool, seed: int):
     """PNG: one row per class (ordered by superclass), ``per_class`` images each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     try:  # fail before drawing 100 rows, not after
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -23,8 +23,10 @@ from cifar100.data import Cifar100, load_cifar100
 from cifar100.engine import ImageBatches, predict_logits, select_device
 from cifar100.errors import UserError
 from cifar100.inference import TrainedModel, checkpoint_path, load_trained
+from cifar100.plotting import curves_figure, png_bytes
 from cifar100.recipes import check_device
-from cifar100.report_html import render_html, render_markdown
+from cifar100.report_html import render_html
+from cifar100.report_markdown import render_markdown
 from cifar100.reports import (
     build_report,
     calibration,
@@ -144,7 +146,7 @@ def training_curves(run_dir: Path) -> bytes | None:
     if path.is_file():
         return path.read_bytes()
     rows = read_metrics(run_dir)
-    return report_plots.curves_png(rows) if rows else None
+    return png_bytes(curves_figure(rows)) if rows else None
 
 
 def make_figures(report: dict[str, Any], probs: np.ndarray, dataset: Cifar100,
