@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from cifar100 import __version__
+from cifar100.classifier import TrainedModel
 from cifar100.engine import Preprocess
 from cifar100.errors import UserError
 from cifar100.images import IMAGE_SIZE
-from cifar100.inference import TrainedModel
 
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

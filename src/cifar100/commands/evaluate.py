@@ -18,11 +18,11 @@ import numpy as np
 
 from cifar100 import report_plots
 from cifar100.calibration import fit_run
+from cifar100.classifier import TrainedModel, checkpoint_path, load_trained
 from cifar100.commands.argtypes import positive_int
 from cifar100.data import Cifar100, load_cifar100
 from cifar100.engine import ImageBatches, predict_logits, select_device
 from cifar100.errors import UserError
-from cifar100.inference import TrainedModel, checkpoint_path, load_trained
 from cifar100.plotting import curves_figure, png_bytes
 from cifar100.recipes import check_device
 from cifar100.report_html import render_html

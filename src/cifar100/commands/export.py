@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from cifar100.classifier import TrainedModel, checkpoint_path, load_trained
 from cifar100.commands.argtypes import positive_int
 from cifar100.data import load_cifar100
 from cifar100.export import (
@@ -25,7 +26,6 @@ from cifar100.export import (
     model_metadata,
     published_after_check,
 )
-from cifar100.inference import TrainedModel, checkpoint_path, load_trained
 from cifar100.stopping import interrupted
 
 SUFFIXES = {"onnx": ".onnx", "safetensors": ".safetensors"}
