@@ -13,11 +13,17 @@ from safetensors import safe_open
 
 from cifar100.classifier import load_model, load_trained
 from cifar100.cli import main
-from cifar100.commands.export import export_run
 from cifar100.config import ModelConfig
 from cifar100.data import load_cifar100
 from cifar100.engine import Preprocess
-from cifar100.export import ExportError, OnnxClassifier, check_onnx, export_onnx, load_safetensors
+from cifar100.export import (
+    ExportError,
+    OnnxClassifier,
+    check_onnx,
+    export_onnx,
+    export_run,
+    load_safetensors,
+)
 from cifar100.models import REGISTRY, build_model, model_spec
 
 SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
