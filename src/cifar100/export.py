@@ -314,3 +314,19 @@ def check_safetensors(classifier, path: Path, images, labels) -> dict:
         raise ExportError(f"{path}: reloaded weights give different "
                           f"logits (max abs difference {result['max_abs_logit_diff']:.3g})")
     return result
+
+
+def summary(report: dict) -> str:
+    """``export_run``'s report as text: the temperature, then each file and its check."""
+    lines = []
+    if report["temperature"] != 1.0:
+        lines.append(f"calibrated: logits divided by T = {report['temperature']:.4f} (fitted "
+                     "on the validation split by 'cifar100 evaluate')")
+    for fmt, path in report["files"].items():
+        check = report["checks"][fmt]
+        lines += [f"{fmt}: {path}",
+                  f"  checked on {check['images']} test images: max abs logit difference "
+                  f"{check['max_abs_logit_diff']:.2e}, top-1 agreement "
+                  f"{check['top1_agreement']:.2%} (top-1 accuracy PyTorch "
+                  f"{check['reference_top1']:.2%}, {fmt} {check['candidate_top1']:.2%})"]
+    return "\n".join(lines)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from cifar100.commands.argtypes import positive_int
-from cifar100.export import export_run
+from cifar100.export import export_run, summary
 
 
 def register(subparsers) -> None:
@@ -39,17 +39,5 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     report = export_run(args.run, args.format, args.out, args.data_dir, args.check_images,
                         args.calibrated)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    if report["temperature"] != 1.0:
-        print(f"calibrated: logits divided by T = {report['temperature']:.4f} (fitted on the "
-              "validation split by 'cifar100 evaluate')")
-    for fmt, path in report["files"].items():
-        check = report["checks"][fmt]
-        print(f"{fmt}: {path}")
-        print(f"  checked on {check['images']} test images: max abs logit difference "
-              f"{check['max_abs_logit_diff']:.2e}, top-1 agreement {check['top1_agreement']:.2%}"
-              f" (top-1 accuracy PyTorch {check['reference_top1']:.2%}, "
-              f"{fmt} {check['candidate_top1']:.2%})")
+    print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0
