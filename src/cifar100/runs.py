@@ -90,6 +90,13 @@ def resume_run(run_dir: Path, config: Config, device: torch.device,
     write_json(path, info)
 
 
+def results_summary(results: dict[str, Any]) -> str:
+    """A run's final metrics in one line, as ``cifar100 train`` ends."""
+    return (f"{results['model']}: test top-1 {results['test_top1']:.2%}, top-5 "
+            f"{results['test_top5']:.2%} (best epoch {results['best_epoch']}, "
+            f"{results['train_minutes']:.1f} min)")
+
+
 def load_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     try:

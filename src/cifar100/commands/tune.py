@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cifar100.commands.argtypes import positive_float, positive_int, seed
 from cifar100.config import preset_names
-from cifar100.recipes import resolve
+from cifar100.recipes import from_flags
 
 
 def register(subparsers) -> None:
@@ -40,8 +40,8 @@ def register(subparsers) -> None:
 
 def base_config(args: argparse.Namespace):
     """The recipe every trial starts from: the same resolver as ``train`` (--epochs too)."""
-    flags = {"data.train_subset": args.train_subset, "data.data_dir": args.data_dir}
-    return resolve(args.preset, [], args.set, flags, args.epochs)
+    return from_flags(args.preset, sets=args.set, epochs=args.epochs,
+                      train_subset=args.train_subset, data_dir=args.data_dir)
 
 
 def run(args: argparse.Namespace) -> int:
