@@ -15,7 +15,7 @@ from conftest import write_fake_cifar
 
 from cifar100.classifier import load_model, load_trained
 from cifar100.cli import main
-from cifar100.export import export_run
+from cifar100.exports import export_run
 
 PHOTOS = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 

@@ -16,7 +16,7 @@ from cifar100.cli import main
 from cifar100.config import ModelConfig
 from cifar100.data import load_cifar100
 from cifar100.engine import Preprocess
-from cifar100.export import (
+from cifar100.exports import (
     ExportError,
     OnnxClassifier,
     check_onnx,

@@ -193,12 +193,12 @@ def load_model(path: str | Path, calibrated: bool = False) -> Classifier:
                         "exported file keeps the temperature it was exported with "
                         "('cifar100 export --calibrated')")
     if path.suffix == ".onnx":
-        from cifar100.export import OnnxClassifier
+        from cifar100.exports import OnnxClassifier
 
         onnx_model = OnnxClassifier(path)
         return Classifier(onnx_model.class_names, onnx_model.logits, str(path))
     if path.suffix == ".safetensors":
-        from cifar100.export import load_safetensors
+        from cifar100.exports import load_safetensors
 
         trained = load_safetensors(path)
     else:

@@ -40,7 +40,7 @@ HEADLINE = ("top1", "top5", "superclass_accuracy", "macro_f1", "ece", "ece_calib
             "images", "tta_flip", "runs", "split_seeds")
 
 
-def evaluate(run_dirs: list[str | Path], data_dir: str | None = None, tta: bool = False,
+def evaluate(run_dirs: list[str | Path], data_dir: str | Path | None = None, tta: bool = False,
              out: str | Path | None = None, device: str = "auto", batch_size: int = 500,
              calibrate: bool = True, command: str | None = None) -> dict[str, Any]:
     """Evaluate the runs on the test set and write the report files into ``out``.

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from cifar100.commands.argtypes import positive_int
-from cifar100.export import export_run, summary
+from cifar100.exports import export_run, summary
 
 
 def register(subparsers) -> None:

@@ -252,7 +252,7 @@ def output_paths(run: Path, fmt: str, out: Path | None) -> dict[str, Path]:
     return {f: out.with_suffix(SUFFIXES[f]) for f in formats}
 
 
-def check_images(trained: TrainedModel, data_dir: str | None, count: int):
+def check_images(trained: TrainedModel, data_dir: str | Path | None, count: int):
     """The first ``count`` test images and labels, from ``data_dir`` or the run's data."""
     if count < 1:
         raise ExportError(f"--check-images must be at least 1, got {count}")
@@ -263,7 +263,7 @@ def check_images(trained: TrainedModel, data_dir: str | None, count: int):
 
 
 def export_run(run: str | Path, fmt: str = "onnx", out: str | Path | None = None,
-               data_dir: str | None = None, count: int = 1000,
+               data_dir: str | Path | None = None, count: int = 1000,
                calibrated: bool = False) -> dict:
     """Export ``run`` and check every file written.
 
