@@ -231,14 +231,27 @@ def best_config(study) -> Config | None:
     return from_saved(study.best_trial.user_attrs["config"])
 
 
+def trial_value(trial) -> float | None:
+    """A trial's validation top-1: its result, else (pruned) the last epoch it reported."""
+    steps = trial.intermediate_values
+    return trial.value if trial.value is not None else (steps[max(steps)] if steps else None)
+
+
+def trial_line(trial) -> str:
+    """A finished trial in one line: state, validation top-1, parameters."""
+    value = trial_value(trial)
+    params = ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
+    return (f"trial {trial.number} {trial.state.name.lower()}: validation top-1 "
+            f"{float('nan') if value is None else value:.2%} ({params})")
+
+
 def trial_rows(study) -> list[dict[str, Any]]:
     """One row per trial: its state, validation top-1 (a pruned one's last), params."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        steps = t.intermediate_values
-        value = t.value if t.value is not None else (steps[max(steps)] if steps else None)
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "val_top1": value,
-                     "epochs": len(steps), "minutes": round(t.duration.total_seconds() / 60, 2)
+        rows.append({"trial": t.number, "state": t.state.name.lower(),
+                     "val_top1": trial_value(t), "epochs": len(t.intermediate_values),
+                     "minutes": round(t.duration.total_seconds() / 60, 2)
                      if t.duration else None, **{p: t.params.get(p) for p in PARAMS},
                      "run_dir": t.user_attrs.get("run_dir")})
     return rows

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     base = base_config(args)  # before any folder is made: a bad option leaves nothing
     study_dir = args.study_dir or Path("studies") / args.preset
     study = tune.run_study(study_dir, base, args.trials, args.timeout, args.seed,
-                           on_trial=_print_trial)
+                           on_trial=lambda _, trial: print(tune.trial_line(trial), flush=True))
     print(f"\n{tune.finished(study)} finished trials in {study_dir / 'study.db'}; "
           f"summary: {study_dir / 'summary.md'}")
     if tune.best_config(study) is None:
@@ -67,11 +67,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"train it: cifar100 train --config {study_dir / 'best.yaml'}")
     return 0
 
-
-def _print_trial(study, trial) -> None:
-    value = trial.value if trial.value is not None else (
-        trial.intermediate_values[max(trial.intermediate_values)]
-        if trial.intermediate_values else float("nan"))
-    params = ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
-    print(f"trial {trial.number} {trial.state.name.lower()}: validation top-1 {value:.2%} "
-          f"({params})", flush=True)
