@@ -104,6 +104,7 @@ class Prediction:
     error: str | None = None
 
     def to_json(self) -> dict:
+        """As ``cifar100 predict --json`` prints it."""
         entry = {"image": self.image,
                  "top": [{"class": name, "probability": p} for name, p in self.top]}
         if self.error is not None:
