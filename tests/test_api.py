@@ -4,17 +4,21 @@ the same answers as the commands."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import cifar100
 from cifar100.cli import build_parser, main
 from cifar100.commands import train as train_command
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 WIDTHS = [16, 32, 32, 32]  # the narrow quick recipe of conftest's tiny_run: seconds per epoch
 
@@ -106,3 +110,16 @@ def test_evaluate_export_and_compare(api_run, fake_data_dir, photos):
     assert rows[0].startswith("| Model | Test accuracy |") and len(rows) == 4
     assert rows[2].startswith(f"| api-run | {100 * results['test_top1']:.2f}%")
     assert rows[3].startswith("| cnn-fast |")
+
+
+def test_the_readme_example_runs(fake_data_dir, tmp_path, monkeypatch, capsys):
+    section = README.read_text().split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CIFAR100_DATA", str(fake_data_dir))
+    pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg")
+    exec(compile(code, str(README), "exec"), {})
+    out = capsys.readouterr().out
+    assert out.startswith("photo.jpg\n") and "test top-1" in out and "| cnn-fast |" in out
+    assert (tmp_path / "runs" / "api-demo" / "model.onnx").is_file()
