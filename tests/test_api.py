@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import cifar100
+from cifar100 import api
 from cifar100.cli import build_parser, main
 from cifar100.commands import train as train_command
 
@@ -42,6 +43,7 @@ def test_import_is_light_and_lists_the_api():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert "'load_model'" in out and "'train'" in out
+    assert sorted(cifar100.API) == sorted(api.__all__)  # the lazy list is complete
     # A module named like an API function would shadow it once imported (cifar100.export).
     package = Path(cifar100.__file__).parent
     assert not [name for name in cifar100.API if (package / f"{name}.py").exists()]
