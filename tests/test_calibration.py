@@ -13,10 +13,9 @@ import torch
 
 from cifar100 import engine
 from cifar100.calibration import CalibrationError, fit_temperature, load_temperature, nll_at
+from cifar100.classifier import load_model, load_trained
 from cifar100.cli import main
-from cifar100.commands.predict import load_predictor
 from cifar100.data import load_cifar100, make_splits
-from cifar100.inference import load_trained
 
 
 def test_fit_recovers_the_temperature_that_made_the_labels():
@@ -93,8 +92,8 @@ def test_predict_and_export_use_the_fitted_temperature(calibrated_run, fake_data
     run_dir, _ = calibrated_run
     temperature = load_temperature(run_dir / "checkpoints" / "best.pt")
     images = torch.rand(4, 3, 32, 32)
-    raw = load_predictor(run_dir).logits(images)
-    scaled = load_predictor(run_dir, calibrated=True).logits(images)
+    raw = load_model(run_dir).logits(images)
+    scaled = load_model(run_dir, calibrated=True).logits(images)
     assert torch.allclose(scaled, raw / temperature, atol=1e-5)
     assert torch.equal(scaled.argmax(1), raw.argmax(1))  # no prediction changes
     out = tmp_path / "model.onnx"
@@ -103,7 +102,7 @@ def test_predict_and_export_use_the_fitted_temperature(calibrated_run, fake_data
     report = json.loads(capsys.readouterr().out)
     assert report["temperature"] == pytest.approx(temperature)
     for exported in (out, out.with_suffix(".safetensors")):
-        assert torch.allclose(load_predictor(exported).logits(images), scaled, atol=1e-4)
+        assert torch.allclose(load_model(exported).logits(images), scaled, atol=1e-4)
     assert main(["predict", str(_image(tmp_path)), "--model", str(run_dir), "--calibrated",
                  "--json"]) == 0
     top = json.loads(capsys.readouterr().out)[0]["top"]

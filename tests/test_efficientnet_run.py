@@ -13,10 +13,9 @@ import pytest
 import torch
 from conftest import write_fake_cifar
 
+from cifar100.classifier import load_model, load_trained
 from cifar100.cli import main
-from cifar100.commands.export import export_run
-from cifar100.commands.predict import load_predictor, predict_images
-from cifar100.inference import load_trained
+from cifar100.exports import export_run
 
 PHOTOS = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 
@@ -74,8 +73,8 @@ def test_export_onnx_and_safetensors_match_pytorch(exported):
 
 def test_predict_agrees_between_run_and_onnx(lite_run, exported, shared_dir):
     photos = [shared_dir / "samples" / "imagenet" / name for name in PHOTOS]
-    from_run = predict_images(photos, load_predictor(lite_run))
-    from_onnx = predict_images(photos, load_predictor(exported["files"]["onnx"]))
+    from_run = load_model(lite_run).predict(photos)
+    from_onnx = load_model(exported["files"]["onnx"]).predict(photos)
     for a, b in zip(from_run, from_onnx, strict=True):
         assert a.error is None and b.error is None
         assert a.top[0][0] == b.top[0][0]

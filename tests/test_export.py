@@ -11,13 +11,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from cifar100.classifier import load_model, load_trained
 from cifar100.cli import main
-from cifar100.commands.export import export_run
-from cifar100.commands.predict import load_predictor, predict_images
 from cifar100.config import ModelConfig
 from cifar100.data import load_cifar100
-from cifar100.export import ExportError, OnnxClassifier, check_onnx, export_onnx, load_safetensors
-from cifar100.inference import load_trained
+from cifar100.exports import (
+    ExportError,
+    OnnxClassifier,
+    check_onnx,
+    export_onnx,
+    export_run,
+    load_safetensors,
+)
 from cifar100.models import REGISTRY, build_model, model_spec
 from cifar100.preprocess import Preprocess
 
@@ -95,8 +100,8 @@ def test_check_fails_when_onnx_disagrees(tiny_run, exported, fake_data_dir):
 
 def test_predict_with_onnx_matches_the_run_dir(tiny_run, exported, shared_dir):
     photos = [shared_dir / "samples" / "imagenet" / name for name in SAMPLES]
-    from_run = predict_images(photos, load_predictor(tiny_run))
-    from_onnx = predict_images(photos, load_predictor(exported["files"]["onnx"]))
+    from_run = load_model(tiny_run).predict(photos)
+    from_onnx = load_model(exported["files"]["onnx"]).predict(photos)
     for a, b in zip(from_run, from_onnx, strict=True):
         assert a.error is None and b.error is None
         assert a.top[0][0] == b.top[0][0]

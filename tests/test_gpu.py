@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from cifar100 import distributed
+from cifar100.classifier import load_trained
 from cifar100.config import Config, ConfigError, load_config, save_config
 from cifar100.data import Cifar100, Split, Splits
 from cifar100.engine import EpochState, TrainingInterrupted, train_one_epoch
-from cifar100.inference import load_trained
 from cifar100.loop import Run
 from cifar100.models import build_model, input_size, model_spec
 from cifar100.plans import build_cnn_stage

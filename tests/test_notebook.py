@@ -51,6 +51,23 @@ def test_parameters_cell_comes_first_and_only_assigns():
             "PHOTO"} <= assigned_names(notebook.cells[index].source)
 
 
+def test_notebook_uses_only_the_public_api():
+    """``import cifar100`` / ``from cifar100 import NAME`` with NAME in the API, nothing deeper:
+    the notebook shows what a user of the package writes."""
+    import cifar100
+
+    for cell in read_notebook().cells:
+        if cell.cell_type != "code":
+            continue
+        for node in ast.walk(ast.parse(cell.source)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+                assert not [n for n in names if n.startswith("cifar100.")], names
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cifar100"):
+                assert node.module == "cifar100", node.module
+                assert {a.name for a in node.names} <= set(cifar100.API)
+
+
 def tiny_parameters(fake_data_dir: Path, shared_dir: Path, tmp_path: Path) -> dict:
     return {"DATA_DIR": str(fake_data_dir), "RUNS_DIR": str(tmp_path / "runs"),
             "EPOCHS": 1, "MOBILENET_EPOCHS": 1,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from cifar100 import report_html, report_plots
+from cifar100 import report_html, report_markdown, report_plots
 from cifar100.reports import (
     build_report,
     calibration,
@@ -167,5 +167,5 @@ def test_figures_and_page_render_from_a_report():
     assert page.count("data:image/png;base64,") == 2
     assert not re.search(r'(src|href)="(?!data:image/png;base64,|#)', page)  # all inline
     assert page.count("<tr>") == 100 + 20 + len(report["most_confused"]) + 3
-    markdown = report_html.render_markdown(report, list(images))
+    markdown = report_markdown.render_markdown(report, list(images))
     assert "![confusion](confusion.png)" in markdown and "| class_99 |" in markdown

@@ -40,6 +40,8 @@ from cifar100.weights import ENV_VAR as WEIGHTS_ENV
 from cifar100.weights import resolve_weights
 
 DEFAULT_PRESET = "quick"
+# What ``train --resume`` may change; every other flag would be silently dropped: refused.
+RESUME_FLAGS = ("--epochs", "--device", "--data-dir", "--json")
 AUGMENT_BEYOND_FLIP = ("augment.translate", "augment.rotation", "augment.zoom",
                        "augment.contrast", "augment.mixup_alpha", "augment.cutmix_alpha")
 STAGE2_KEYS = ("train.batch_size", "transfer.stage2_lr", "transfer.stage2_unfreeze",
@@ -56,6 +58,17 @@ def choose_preset(preset: str | None, model: str | None) -> str | None:
     if model:
         return model if model in preset_names() else None
     return DEFAULT_PRESET
+
+
+def from_flags(preset: str | None = None, model: str | None = None, files: list = (),
+               sets: list[str] = (), epochs: int | None = None, *, seed: int | None = None,
+               train_subset: int | None = None, data_dir: str | None = None,
+               device: str | None = None) -> Config:
+    """The checked config of a new run from the flags of ``train`` and ``tune`` (None: not
+    given); the preset is ``choose_preset(preset, model)``."""
+    flags = {"model.name": model, "train.seed": seed, "data.train_subset": train_subset,
+             "data.data_dir": data_dir, "train.device": device}
+    return resolve(choose_preset(preset, model), files, sets, flags, epochs)
 
 
 def resolve(preset: str | None, files: list = (), sets: list[str] = (),
@@ -196,6 +209,16 @@ def check_device(name: str) -> str:
     if name == "mps" and not (mps and mps.is_available()):
         raise ConfigError("device 'mps': Apple's Metal backend is not available here")
     return name
+
+
+def refuse_on_resume(run_dir: Path, given: dict[str, Any]) -> None:
+    """``--resume`` continues ``run_dir`` with its own settings: fail if any of the other
+    flags in ``given`` (flag -> value) was set."""
+    refused = [flag for flag, value in given.items() if value not in (None, [], False)]
+    if refused:
+        raise ConfigError(f"--resume continues {run_dir} with its own settings; it "
+                          f"cannot take {', '.join(refused)} (it accepts "
+                          f"{', '.join(RESUME_FLAGS)}; for other settings start a new run)")
 
 
 def resume_config(run_dir: Path, epochs: int | None = None, device: str | None = None,

@@ -1,4 +1,5 @@
-"""The evaluation report as one self-contained HTML page and as Markdown.
+"""The evaluation report as one self-contained HTML page (its Markdown twin:
+``cifar100.report_markdown``).
 
 The HTML embeds its figures as base64 PNG and its style inline: no scripts, fonts or
 links to fetch, so it opens offline and can be mailed or attached as one file.
@@ -10,19 +11,8 @@ import base64
 import html
 from typing import Any
 
-# (file stem, section title, what the figure shows)
-FIGURES = {
-    "confusion": ("Confusion matrix", "Row-normalised: each row is one true class and sums to "
-                  "100%. Classes are grouped by superclass; the square-root colour scale keeps "
-                  "small confusions visible."),
-    "superclass_confusion": ("Superclass confusion", "A fine prediction mapped to its "
-                             "superclass, against the true superclass."),
-    "misclassified": ("Misclassified test images", "The most confident mistakes, one per "
-                      "true class: true class, then → predicted class (confidence)."),
-    "reliability": ("Calibration", "Accuracy against confidence in equal-width bins; bars "
-                    "below the diagonal mean over-confidence."),
-    "curves": ("Training curves", "From the run's metrics.jsonl."),
-}
+from cifar100.report_markdown import pct, scaling_note
+from cifar100.report_plots import FIGURES
 
 STYLE = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2937;
@@ -51,22 +41,18 @@ h3{font-size:15px;margin:8px 0 4px}
 """
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.2f}%"
-
-
 def _img(stem: str, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<img id="{stem}-img" alt="{FIGURES[stem][0]}" src="data:image/png;base64,{data}">'
 
 
 def _cards(report: dict[str, Any]) -> str:
-    cards = [("Top-1 accuracy", _pct(report["top1"])), ("Top-5 accuracy", _pct(report["top5"])),
-             ("Superclass accuracy", _pct(report["superclass_accuracy"])),
-             ("Macro F1", f"{report['macro_f1']:.3f}"), ("ECE (15 bins)", _pct(report["ece"])),
+    cards = [("Top-1 accuracy", pct(report["top1"])), ("Top-5 accuracy", pct(report["top5"])),
+             ("Superclass accuracy", pct(report["superclass_accuracy"])),
+             ("Macro F1", f"{report['macro_f1']:.3f}"), ("ECE (15 bins)", pct(report["ece"])),
              ("Test loss (NLL)", f"{report['nll']:.3f}")]
     if "temperature_scaling" in report:
-        cards.append(("ECE, temperature-scaled", _pct(report["temperature_scaling"]["ece_after"])))
+        cards.append(("ECE, temperature-scaled", pct(report["temperature_scaling"]["ece_after"])))
     return '<div class="cards">' + "".join(
         f"<div class=card><b>{v}</b><span>{k}</span></div>" for k, v in cards) + "</div>"
 
@@ -99,7 +85,7 @@ def _report_table(table_id: str, report: dict[str, Any], groups: list[str] | Non
 def _pairs_table(pairs: list[dict[str, Any]]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(p['true'])}</td><td class=name>{html.escape(p['predicted'])}</td>"
-        f"<td>{p['count']}</td><td>{_pct(p['share'])}</td></tr>" for p in pairs)
+        f"<td>{p['count']}</td><td>{pct(p['share'])}</td></tr>" for p in pairs)
     return ('<table id="confused-pairs"><thead><tr><th>true class</th><th>predicted as</th>'
             f"<th>images</th><th>share of true class</th></tr></thead><tbody>{rows}"
             "</tbody></table>")
@@ -138,7 +124,7 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
         _meta_line(report), nav, _cards(report), _figure("confusion", images),
         '<h2 id="superclasses">Superclasses and confused pairs</h2><p class=muted>A fine '
         "prediction counts as right when it lands in the true superclass: accuracy "
-        f"{_pct(report['superclass_accuracy'])}.</p><div class=cols><div><h3>Superclass "
+        f"{pct(report['superclass_accuracy'])}.</p><div class=cols><div><h3>Superclass "
         f"report</h3>{_report_table('superclass-report', report['superclass_report'], None)}"
         '</div><div id="pairs"><h3>Most confused pairs (fine classes)</h3>'
         f"{_pairs_table(report['most_confused'])}</div></div>",
@@ -154,64 +140,3 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
             f"<title>CIFAR-100 evaluation: {html.escape(report['title'])}</title>"
             f"<style>{STYLE}</style></head><body><main>" + "\n".join(body)
             + "</main></body></html>\n")
-
-
-def _md_report(report: dict[str, Any], label: str) -> list[str]:
-    lines = [f"| {label} | precision | recall | F1 | support |", "|---|--:|--:|--:|--:|"]
-    for row in report["classes"]:
-        lines.append(f"| {row['name']} | {row['precision']:.3f} | {row['recall']:.3f} | "
-                     f"{row['f1']:.3f} | {row['support']} |")
-    lines.append(f"| **accuracy** | | | {report['accuracy']:.3f} | "
-                 f"{report['macro_avg']['support']} |")
-    for key, name in (("macro_avg", "macro avg"), ("weighted_avg", "weighted avg")):
-        avg = report[key]
-        lines.append(f"| **{name}** | {avg['precision']:.3f} | {avg['recall']:.3f} | "
-                     f"{avg['f1']:.3f} | {avg['support']} |")
-    return lines
-
-
-def scaling_note(report: dict[str, Any]) -> str:
-    """One sentence on temperature scaling: T, where it was fitted, ECE before and after."""
-    scaling = report["temperature_scaling"]
-    members = scaling["members"]
-    temps = ", ".join(f"{m['temperature']:.3f}" for m in members)
-    seeds = ", ".join(str(m["split_seed"]) for m in members)
-    return (f"Temperature scaling: T = {temps}, fitted on the validation split (split seed "
-            f"{seeds}, {sum(m['val_images'] for m in members):,} images; never the test set); "
-            f"test ECE {_pct(scaling['ece_before'])} before, {_pct(scaling['ece_after'])} after, "
-            f"test NLL {scaling['nll_before']:.3f} before, {scaling['nll_after']:.3f} after.")
-
-
-def _md_scaling(report: dict[str, Any]) -> list[str]:
-    if "temperature_scaling" not in report:
-        return []
-    after = report["temperature_scaling"]["ece_after"]
-    return [f"| ECE after temperature scaling | {_pct(after)} |", "", scaling_note(report)]
-
-
-def render_markdown(report: dict[str, Any], figures: list[str]) -> str:
-    """Markdown twin of the page; figures are linked as the PNG files beside it."""
-    runs = ", ".join(f"`{r}`" for r in report["runs"])
-    lines = [f"# CIFAR-100 evaluation: {report['title']}", "",
-             f"Runs {runs}; {report['images']} test images from `{report['data']}`; "
-             f"flip TTA {'on' if report['tta_flip'] else 'off'}; made {report['created']} "
-             f"at commit `{report.get('commit')}`.", "",
-             "| metric | value |", "|---|--:|",
-             f"| top-1 accuracy | {_pct(report['top1'])} |",
-             f"| top-5 accuracy | {_pct(report['top5'])} |",
-             f"| superclass accuracy | {_pct(report['superclass_accuracy'])} |",
-             f"| macro F1 | {report['macro_f1']:.3f} |",
-             f"| expected calibration error (15 bins) | {_pct(report['ece'])} |",
-             f"| test loss (NLL) | {report['nll']:.3f} |"] + _md_scaling(report) + [""]
-    for stem in figures:
-        lines += [f"## {FIGURES[stem][0]}", "", FIGURES[stem][1], "", f"![{stem}]({stem}.png)",
-                  ""]
-    lines += ["## Most confused pairs", "", "| true class | predicted as | images | share |",
-              "|---|---|--:|--:|"]
-    lines += [f"| {p['true']} | {p['predicted']} | {p['count']} | {_pct(p['share'])} |"
-              for p in report["most_confused"]]
-    lines += ["", "## Superclass report", ""] + _md_report(report["superclass_report"],
-                                                            "superclass")
-    lines += ["", "## Per-class report", ""] + _md_report(report["classification_report"],
-                                                          "class")
-    return "\n".join(lines) + "\n"

@@ -1,36 +1,32 @@
 """Figures of the evaluation report, each returned as PNG bytes (embedded in HTML, saved
-beside report.md). Only this module and ``runs.plot_curves`` import matplotlib."""
+beside report.md), and their titles and captions. Drawn through ``cifar100.plotting``."""
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import torch
 
+from cifar100.plotting import png_bytes, pyplot
+
 INK, MUTED, ACCENT, WRONG = "#1f2937", "#6b7280", "#2563eb", "#dc2626"
+RC = {"font.size": 9, "axes.edgecolor": MUTED, "axes.labelcolor": INK, "xtick.color": INK,
+      "ytick.color": INK, "axes.spines.top": False, "axes.spines.right": False}
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: figures go to bytes
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 9, "axes.edgecolor": MUTED, "axes.labelcolor": INK,
-                         "xtick.color": INK, "ytick.color": INK,
-                         "axes.spines.top": False, "axes.spines.right": False})
-    return plt
-
-
-def _png(fig, dpi: int = 100) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return buffer.getvalue()
+# (file stem, section title, what the figure shows)
+FIGURES = {
+    "confusion": ("Confusion matrix", "Row-normalised: each row is one true class and sums to "
+                  "100%. Classes are grouped by superclass; the square-root colour scale keeps "
+                  "small confusions visible."),
+    "superclass_confusion": ("Superclass confusion", "A fine prediction mapped to its "
+                             "superclass, against the true superclass."),
+    "misclassified": ("Misclassified test images", "The most confident mistakes, one per "
+                      "true class: true class, then → predicted class (confidence)."),
+    "reliability": ("Calibration", "Accuracy against confidence in equal-width bins; bars "
+                    "below the diagonal mean over-confidence."),
+    "curves": ("Training curves", "From the run's metrics.jsonl."),
+}
 
 
 def _row_normalise(matrix: np.ndarray) -> np.ndarray:
@@ -56,7 +52,7 @@ def fine_confusion_png(report: dict[str, Any]) -> bytes:
     """
     from matplotlib.colors import LinearSegmentedColormap, PowerNorm
 
-    plt = _pyplot()
+    plt = pyplot(RC)
     order = report["class_order"]
     matrix = _row_normalise(np.asarray(report["confusion_matrix"])[np.ix_(order, order)])
     names = [report["class_names"][c] for c in order]
@@ -83,7 +79,7 @@ def fine_confusion_png(report: dict[str, Any]) -> bytes:
     bar = fig.colorbar(image, cax=bar_ax, ticks=[0, 0.01, 0.05, 0.1, 0.25, 0.5, 1])
     bar.ax.set_yticklabels(["0", "1%", "5%", "10%", "25%", "50%", "100%"])
     bar.set_label("share of the true class (row)")
-    return _png(fig, dpi=100)
+    return png_bytes(fig, dpi=100)
 
 
 def _label_superclasses(ax, groups: list[int], superclass_names: list[str]) -> None:
@@ -100,7 +96,7 @@ def _label_superclasses(ax, groups: list[int], superclass_names: list[str]) -> N
 
 def superclass_confusion_png(report: dict[str, Any]) -> bytes:
     """20x20 row-normalised superclass matrix with the percentages written in."""
-    plt = _pyplot()
+    plt = pyplot(RC)
     counts = np.asarray(report["superclass_confusion_matrix"])
     matrix = _row_normalise(counts)
     names = [name.replace("_", " ") for name in report["superclass_names"]]
@@ -119,12 +115,12 @@ def superclass_confusion_png(report: dict[str, Any]) -> bytes:
     ax.set_ylabel("true superclass")
     ax.set_title("superclass confusion (% of the true superclass)", color=INK)
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def reliability_png(calibration: dict[str, Any]) -> bytes:
     """Reliability diagram (accuracy per confidence bin) above the confidence histogram."""
-    plt = _pyplot()
+    plt = pyplot(RC)
     bins = calibration["bins"]
     centres = np.array([(b["lo"] + b["hi"]) / 2 for b in bins])
     width = bins[0]["hi"] - bins[0]["lo"]
@@ -150,7 +146,7 @@ def reliability_png(calibration: dict[str, Any]) -> bytes:
     bottom.set_xlabel("confidence (top probability)")
     bottom.set_ylabel("images")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def misclassified_png(images: torch.Tensor, mistakes: list[dict[str, Any]],
@@ -160,7 +156,7 @@ def misclassified_png(images: torch.Tensor, mistakes: list[dict[str, Any]],
     ``images`` is the test split (N, 3, 32, 32) uint8; each mistake has ``index``, ``true``,
     ``predicted`` and ``confidence``.
     """
-    plt = _pyplot()
+    plt = pyplot(RC)
     rows = max(1, -(-len(mistakes) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 2.05),
                              squeeze=False)
@@ -171,19 +167,4 @@ def misclassified_png(images: torch.Tensor, mistakes: list[dict[str, Any]],
         ax.set_title(f"{mistake['true']}\n→ {mistake['predicted']} "
                      f"({100 * mistake['confidence']:.0f}%)", fontsize=8.5, color=INK, pad=3)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.93, bottom=0.01, hspace=0.55, wspace=0.1)
-    return _png(fig)
-
-
-def curves_png(rows: list[dict[str, Any]]) -> bytes:
-    """Training curves redrawn from metrics.jsonl rows: loss and top-1, train and validation."""
-    plt = _pyplot()
-    x = np.arange(1, len(rows) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for ax, key, title in zip(axes, ("loss", "top1"), ("loss", "top-1 accuracy"), strict=True):
-        ax.plot(x, [r.get(f"train_{key}") for r in rows], color=ACCENT, label="train")
-        ax.plot(x, [r.get(f"val_{key}") for r in rows], color=WRONG, label="validation")
-        ax.set_title(title, color=INK)
-        ax.set_xlabel("epoch")
-        ax.legend(frameon=False)
-    fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)

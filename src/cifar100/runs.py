@@ -90,6 +90,13 @@ def resume_run(run_dir: Path, config: Config, device: torch.device,
     write_json(path, info)
 
 
+def results_summary(results: dict[str, Any]) -> str:
+    """A run's final metrics in one line, as ``cifar100 train`` ends."""
+    return (f"{results['model']}: test top-1 {results['test_top1']:.2%}, top-5 "
+            f"{results['test_top5']:.2%} (best epoch {results['best_epoch']}, "
+            f"{results['train_minutes']:.1f} min)")
+
+
 def load_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     try:
@@ -142,28 +149,13 @@ def truncate_metrics(run_dir: Path, keep_through_epoch: int, stage: str) -> None
 
 
 def plot_curves(run_dir: Path) -> Path | None:
-    """Training curves PNG: loss, top-1, top-5 (train and val) and the learning rate."""
+    """Write the training curves of ``metrics.jsonl`` to ``curves.png`` (see
+    ``cifar100.plotting.curves_figure``); None before the first epoch."""
     rows = read_metrics(run_dir)
     if not rows:
         return None
-    # The object API, not pyplot: no global backend switch in a notebook that imports us.
-    from matplotlib.figure import Figure
+    from cifar100.plotting import curves_figure
 
-    x = list(range(1, len(rows) + 1))
-    fig = Figure(figsize=(16, 3.6))
-    axes = fig.subplots(1, 4)
-    for ax, key, title in zip(axes[:3], ("loss", "top1", "top5"), ("loss", "top-1", "top-5"),
-                              strict=True):
-        ax.plot(x, [r[f"train_{key}"] for r in rows], marker=".", label="train")
-        ax.plot(x, [r[f"val_{key}"] for r in rows], marker=".", label="validation")
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.legend()
-    axes[3].plot(x, [r["lr"] for r in rows], marker=".")
-    axes[3].set_yscale("log")
-    axes[3].set_title("learning rate")
-    axes[3].set_xlabel("epoch")
-    fig.set_layout_engine("tight")
     path = run_dir / "curves.png"
-    fig.savefig(path, dpi=100)
+    curves_figure(rows).savefig(path, dpi=100)
     return path

@@ -30,6 +30,7 @@ from cifar100.engine import TrainingDiverged
 from cifar100.errors import UserError
 from cifar100.models import model_spec
 from cifar100.models.cnn import FastCNN, SeedCNN
+from cifar100.plotting import pyplot
 from cifar100.training import train
 
 try:
@@ -230,14 +231,27 @@ def best_config(study) -> Config | None:
     return from_saved(study.best_trial.user_attrs["config"])
 
 
+def trial_value(trial) -> float | None:
+    """A trial's validation top-1: its result, else (pruned) the last epoch it reported."""
+    steps = trial.intermediate_values
+    return trial.value if trial.value is not None else (steps[max(steps)] if steps else None)
+
+
+def trial_line(trial) -> str:
+    """A finished trial in one line: state, validation top-1, parameters."""
+    value = trial_value(trial)
+    params = ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
+    return (f"trial {trial.number} {trial.state.name.lower()}: validation top-1 "
+            f"{float('nan') if value is None else value:.2%} ({params})")
+
+
 def trial_rows(study) -> list[dict[str, Any]]:
     """One row per trial: its state, validation top-1 (a pruned one's last), params."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        steps = t.intermediate_values
-        value = t.value if t.value is not None else (steps[max(steps)] if steps else None)
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "val_top1": value,
-                     "epochs": len(steps), "minutes": round(t.duration.total_seconds() / 60, 2)
+        rows.append({"trial": t.number, "state": t.state.name.lower(),
+                     "val_top1": trial_value(t), "epochs": len(t.intermediate_values),
+                     "minutes": round(t.duration.total_seconds() / 60, 2)
                      if t.duration else None, **{p: t.params.get(p) for p in PARAMS},
                      "run_dir": t.user_attrs.get("run_dir")})
     return rows
@@ -309,17 +323,8 @@ def _importances(study) -> dict[str, float] | None:
         return None
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_history(rows: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for state, colour in (("complete", "tab:blue"), ("pruned", "tab:orange")):
         points = [(r["trial"], r["val_top1"]) for r in rows
@@ -345,7 +350,7 @@ def _plot_history(rows: list[dict], path: Path) -> None:
 
 
 def _plot_importances(importances: dict[str, float], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(importances)[::-1]  # largest on top
     fig, ax = plt.subplots(figsize=(6.4, 0.4 * len(names) + 1.2))
     ax.barh(names, [importances[n] for n in names], color="tab:blue")

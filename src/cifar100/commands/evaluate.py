@@ -9,34 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from cifar100 import report_plots
-from cifar100.batches import ImageBatches
-from cifar100.calibration import fit_run
 from cifar100.commands.argtypes import positive_int
-from cifar100.data import Cifar100, load_cifar100
-from cifar100.device import select_device
-from cifar100.engine import predict_logits
-from cifar100.errors import UserError
-from cifar100.inference import TrainedModel, checkpoint_path, load_trained
-from cifar100.recipes import check_device
-from cifar100.report_html import render_html, render_markdown
-from cifar100.reports import (
-    build_report,
-    calibration,
-    ensemble_probs,
-    misclassified,
-    nll,
-    softmax,
-    topk_accuracy,
-)
-from cifar100.runs import git_commit, read_metrics, write_json
+from cifar100.evaluation import HEADLINE, default_out, evaluate, summary
 
 
 def register(subparsers) -> None:
@@ -60,159 +36,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def default_out(run_dirs: list[Path]) -> Path:
-    return run_dirs[0] / ("report" if len(run_dirs) == 1 else "report-ensemble")
-
-
-def _check_classes(trained: TrainedModel, run_dir: Path, dataset: Cifar100) -> None:
-    if trained.class_names != dataset.class_names:
-        raise UserError(f"{run_dir}: the model's class names differ from those in "
-                        f"{dataset.source / 'meta'} (trained on another data set?)")
-
-
-def predict_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
-                 device: str = "auto", batch_size: int = 500,
-                 models: list[TrainedModel] | None = None
-                 ) -> tuple[list[TrainedModel], list[np.ndarray]]:
-    """Each run's test-set logits (N, 100), in the test split's order (``models``: the runs
-    already loaded on ``device``)."""
-    target = select_device(device)
-    models = models or [load_trained(run_dir, target) for run_dir in run_dirs]
-    logits = []
-    for run_dir, trained in zip(run_dirs, models, strict=True):
-        _check_classes(trained, run_dir, dataset)
-        batches = ImageBatches(dataset.test, trained.preprocess, target)
-        print(f"{run_dir}: predicting {len(batches):,} test images"
-              f"{' and their mirrors' if tta else ''}", file=sys.stderr, flush=True)
-        logits.append(predict_logits(trained.model, batches, batch_size, tta_flip=tta).numpy())
-    return models, logits
-
-
-def temperature_scaling(models: list[TrainedModel], run_dirs: list[Path],
-                        logits: list[np.ndarray], dataset: Cifar100, tta: bool, device: str,
-                        batch_size: int) -> dict[str, Any]:
-    """Each member's T fitted on its validation split; the test set's ECE before and after."""
-    labels = dataset.test.labels.numpy()
-    members, scaled = [], []
-    for trained, run_dir, member_logits in zip(models, run_dirs, logits, strict=True):
-        fit = fit_run(trained, checkpoint_path(run_dir), dataset, tta, select_device(device),
-                      batch_size)
-        members.append({"run": str(run_dir), **fit})
-        scaled.append(member_logits / fit["temperature"])
-    before, after = ensemble_probs(logits), ensemble_probs(scaled)
-    return {"fitted_on": "validation split", "members": members,
-            "ece_before": calibration(before, labels)["ece"],
-            "ece_after": calibration(after, labels)["ece"],
-            "nll_before": nll(before, labels), "nll_after": nll(after, labels)}
-
-
-def evaluate_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
-                  device: str = "auto", batch_size: int = 500, calibrate: bool = False,
-                  models: list[TrainedModel] | None = None
-                  ) -> tuple[dict[str, Any], np.ndarray]:
-    """The report dict (as written to report.json) and the (N, 100) probabilities behind it.
-
-    ``calibrate`` adds temperature scaling (``report["temperature_scaling"]``) and writes
-    each run's fitted temperature to RUN/calibration.json.
-    """
-    models, logits = predict_runs(run_dirs, dataset, tta, device, batch_size, models)
-    probs = ensemble_probs(logits)
-    labels = dataset.test.labels.numpy()
-    first = models[0]
-    report = build_report(probs, labels, first.class_names, first.superclass_names,
-                          first.fine_to_coarse)
-    names = [str(r) for r in run_dirs]
-    report.update({
-        "title": run_dirs[0].resolve().name if len(run_dirs) == 1
-        else f"ensemble of {len(run_dirs)} runs",
-        "runs": names, "models": [m.metadata["model_name"] for m in models],
-        "members": [{"run": name, "model": m.metadata["model_name"],
-                     "top1": topk_accuracy(softmax(lg), labels, 1)}
-                    for name, m, lg in zip(names, models, logits, strict=True)],
-        "tta_flip": tta, "data": str(dataset.source), "commit": git_commit(),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "split_seeds": [m.metadata["config_obj"].data.split_seed for m in models],
-    })
-    if calibrate:
-        report["temperature_scaling"] = temperature_scaling(models, run_dirs, logits, dataset,
-                                                            tta, device, batch_size)
-        report["ece_calibrated"] = report["temperature_scaling"]["ece_after"]
-    return report, probs
-
-
-def training_curves(run_dir: Path) -> bytes | None:
-    """The run's curves.png as written during training, else redrawn from metrics.jsonl."""
-    path = run_dir / "curves.png"
-    if path.is_file():
-        return path.read_bytes()
-    rows = read_metrics(run_dir)
-    return report_plots.curves_png(rows) if rows else None
-
-
-def make_figures(report: dict[str, Any], probs: np.ndarray, dataset: Cifar100,
-                 run_dir: Path) -> dict[str, bytes]:
-    labels = dataset.test.labels.numpy()
-    mistakes = misclassified(probs, labels, report["class_names"])
-    figures = {
-        "confusion": report_plots.fine_confusion_png(report),
-        "superclass_confusion": report_plots.superclass_confusion_png(report),
-        "reliability": report_plots.reliability_png(report["calibration"]),
-    }
-    if mistakes:  # a perfect score leaves nothing to show
-        figures["misclassified"] = report_plots.misclassified_png(dataset.test.images, mistakes)
-    curves = training_curves(run_dir)
-    if curves:
-        figures["curves"] = curves
-    return figures
-
-
-def write_report(report: dict[str, Any], figures: dict[str, bytes], out: Path
-                 ) -> dict[str, Path]:
-    """report.json, report.md with its PNGs, and the self-contained report.html."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for stem, png in figures.items():
-            (out / f"{stem}.png").write_bytes(png)
-        paths = {"json": out / "report.json", "markdown": out / "report.md",
-                 "html": out / "report.html"}
-        report["files"] = {k: p.name for k, p in paths.items()}
-        report["figures"] = [f"{stem}.png" for stem in figures]
-        write_json(paths["json"], report)
-        paths["markdown"].write_text(render_markdown(report, list(figures)))
-        paths["html"].write_text(render_html(report, figures))
-    except OSError as error:
-        raise UserError(f"{out}: cannot write the report ({error.strerror or error})") from None
-    return paths
-
-
 def run(args: argparse.Namespace) -> int:
-    for run_dir in args.run_dirs:
-        if not (run_dir / "checkpoints" / "best.pt").is_file():
-            raise UserError(f"{run_dir}: not a trained run directory "
-                            "(no checkpoints/best.pt)")
-    target = select_device(check_device(args.device))
-    models = [load_trained(run_dir, target) for run_dir in args.run_dirs]  # before the data
-    dataset = load_cifar100(args.data_dir)
-    report, probs = evaluate_runs(args.run_dirs, dataset, args.tta, args.device,
-                                  args.batch_size, not args.no_calibration, models)
-    report["command"] = shlex.join(args.argv)  # an ensemble's record shows how it was made
-    figures = make_figures(report, probs, dataset, args.run_dirs[0])
-    paths = write_report(report, figures, args.out or default_out(args.run_dirs))
-    headline = {k: report[k] for k in ("top1", "top5", "superclass_accuracy", "macro_f1",
-                                       "ece", "ece_calibrated", "nll", "images", "tta_flip",
-                                       "runs", "split_seeds") if k in report}
+    out = args.out or default_out(args.run_dirs)
+    report = evaluate(args.run_dirs, args.data_dir, args.tta, out, args.device,
+                      args.batch_size, not args.no_calibration, shlex.join(args.argv))
+    paths = {kind: out / name for kind, name in report["files"].items()}
     if args.json:
-        print(json.dumps({**headline, "report": {k: str(p) for k, p in paths.items()}},
-                         indent=2))
+        print(json.dumps({**{k: report[k] for k in HEADLINE if k in report},
+                          "report": {k: str(p) for k, p in paths.items()}}, indent=2))
         return 0
-    print(f"{report['title']}: top-1 {report['top1']:.2%}, top-5 {report['top5']:.2%}, "
-          f"superclass {report['superclass_accuracy']:.2%}, macro F1 {report['macro_f1']:.3f}, "
-          f"ECE {report['ece']:.2%} on {report['images']} test images"
-          f"{' (flip TTA)' if args.tta else ''}")
-    if "temperature_scaling" in report:
-        scaling = report["temperature_scaling"]
-        temps = ", ".join(f"{m['temperature']:.3f}" for m in scaling["members"])
-        print(f"temperature scaling (T = {temps}, fitted on the validation split): test ECE "
-              f"{scaling['ece_before']:.2%} -> {scaling['ece_after']:.2%}")
+    print(summary(report))
     print(f"report: {paths['html']}")
     return 0

@@ -11,14 +11,11 @@ import json
 from pathlib import Path
 
 from cifar100.commands.argtypes import positive_int, seed
-from cifar100.config import ConfigError, preset_names
+from cifar100.config import preset_names
 from cifar100.models import REGISTRY
-from cifar100.recipes import choose_preset, resolve, resume_config
-from cifar100.runs import new_run_dir
+from cifar100.recipes import RESUME_FLAGS, from_flags, refuse_on_resume, resume_config
+from cifar100.runs import new_run_dir, results_summary
 from cifar100.training import train
-
-# What --resume may change; every other flag would be silently dropped, so it is refused.
-RESUME_FLAGS = ("--epochs", "--device", "--data-dir", "--json")
 
 
 def register(subparsers) -> None:
@@ -53,27 +50,17 @@ def register(subparsers) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """The run's config from the flags: see ``cifar100.recipes`` for the precedence."""
-    flags = {"model.name": args.model, "train.seed": args.seed,
-             "data.train_subset": args.train_subset, "data.data_dir": args.data_dir,
-             "train.device": args.device}
-    return resolve(choose_preset(args.preset, args.model), args.config, args.set, flags,
-                   args.epochs)
-
-
-def _check_resume_flags(args: argparse.Namespace) -> None:
-    given = {"--model": args.model, "--preset": args.preset, "--config": args.config,
-             "--seed": args.seed, "--train-subset": args.train_subset,
-             "--run-dir": args.run_dir, "--overwrite": args.overwrite, "--set": args.set}
-    refused = [flag for flag, value in given.items() if value not in (None, [], False)]
-    if refused:
-        raise ConfigError(f"--resume continues {args.resume} with its own settings; it "
-                          f"cannot take {', '.join(refused)} (it accepts "
-                          f"{', '.join(RESUME_FLAGS)}; for other settings start a new run)")
+    return from_flags(args.preset, args.model, args.config, args.set, args.epochs,
+                      seed=args.seed, train_subset=args.train_subset, data_dir=args.data_dir,
+                      device=args.device)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.resume:
-        _check_resume_flags(args)
+        refuse_on_resume(args.resume, {
+            "--model": args.model, "--preset": args.preset, "--config": args.config,
+            "--seed": args.seed, "--train-subset": args.train_subset,
+            "--run-dir": args.run_dir, "--overwrite": args.overwrite, "--set": args.set})
         run_dir = args.resume
         config = resume_config(run_dir, args.epochs, args.device, args.data_dir)
     else:
@@ -81,10 +68,6 @@ def run(args: argparse.Namespace) -> int:
         run_dir = args.run_dir or new_run_dir("runs", config.model.name)
     results = train(config, run_dir, resume=bool(args.resume), command=args.argv,
                     overwrite=args.overwrite)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(f"\n{results['model']}: test top-1 {results['test_top1']:.2%}, top-5 "
-              f"{results['test_top5']:.2%} (best epoch {results['best_epoch']}, "
-              f"{results['train_minutes']:.1f} min) -> {run_dir}")
+    print(json.dumps(results, indent=2) if args.json
+          else f"\n{results_summary(results)} -> {run_dir}")
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cifar100.commands.argtypes import positive_float, positive_int, seed
 from cifar100.config import preset_names
-from cifar100.recipes import resolve
+from cifar100.recipes import from_flags
 
 
 def register(subparsers) -> None:
@@ -40,8 +40,8 @@ def register(subparsers) -> None:
 
 def base_config(args: argparse.Namespace):
     """The recipe every trial starts from: the same resolver as ``train`` (--epochs too)."""
-    flags = {"data.train_subset": args.train_subset, "data.data_dir": args.data_dir}
-    return resolve(args.preset, [], args.set, flags, args.epochs)
+    return from_flags(args.preset, sets=args.set, epochs=args.epochs,
+                      train_subset=args.train_subset, data_dir=args.data_dir)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     base = base_config(args)  # before any folder is made: a bad option leaves nothing
     study_dir = args.study_dir or Path("studies") / args.preset
     study = tune.run_study(study_dir, base, args.trials, args.timeout, args.seed,
-                           on_trial=_print_trial)
+                           on_trial=lambda _, trial: print(tune.trial_line(trial), flush=True))
     print(f"\n{tune.finished(study)} finished trials in {study_dir / 'study.db'}; "
           f"summary: {study_dir / 'summary.md'}")
     if tune.best_config(study) is None:
@@ -67,11 +67,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"train it: cifar100 train --config {study_dir / 'best.yaml'}")
     return 0
 
-
-def _print_trial(study, trial) -> None:
-    value = trial.value if trial.value is not None else (
-        trial.intermediate_values[max(trial.intermediate_values)]
-        if trial.intermediate_values else float("nan"))
-    params = ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
-    print(f"trial {trial.number} {trial.state.name.lower()}: validation top-1 {value:.2%} "
-          f"({params})", flush=True)

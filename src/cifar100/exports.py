@@ -11,6 +11,10 @@ as string metadata, plus the resolved config so that the network can be rebuilt.
 A calibrated export (``cifar100 export --calibrated``) divides the logits by the
 temperature fitted on the validation split: inside the ONNX graph, and on loading for
 safetensors; both files name it in their ``temperature`` metadata (1.0: raw logits).
+
+``export_run`` checks every file before it appears: the ONNX file runs in onnxruntime on
+the first test images and must agree with PyTorch on 99.9% of top-1 predictions; the
+safetensors file is loaded back and must give the same logits.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -30,14 +35,17 @@ import torch
 from torch import nn
 
 from cifar100 import __version__
+from cifar100.classifier import TrainedModel, checkpoint_path, load_trained
+from cifar100.data import load_cifar100
 from cifar100.errors import UserError
 from cifar100.images import IMAGE_SIZE
-from cifar100.inference import TrainedModel
 from cifar100.preprocess import Preprocess
+from cifar100.stopping import interrupted
 
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 MIN_TOP1_AGREEMENT = 0.999
+SUFFIXES = {"onnx": ".onnx", "safetensors": ".safetensors"}
 
 
 class ExportError(UserError):
@@ -231,3 +239,94 @@ def load_safetensors(path: str | Path) -> TrainedModel:
     return TrainedModel(model.eval(), preprocess, class_names,
                         json.loads(meta["superclass_names"]), json.loads(meta["fine_to_coarse"]),
                         extra, float(meta.get("temperature", 1.0)))
+
+
+def output_paths(run: Path, fmt: str, out: Path | None) -> dict[str, Path]:
+    """Where each format goes: ``out`` (its suffix replaced per format for 'all'), else
+    beside the checkpoint."""
+    formats = ["onnx", "safetensors"] if fmt == "all" else [fmt]
+    if out is not None and len(formats) == 1:
+        return {fmt: out}
+    if out is None:  # beside the checkpoint: RUN_DIR/model.*, or CHECKPOINT.* for a .pt file
+        out = run / "model" if run.is_dir() else checkpoint_path(run).with_suffix("")
+    return {f: out.with_suffix(SUFFIXES[f]) for f in formats}
+
+
+def check_images(trained: TrainedModel, data_dir: str | Path | None, count: int):
+    """The first ``count`` test images and labels, from ``data_dir`` or the run's data."""
+    if count < 1:
+        raise ExportError(f"--check-images must be at least 1, got {count}")
+    config = trained.metadata.get("config_obj")
+    data_dir = data_dir or (config.data.data_dir if config is not None else None)
+    test = load_cifar100(data_dir).test
+    return test.images[:count], test.labels[:count]
+
+
+def export_run(run: str | Path, fmt: str = "onnx", out: str | Path | None = None,
+               data_dir: str | Path | None = None, count: int = 1000,
+               calibrated: bool = False) -> dict:
+    """Export ``run`` and check every file written.
+
+    Args:
+        run: run directory or .pt checkpoint.
+        fmt: 'onnx' (preprocessing + network), 'safetensors' (weights) or 'all'.
+        out: output file (default: RUN/model.onnx, RUN/model.safetensors).
+        data_dir: folder holding ``cifar-100-python/`` for the check (default: the run's).
+        count: compare with PyTorch on the first ``count`` test images.
+        calibrated: divide the logits by the run's fitted temperature.
+
+    Returns:
+        ``{"source_run", "temperature", "files": {format: path}, "checks": {format: ...}}``.
+    """
+    run, out = Path(run), Path(out) if out is not None else None
+    trained = load_trained(run, calibrated=calibrated)
+    metadata = model_metadata(trained, run)
+    paths = output_paths(run, fmt, out)
+    images, labels = check_images(trained, data_dir, count)
+    classifier = trained.classifier()
+    report: dict = {"source_run": str(run), "temperature": trained.temperature, "files": {},
+                    "checks": {}}
+    try:
+        if "onnx" in paths:
+            with published_after_check(paths["onnx"]) as unchecked:
+                export_onnx(classifier, unchecked, metadata)
+                print(f"checking {paths['onnx']} in onnxruntime on {len(images):,} test images",
+                      file=sys.stderr, flush=True)
+                report["checks"]["onnx"] = check_onnx(classifier, unchecked, images, labels)
+        if "safetensors" in paths:
+            with published_after_check(paths["safetensors"]) as unchecked:
+                export_safetensors(trained, unchecked, metadata)
+                report["checks"]["safetensors"] = check_safetensors(classifier, unchecked,
+                                                                    images, labels)
+    except KeyboardInterrupt as stop:
+        raise interrupted(stop, "an export file appears only once its check passed; "
+                          "run the same command again") from None
+    report["files"] = {f: str(p) for f, p in paths.items()}
+    return report
+
+
+def check_safetensors(classifier, path: Path, images, labels) -> dict:
+    """Load ``path`` back: its logits must equal ``classifier``'s exactly."""
+    reloaded = load_safetensors(path).classifier()
+    result = compare_logits(batched_logits(classifier, images),
+                            batched_logits(reloaded, images), labels)
+    if result["max_abs_logit_diff"] != 0.0:
+        raise ExportError(f"{path}: reloaded weights give different "
+                          f"logits (max abs difference {result['max_abs_logit_diff']:.3g})")
+    return result
+
+
+def summary(report: dict) -> str:
+    """``export_run``'s report as text: the temperature, then each file and its check."""
+    lines = []
+    if report["temperature"] != 1.0:
+        lines.append(f"calibrated: logits divided by T = {report['temperature']:.4f} (fitted "
+                     "on the validation split by 'cifar100 evaluate')")
+    for fmt, path in report["files"].items():
+        check = report["checks"][fmt]
+        lines += [f"{fmt}: {path}",
+                  f"  checked on {check['images']} test images: max abs logit difference "
+                  f"{check['max_abs_logit_diff']:.2e}, top-1 agreement "
+                  f"{check['top1_agreement']:.2%} (top-1 accuracy PyTorch "
+                  f"{check['reference_top1']:.2%}, {fmt} {check['candidate_top1']:.2%})"]
+    return "\n".join(lines)

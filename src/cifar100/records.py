@@ -1,0 +1,228 @@
+"""Run records and the results table.
+
+A *run record* is a small JSON file (``results/NAME.json``) that keeps what a run showed
+without its weights: metrics, resolved config, commit, hardware, wall time, command. An
+ensemble's record (from its ``cifar100 evaluate`` report) holds its members' records. The
+results table has one row per record, as text or Markdown; ``update_readme`` puts it between
+``<!-- results:start -->`` and ``<!-- results:end -->``, so the README's table is generated,
+never typed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifar100.errors import UserError
+from cifar100.runs import write_json
+
+RECORD_VERSION = 1
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+COURSEWORK_START, COURSEWORK_END = "<!-- coursework:start -->", "<!-- coursework:end -->"
+COLUMNS = ["Model", "Test accuracy", "Top-5", "Parameters", "Training time", "Hardware",
+           "Date", "Command"]
+RESULT_KEYS = ["model", "test_top1", "test_top5", "val_top1", "val_top5", "test_loss",
+               "tta_flip", "parameters", "train_minutes", "train_images", "best_stage",
+               "best_epoch", "split_seed", "process"]
+EVALUATION_KEYS = ["top1", "top5", "superclass_accuracy", "macro_f1", "ece", "ece_calibrated",
+                   "nll", "tta_flip"]
+
+
+class RecordError(UserError):
+    """A run directory or run record that cannot be read; the message names the file."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecordError(f"{path}: file missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecordError(f"{path}: not readable JSON ({type(error).__name__})") from None
+    if not isinstance(values, dict):
+        raise RecordError(f"{path}: expected a JSON object")
+    return values
+
+
+def _command(raw: Any) -> str:
+    """run.json keeps sys.argv; argv[0] (a script path) is shown as ``cifar100``."""
+    if isinstance(raw, list) and raw:
+        return shlex.join(["cifar100", *map(str, raw[1:])])
+    return str(raw or "")
+
+
+def make_record(run_dir: str | Path, name: str | None = None) -> dict[str, Any]:
+    """The run's record: metrics, resolved config, commit, hardware, wall time; no weights.
+
+    ``run_dir`` may also be an ensemble's report folder (``cifar100 evaluate RUN1 RUN2``
+    writes ``RUN1/report-ensemble/``): see :func:`make_ensemble_record`.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RecordError(f"{run_dir}: no such run directory")
+    if not (run_dir / "results.json").exists() and (run_dir / "report.json").is_file():
+        return make_ensemble_record(run_dir, name)
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise RecordError(f"{results_path}: missing (is the run finished?)")
+    results, info = _read_json(results_path), _read_json(run_dir / "run.json")
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise RecordError(f"{run_dir / 'config.yaml'}: unreadable ({type(error).__name__})"
+                          ) from None
+    record = {"record_version": RECORD_VERSION, "name": name or results.get("model"),
+              **{k: results[k] for k in RESULT_KEYS if k in results},
+              "commit": info.get("commit"), "started": info.get("started"),
+              "command": _command(info.get("command")), "hardware": info.get("hardware", {}),
+              "run_dir": run_dir.name, "config": config}
+    report = run_dir / "report" / "report.json"
+    if report.is_file():  # ``cifar100 evaluate`` has been run: keep its headline numbers
+        values = _read_json(report)
+        record["evaluation"] = {k: values[k] for k in EVALUATION_KEYS if k in values}
+    _check_record(record, results_path)
+    return record
+
+
+def make_ensemble_record(report_dir: Path, name: str | None = None) -> dict[str, Any]:
+    """An ensemble's record: its test metrics from the report, its members' records inside;
+    parameters and training minutes are the members' sums (what the ensemble cost)."""
+    report = _read_json(report_dir / "report.json")
+    runs = report.get("runs") or []
+    if len(runs) < 2:
+        raise RecordError(f"{report_dir / 'report.json'}: not an ensemble's report")
+    members = [make_record(Path(run)) for run in runs]
+    record = {"record_version": RECORD_VERSION, "name": name or report_dir.name,
+              "model": " + ".join(m["model"] for m in members),
+              "test_top1": report["top1"], "test_top5": report["top5"],
+              "tta_flip": report.get("tta_flip"),
+              "parameters": sum(m.get("parameters") or 0 for m in members),
+              "train_minutes": round(sum(m.get("train_minutes") or 0 for m in members), 2),
+              "commit": report.get("commit"), "started": report.get("created"),
+              "command": report.get("command") or "",
+              "hardware": members[0].get("hardware", {}),
+              "evaluation": {k: report[k] for k in EVALUATION_KEYS if k in report},
+              "members": members}
+    _check_record(record, report_dir / "report.json")
+    return record
+
+
+def _check_record(record: dict[str, Any], path: Path) -> None:
+    for key in ("model", "test_top1", "test_top5"):
+        if key not in record:
+            raise RecordError(f"{path}: no '{key}' (not a run's results or a run record)")
+
+
+def load_record(path: str | Path) -> dict[str, Any]:
+    """One table row's data from a run directory or a run record file."""
+    path = Path(path)
+    if path.is_dir():
+        return make_record(path)
+    if not path.exists():
+        raise RecordError(f"{path}: no such run directory or run record")
+    record = _read_json(path)
+    _check_record(record, path)
+    return record
+
+
+def write_record(run_dir: str | Path, to: str | Path, name: str | None = None
+                 ) -> dict[str, Any]:
+    """Write the record of ``run_dir`` to ``to``, named ``name`` (default: its file stem)."""
+    to = Path(to)
+    record = make_record(run_dir, name or to.stem)
+    try:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        write_json(to, record)
+    except OSError as error:
+        raise RecordError(f"{to}: cannot write the record ({error.strerror or error})"
+                          ) from None
+    return record
+
+
+def _hardware(info: dict[str, Any]) -> str:
+    if info.get("gpu"):
+        return str(info["gpu"])
+    cpu = re.sub(r"\((R|TM)\)", "", str(info.get("cpu") or "CPU"))
+    cpu = re.sub(r"\s+", " ", cpu.replace(" CPU", "")).strip()
+    threads = info.get("threads") or info.get("cpu_count")
+    return f"{cpu}, {threads} threads" if threads else cpu
+
+
+def _duration(minutes: float | None) -> str:
+    if minutes is None:
+        return ""
+    if minutes < 60:
+        return f"{minutes:.1f} min"
+    return f"{int(minutes // 60)} h {round(minutes % 60):02d} min"
+
+
+def table_row(record: dict[str, Any]) -> list[str]:
+    tta = " (flip TTA)" if record.get("tta_flip") else ""
+    params = record.get("parameters")
+    return [str(record.get("name") or record["model"]), f"{100 * record['test_top1']:.2f}%{tta}",
+            f"{100 * record['test_top5']:.2f}%",
+            f"{params / 1e6:.2f} M" if params else "",
+            _duration(record.get("train_minutes")), _hardware(record.get("hardware") or {}),
+            str(record.get("started") or "")[:10], record.get("command") or ""]
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    def cell(text: str, code: bool) -> str:
+        text = text.replace("|", "\\|")
+        return f"`{text}`" if code and text else text
+
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "|---|--:|--:|--:|--:|---|---|---|"]
+    for record in records:
+        row = table_row(record)
+        lines.append("| " + " | ".join(cell(v, i == len(row) - 1) for i, v in enumerate(row))
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def text_table(records: list[dict[str, Any]]) -> str:
+    rows = [COLUMNS] + [table_row(r) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False))
+                     + "  " + row[-1] for row in rows) + "\n"
+
+
+def update_readme(readme: Path, table: str, coursework: str | None = None) -> None:
+    """Replace what lies between the results markers with ``table`` (and, where the README
+    has the coursework markers, what lies between them with ``coursework``)."""
+    try:
+        text = readme.read_text()
+    except OSError as error:
+        raise RecordError(f"{readme}: cannot read ({error.strerror or error})") from None
+    new = _between(text, START, END, table, readme)
+    if coursework is not None and COURSEWORK_START in new:
+        new = _between(new, COURSEWORK_START, COURSEWORK_END, coursework, readme)
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(readme)
+
+
+def _between(text: str, start_marker: str, end_marker: str, table: str, readme: Path) -> str:
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start < 0 or end < 0 or end < start:
+        raise RecordError(f"{readme}: needs the markers {start_marker} and then {end_marker} "
+                          "around the table")
+    return text[:start + len(start_marker)] + "\n" + table + text[end:]
+
+
+def compare(records: Iterable[str | Path | dict[str, Any]], markdown: bool = False) -> str:
+    """The results table, one row per run directory, run record file or record, in order.
+
+    Args:
+        records: run directories, run record files (``results/*.json``), or records as
+            ``load_record`` returns them.
+        markdown: a Markdown table (as in the README) instead of aligned text.
+    """
+    rows = [r if isinstance(r, dict) else load_record(r) for r in records]
+    return markdown_table(rows) if markdown else text_table(rows)
