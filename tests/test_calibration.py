@@ -13,9 +13,10 @@ import torch
 
 from cifar100 import engine
 from cifar100.calibration import CalibrationError, fit_temperature, load_temperature, nll_at
-from cifar100.classifier import load_model, load_trained
+from cifar100.classifier import load_model
 from cifar100.cli import main
 from cifar100.data import load_cifar100, make_splits
+from cifar100.trained import load_trained
 
 
 def test_fit_recovers_the_temperature_that_made_the_labels():

@@ -21,7 +21,7 @@ import torch
 
 from cifar100 import distributed
 from cifar100.checkpoint import load_checkpoint
-from cifar100.classifier import load_trained
+from cifar100.trained import load_trained
 
 EPOCHS = 6
 # Tiny widths, no augmentation and no dropout: the only difference left between one

@@ -13,9 +13,10 @@ import pytest
 import torch
 from conftest import write_fake_cifar
 
-from cifar100.classifier import load_model, load_trained
+from cifar100.classifier import load_model
 from cifar100.cli import main
 from cifar100.exports import export_run
+from cifar100.trained import load_trained
 
 PHOTOS = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 

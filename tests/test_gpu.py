@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from cifar100 import distributed
-from cifar100.classifier import load_trained
 from cifar100.config import Config, ConfigError, load_config, save_config
 from cifar100.data import Cifar100, Split, Splits
 from cifar100.engine import EpochState, TrainingInterrupted, train_one_epoch
@@ -29,6 +28,7 @@ from cifar100.models import build_model, input_size, model_spec
 from cifar100.plans import build_cnn_stage
 from cifar100.preprocess import Preprocess
 from cifar100.speed import GPU_SYNC_EVERY, compile_model, speed_up, sync_interval
+from cifar100.trained import load_trained
 from cifar100.training import train
 
 HAS_CUDA = torch.cuda.is_available()

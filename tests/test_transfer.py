@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cifar100.checkpoint import load_checkpoint
-from cifar100.classifier import load_trained
+from cifar100.trained import load_trained
 from cifar100.weights import SOURCES
 
 TINY = ["--set", "transfer.compile=false",

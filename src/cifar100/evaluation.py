@@ -18,7 +18,6 @@ import numpy as np
 from cifar100 import report_plots
 from cifar100.batches import ImageBatches
 from cifar100.calibration import fit_run
-from cifar100.classifier import TrainedModel, checkpoint_path, load_trained
 from cifar100.data import Cifar100, load_cifar100
 from cifar100.device import select_device
 from cifar100.engine import predict_logits
@@ -37,6 +36,7 @@ from cifar100.reports import (
     topk_accuracy,
 )
 from cifar100.runs import git_commit, read_metrics, write_json
+from cifar100.trained import TrainedModel, checkpoint_path, load_trained
 
 HEADLINE = ("top1", "top5", "superclass_accuracy", "macro_f1", "ece", "ece_calibrated", "nll",
             "images", "tta_flip", "runs", "split_seeds")

@@ -35,12 +35,12 @@ import torch
 from torch import nn
 
 from cifar100 import __version__
-from cifar100.classifier import TrainedModel, checkpoint_path, load_trained
 from cifar100.data import load_cifar100
 from cifar100.errors import UserError
 from cifar100.images import IMAGE_SIZE
 from cifar100.preprocess import Preprocess
 from cifar100.stopping import interrupted
+from cifar100.trained import TrainedModel, checkpoint_path, load_trained
 
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
