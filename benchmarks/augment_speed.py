@@ -29,7 +29,8 @@ from cifar100.runs import cpu_name
 RECIPES = {
     "flip+translate 4": AugmentConfig(flip=True, translate=4),
     "seed recipe (flip, rot 15, zoom 0.1, contrast 0.1)": AugmentConfig(
-        flip=True, translate=0, rotation=15, zoom=0.1, contrast=0.1),
+        flip=True, translate=0, rotation=15, zoom=0.1, contrast=0.1
+    ),
 }
 MODELS = ("cnn-seed", "cnn-fast")
 
@@ -88,18 +89,24 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"command: {shlex.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"date:    {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"cpu:     {cpu_name()}, {os.cpu_count()} logical cores, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"torch:   {torch.__version__}, python {platform.python_version()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"cpu:     {cpu_name()}, {os.cpu_count()} logical cores, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"torch:   {torch.__version__}, python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     images = sample_batch(args.batch, args.data_dir)
     print(f"batch:   {args.batch} images of 3x32x32 ({'real' if args.data_dir else 'noise'})\n")
 
     augment = {label: augment_time(images, cfg, args.repeats) for label, cfg in RECIPES.items()}
     steps = {name: step_time(name, images, args.step_repeats) for name in MODELS}
     for label, seconds in augment.items():
-        print(f"to_float + augment_batch, {label}: {seconds * 1e3:.1f} ms/batch, "
-              f"{args.batch / seconds:,.0f} images/s")
+        print(
+            f"to_float + augment_batch, {label}: {seconds * 1e3:.1f} ms/batch, "
+            f"{args.batch / seconds:,.0f} images/s"
+        )
     for name, seconds in steps.items():
         print(f"train step {name} (fwd+bwd+Adam, channels_last): {seconds * 1e3:.0f} ms/batch")
     print("\naugmentation as a fraction of one training step:")

@@ -30,8 +30,10 @@ class Usage:
 
     def __str__(self) -> str:
         share = self.system / self.user if self.user else 0.0
-        return (f"user {self.user:6.1f} s, sys {self.system:5.1f} s ({share:4.0%} of user), "
-                f"{self.faults / 1e6:5.2f} M faults")
+        return (
+            f"user {self.user:6.1f} s, sys {self.system:5.1f} s ({share:4.0%} of user), "
+            f"{self.faults / 1e6:5.2f} M faults"
+        )
 
 
 def _now() -> Usage:
@@ -47,8 +49,9 @@ def measured(total: Usage):
         yield total
     finally:
         end = _now()
-        total.add(Usage(end.user - start.user, end.system - start.system,
-                        end.faults - start.faults))
+        total.add(
+            Usage(end.user - start.user, end.system - start.system, end.faults - start.faults)
+        )
 
 
 # "environ": the same thresholds as environment variables read by glibc at start-up (the
@@ -57,10 +60,14 @@ SETTINGS = ("default", "tuned", "environ")
 
 
 def add_allocator_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--allocator", choices=[*SETTINGS, "both", "all"], default="tuned",
-                        help="malloc setting: glibc's 'default', the project's 'tuned' "
-                        "(cifar100.allocator, mallopt), 'environ' (MALLOC_*_ variables); "
-                        "'both' = default + tuned, 'all' = the three, one after the other")
+    parser.add_argument(
+        "--allocator",
+        choices=[*SETTINGS, "both", "all"],
+        default="tuned",
+        help="malloc setting: glibc's 'default', the project's 'tuned' "
+        "(cifar100.allocator, mallopt), 'environ' (MALLOC_*_ variables); "
+        "'both' = default + tuned, 'all' = the three, one after the other",
+    )
 
 
 def apply_allocator(setting: str) -> str:
@@ -78,8 +85,10 @@ def run_settings(argv: list[str], which: str) -> int:
         env = {k: v for k, v in os.environ.items() if k not in GLIBC_ENV}
         if setting == "environ":
             env.update(GLIBC_ENV)
-        code |= subprocess.call([sys.executable, sys.argv[0], *_without_allocator(argv),
-                                 "--allocator", setting], env=env)
+        code |= subprocess.call(
+            [sys.executable, sys.argv[0], *_without_allocator(argv), "--allocator", setting],
+            env=env,
+        )
         print(flush=True)
     return code
 

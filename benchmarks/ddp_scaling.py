@@ -54,8 +54,7 @@ def _batches(n: int, device: torch.device) -> ImageBatches:
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 100, (n,), generator=g)
     split = Split(images, labels, labels // 5)
-    return ImageBatches(split, Preprocess(32, (0.5,) * 3, (0.25,) * 3).to(device), device,
-                        AUGMENT)
+    return ImageBatches(split, Preprocess(32, (0.5,) * 3, (0.25,) * 3).to(device), device, AUGMENT)
 
 
 def worker(rank: int, world: int, threads: int, port: int, args, device_type: str, out) -> None:
@@ -63,8 +62,9 @@ def worker(rank: int, world: int, threads: int, port: int, args, device_type: st
     device = torch.device(device_type)
     if world > 1:
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        )
     if device_type == "cuda":
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
@@ -101,8 +101,9 @@ def worker(rank: int, world: int, threads: int, port: int, args, device_type: st
 def measure(world: int, threads: int, args, device_type: str = "cpu") -> float:
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
-    mp.spawn(worker, args=(world, threads, _free_port(), args, device_type, out), nprocs=world,
-             join=True)
+    mp.spawn(
+        worker, args=(world, threads, _free_port(), args, device_type, out), nprocs=world, join=True
+    )
     return out.get()
 
 
@@ -114,13 +115,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2,
-                        help="CPU cores to use: 1 process x N threads vs N processes x 1")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="CPU cores to use: 1 process x N threads vs N processes x 1",
+    )
     args = parser.parse_args()
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch "
-          f"{torch.__version__}; {args.model} widths {args.widths or 'default'}, global batch "
-          f"{args.batch_size}, median of {args.steps} steps, best of {args.rounds} rounds")
+    print(
+        f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch "
+        f"{torch.__version__}; {args.model} widths {args.widths or 'default'}, global batch "
+        f"{args.batch_size}, median of {args.steps} steps, best of {args.rounds} rounds"
+    )
     n, one, many = args.threads, 0.0, 0.0
     for _ in range(args.rounds):  # alternate, keep each set-up's best: neighbours only slow
         one = max(one, measure(1, n, args))
@@ -134,8 +141,10 @@ def main() -> None:
         print(f"gpu  1 x {torch.cuda.get_device_name(0)}: {single:8.1f} images/s")
         if gpus > 1:
             all_gpus = measure(gpus, 1, args, "cuda")
-            print(f"gpu  {gpus} GPUs (nccl DDP): {all_gpus:8.1f} images/s, scaling efficiency "
-                  f"{all_gpus / (gpus * single):.2f}")
+            print(
+                f"gpu  {gpus} GPUs (nccl DDP): {all_gpus:8.1f} images/s, scaling efficiency "
+                f"{all_gpus / (gpus * single):.2f}"
+            )
         else:
             print("gpu  only one GPU here: no multi-GPU figure")
 

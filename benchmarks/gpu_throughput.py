@@ -51,8 +51,9 @@ def drain(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
-                   warmup: int = 1) -> float:
+def median_seconds(
+    fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1
+) -> float:
     """Median wall time of ``fn()``, the device's queue drained before and after each call."""
     for _ in range(warmup):
         fn()
@@ -77,15 +78,19 @@ def random_run(config: Config, device: torch.device, images: int) -> Run:
     """A ``Run`` over random uint8 images: what ``build_cnn_stage`` and friends need."""
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(images) % 100
-    split = Split(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g),
-                  labels, labels // 5)
+    split = Split(
+        torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g),
+        labels,
+        labels // 5,
+    )
     index = torch.arange(images)
     names = [f"class_{i}" for i in range(100)]
     dataset = Cifar100(split, split, names, names[:20], Path("."))
     spec = model_spec(config.model.name)
     preprocess = Preprocess(input_size(config.model), spec.mean, spec.std).to(device)
-    return Run(config, Path("."), device, dataset, Splits(split, split, split, index, index),
-               preprocess)
+    return Run(
+        config, Path("."), device, dataset, Splits(split, split, split, index, index), preprocess
+    )
 
 
 def build_stage(run: Run) -> Stage:
@@ -98,8 +103,7 @@ def build_stage(run: Run) -> Stage:
     return finetune_stage(run, model, -1.0)
 
 
-def measure(preset: str, device: torch.device, args: argparse.Namespace,
-            compiled: bool) -> dict:
+def measure(preset: str, device: torch.device, args: argparse.Namespace, compiled: bool) -> dict:
     overrides = {"train": {"batch_size": args.batch_size}} if args.batch_size else {}
     config = load_config(preset, overrides=overrides)
     batch = config.train.batch_size
@@ -111,18 +115,42 @@ def measure(preset: str, device: torch.device, args: argparse.Namespace,
     generator = torch.Generator(device=device).manual_seed(0)
 
     def epoch() -> None:
-        train_one_epoch(trained, stage.train_batches, stage.ctx, batch, order, generator,
-                        EpochState(), lambda state: False, sync_every=every)
+        train_one_epoch(
+            trained,
+            stage.train_batches,
+            stage.ctx,
+            batch,
+            order,
+            generator,
+            EpochState(),
+            lambda state: False,
+            sync_every=every,
+        )
 
     train_s = median_seconds(epoch, device, args.repeats, warmup=2 if compiled else 1)
-    evaluate = lambda: predict_logits(eval_model(stage), stage.val_batches,  # noqa: E731
-                                      config.train.eval_batch_size, autocast=stage.ctx.autocast)
+
+    def evaluate():
+        return predict_logits(
+            eval_model(stage),
+            stage.val_batches,
+            config.train.eval_batch_size,
+            autocast=stage.ctx.autocast,
+        )
+
     eval_s = median_seconds(evaluate, device, args.repeats)
     flops = count_flops(build_model(config.model), input_size(config.model))
     rate = batch * args.steps / train_s
-    return {"preset": preset, "model": config.model.name, "size": input_size(config.model),
-            "batch": batch, "compiled": compiled, "every": every, "train": rate,
-            "flops": 3 * flops * rate, "eval": len(stage.val_batches) / eval_s}
+    return {
+        "preset": preset,
+        "model": config.model.name,
+        "size": input_size(config.model),
+        "batch": batch,
+        "compiled": compiled,
+        "every": every,
+        "train": rate,
+        "flops": 3 * flops * rate,
+        "eval": len(stage.val_batches) / eval_s,
+    }
 
 
 def header(device: torch.device, peak: float, peak_name: str) -> None:
@@ -130,8 +158,10 @@ def header(device: torch.device, peak: float, peak_name: str) -> None:
     print(f"date:    {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        print(f"gpu:     {props.name}, {props.total_memory / 2**30:.0f} GiB, "
-              f"compute capability {props.major}.{props.minor}, CUDA {torch.version.cuda}")
+        print(
+            f"gpu:     {props.name}, {props.total_memory / 2**30:.0f} GiB, "
+            f"compute capability {props.major}.{props.minor}, CUDA {torch.version.cuda}"
+        )
     print(f"torch:   {torch.__version__}, python {platform.python_version()}")
     print(f"peak:    {peak / 1e12:.2f} TFLOP/s measured ({peak_name})\n")
 
@@ -143,8 +173,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (median)")
     parser.add_argument("--batch-size", type=int, help="instead of each preset's")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    parser.add_argument("--smoke", action="store_true",
-                        help="no CUDA: run the same code on CPU at toy sizes (not a measurement)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="no CUDA: run the same code on CPU at toy sizes (not a measurement)",
+    )
     return parser.parse_args(argv)
 
 
@@ -161,15 +194,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     peak = matmul_peak(device, dtype, n, args.repeats)
     header(device, peak, peak_name)
-    print(f"{'preset':<26} {'model':<12} {'px':>4} {'batch':>5} {'compile':>7} {'sync':>4} | "
-          f"{'train img/s':>11} {'TFLOP/s':>8} {'of peak':>7} | {'eval img/s':>10}")
+    print(
+        f"{'preset':<26} {'model':<12} {'px':>4} {'batch':>5} {'compile':>7} {'sync':>4} | "
+        f"{'train img/s':>11} {'TFLOP/s':>8} {'of peak':>7} | {'eval img/s':>10}"
+    )
     for preset in args.presets:
         for compiled in (False, True) if args.compile else (False,):
             r = measure(preset, device, args, compiled)
-            print(f"{r['preset']:<26} {r['model']:<12} {r['size']:>4} {r['batch']:>5} "
-                  f"{'yes' if r['compiled'] else 'no':>7} {r['every']:>4} | {r['train']:>11,.0f} "
-                  f"{r['flops'] / 1e12:>8.2f} {r['flops'] / peak:>7.1%} | {r['eval']:>10,.0f}",
-                  flush=True)
+            print(
+                f"{r['preset']:<26} {r['model']:<12} {r['size']:>4} {r['batch']:>5} "
+                f"{'yes' if r['compiled'] else 'no':>7} {r['every']:>4} | {r['train']:>11,.0f} "
+                f"{r['flops'] / 1e12:>8.2f} {r['flops'] / peak:>7.1%} | {r['eval']:>10,.0f}",
+                flush=True,
+            )
     return 0
 
 

@@ -59,12 +59,18 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 def build_classifier(name: str) -> nn.Module:
     spec = model_spec(name)
     torch.manual_seed(0)
-    return nn.Sequential(Preprocess(spec.input_size, spec.mean, spec.std),
-                         build_model(ModelConfig(name=name))).eval()
+    return nn.Sequential(
+        Preprocess(spec.input_size, spec.mean, spec.std), build_model(ModelConfig(name=name))
+    ).eval()
 
 
-def median_seconds(fn: Callable[[], object], seconds: float, min_runs: int, warmup: int,
-                   clock: Callable[[], float] = time.perf_counter) -> float:
+def median_seconds(
+    fn: Callable[[], object],
+    seconds: float,
+    min_runs: int,
+    warmup: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Median time of ``fn`` on ``clock``, over >= ``min_runs`` calls and ``seconds`` (wall)."""
     for _ in range(warmup):
         fn()
@@ -77,8 +83,9 @@ def median_seconds(fn: Callable[[], object], seconds: float, min_runs: int, warm
     return statistics.median(times)
 
 
-def time_torch(classifier: nn.Module, batch: int, seconds: float,
-               clock: Callable[[], float]) -> tuple[float, float]:
+def time_torch(
+    classifier: nn.Module, batch: int, seconds: float, clock: Callable[[], float]
+) -> tuple[float, float]:
     """(images/s at ``batch``, single-image median ms) in PyTorch fp32 channels_last."""
     model = classifier.to(memory_format=torch.channels_last)
     images = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -89,8 +96,9 @@ def time_torch(classifier: nn.Module, batch: int, seconds: float,
     return batch / batch_s, single_s * 1000
 
 
-def time_onnx(classifier: nn.Module, batch: int, seconds: float,
-              clock: Callable[[], float]) -> tuple[float, float]:
+def time_onnx(
+    classifier: nn.Module, batch: int, seconds: float, clock: Callable[[], float]
+) -> tuple[float, float]:
     """The same measurements in onnxruntime (as many threads as PyTorch uses)."""
     with tempfile.TemporaryDirectory() as folder:
         path = export_onnx(classifier, Path(folder) / "model.onnx", {"benchmark": "1"})
@@ -108,14 +116,23 @@ def time_onnx(classifier: nn.Module, batch: int, seconds: float,
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_models = [m for m in ("cnn-seed", "cnn-fast", "mobilenetv2") if m in REGISTRY]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=default_models,
-                        help=f"registered models (default: {' '.join(default_models)})")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=default_models,
+        help=f"registered models (default: {' '.join(default_models)})",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="throughput batch size")
-    parser.add_argument("--seconds", type=float, default=4.0,
-                        help="minimum timing per measurement (after warm-up)")
+    parser.add_argument(
+        "--seconds", type=float, default=4.0, help="minimum timing per measurement (after warm-up)"
+    )
     parser.add_argument("--threads", type=int, help="torch and onnxruntime threads")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall: elapsed time; cpu: one thread, timed by its CPU clock")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: one thread, timed by its CPU clock",
+    )
     add_allocator_option(parser)
     return parser.parse_args(argv)
 
@@ -124,13 +141,19 @@ def print_header(args: argparse.Namespace, allocator: str) -> None:
     info = hardware(torch.device("cpu"))
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"hardware: {info['cpu']}, {info['cpu_count']} logical CPUs, "
-          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
-    print(f"software: python {info['python']}, torch {torch.__version__}, "
-          f"onnxruntime {ort.__version__}, {info['platform']}")
+    print(
+        f"hardware: {info['cpu']}, {info['cpu_count']} logical CPUs, "
+        f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"software: python {info['python']}, torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}, {info['platform']}"
+    )
     print(f"malloc: {allocator}")
-    print(f"batch {args.batch_size}, float32 input 3x32x32 (preprocessing included), "
-          f"{args.clock} clock\n")
+    print(
+        f"batch {args.batch_size}, float32 input 3x32x32 (preprocessing included), "
+        f"{args.clock} clock\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,19 +167,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     print_header(args, allocator)
     rate, ms = ("img/s", "1-img ms") if args.clock == "wall" else ("img/CPU-s", "1-img CPU ms")
-    print(f"{'model':<12} {'params':>9} {'input':>6} | {'torch ' + rate:>15} {ms:>12} | "
-          f"{'onnx ' + rate:>14} {ms:>12}")
+    print(
+        f"{'model':<12} {'params':>9} {'input':>6} | {'torch ' + rate:>15} {ms:>12} | "
+        f"{'onnx ' + rate:>14} {ms:>12}"
+    )
     usage: dict[str, Usage] = {}
     for name in args.models:
         classifier = build_classifier(name)
         clock = CLOCKS[args.clock]
         with measured(usage.setdefault(name, Usage())):
             torch_rate, torch_ms = time_torch(classifier, args.batch_size, args.seconds, clock)
-        onnx_rate, onnx_ms = time_onnx(build_classifier(name), args.batch_size, args.seconds,
-                                       clock)
-        print(f"{name:<12} {count_parameters(classifier):>9,} {model_spec(name).input_size:>6} | "
-              f"{torch_rate:>15,.0f} {torch_ms:>12.2f} | {onnx_rate:>14,.0f} {onnx_ms:>12.2f}",
-              flush=True)
+        onnx_rate, onnx_ms = time_onnx(build_classifier(name), args.batch_size, args.seconds, clock)
+        print(
+            f"{name:<12} {count_parameters(classifier):>9,} {model_spec(name).input_size:>6} | "
+            f"{torch_rate:>15,.0f} {torch_ms:>12.2f} | {onnx_rate:>14,.0f} {onnx_ms:>12.2f}",
+            flush=True,
+        )
     print("\nCPU time and minor page faults of the PyTorch measurements (warm-up included):")
     for name, used in usage.items():
         print(f"{name:<12} {used}")

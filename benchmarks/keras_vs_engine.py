@@ -37,19 +37,31 @@ TARGET_RATIO = 1.5
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="/work/shared/datasets",
-                        help="folder holding cifar-100-python/")
-    parser.add_argument("--keras-python", default=sys.executable,
-                        help="interpreter with tensorflow + keras 3 (default: this one)")
+    parser.add_argument(
+        "--data-dir", default="/work/shared/datasets", help="folder holding cifar-100-python/"
+    )
+    parser.add_argument(
+        "--keras-python",
+        default=sys.executable,
+        help="interpreter with tensorflow + keras 3 (default: this one)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per repeat")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median kept)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="intra-op threads for both frameworks (default: usable CPUs)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="wall: images/s; cpu: images per CPU-second of the process, "
-                        "which other programs on a shared machine barely change")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="intra-op threads for both frameworks (default: usable CPUs)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: images/s; cpu: images per CPU-second of the process, "
+        "which other programs on a shared machine barely change",
+    )
     parser.add_argument("--skip-keras", action="store_true", help="measure the engine only")
     parser.add_argument("--worker", choices=["keras"], help=argparse.SUPPRESS)
     parser.add_argument("--npz", help=argparse.SUPPRESS)
@@ -80,24 +92,33 @@ def configs(args: argparse.Namespace) -> list[tuple[bool, int]]:
 
 # ---- the Keras worker (runs under --keras-python; no torch here) ----
 
+
 def keras_model(augment: bool):
     """The seed network in Keras 3, with the seed's augmentation layers when ``augment``."""
     import keras
     from keras import layers
 
-    front = [layers.RandomFlip("horizontal"), layers.RandomRotation(15 / 360),
-             layers.RandomZoom(0.1), layers.RandomContrast(0.1, value_range=(0, 1))]
+    front = [
+        layers.RandomFlip("horizontal"),
+        layers.RandomRotation(15 / 360),
+        layers.RandomZoom(0.1),
+        layers.RandomContrast(0.1, value_range=(0, 1)),
+    ]
     body = []
     for width, dropout in STAGES:
         for _ in range(2):  # BN momentum/epsilon as PyTorch's, so both run the same maths
-            body += [layers.Conv2D(width, 3, padding="same", use_bias=False),
-                     layers.BatchNormalization(momentum=0.9, epsilon=1e-5), layers.ReLU()]
+            body += [
+                layers.Conv2D(width, 3, padding="same", use_bias=False),
+                layers.BatchNormalization(momentum=0.9, epsilon=1e-5),
+                layers.ReLU(),
+            ]
         body += [layers.MaxPooling2D(2), layers.Dropout(dropout)]
     head = [layers.GlobalAveragePooling2D(), layers.Dropout(0.5), layers.Dense(NUM_CLASSES)]
-    model = keras.Sequential([keras.Input((32, 32, 3)), *(front if augment else []), *body,
-                              *head])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    model = keras.Sequential([keras.Input((32, 32, 3)), *(front if augment else []), *body, *head])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
     return model
 
 
@@ -116,27 +137,48 @@ def keras_worker(args: argparse.Namespace) -> None:
     results, counts = [], {}
     for augment, batch in configs(args):
         model = keras_model(augment)
-        counts = {"trainable": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
-                  "non_trainable": int(sum(np.prod(w.shape)
-                                           for w in model.non_trainable_weights))}
+        counts = {
+            "trainable": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+            "non_trainable": int(sum(np.prod(w.shape) for w in model.non_trainable_weights)),
+        }
         batches = tf.data.Dataset.from_tensor_slices((images, targets)).batch(
-            batch, drop_remainder=True)
+            batch, drop_remainder=True
+        )
 
         def run(steps: int, model=model, batches=batches) -> None:
-            model.fit(batches.take(steps).prefetch(tf.data.AUTOTUNE), epochs=1, verbose=0,
-                      shuffle=False)
+            model.fit(
+                batches.take(steps).prefetch(tf.data.AUTOTUNE), epochs=1, verbose=0, shuffle=False
+            )
 
         rates = sample_rates(run, batch, args)
-        results.append({"augment": augment, "batch": batch, "rates": rates,
-                        "jit_compile": bool(model.jit_compile)})
-        print(f"  keras  augment={augment!s:5} batch={batch:3}: "
-              f"{statistics.median(rates):7.0f} images/s", file=sys.stderr, flush=True)
-    Path(args.out).write_text(json.dumps({
-        "tensorflow": tf.__version__, "keras": keras.__version__, "params": counts,
-        "results": results}))
+        results.append(
+            {
+                "augment": augment,
+                "batch": batch,
+                "rates": rates,
+                "jit_compile": bool(model.jit_compile),
+            }
+        )
+        print(
+            f"  keras  augment={augment!s:5} batch={batch:3}: "
+            f"{statistics.median(rates):7.0f} images/s",
+            file=sys.stderr,
+            flush=True,
+        )
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "tensorflow": tf.__version__,
+                "keras": keras.__version__,
+                "params": counts,
+                "results": results,
+            }
+        )
+    )
 
 
 # ---- the engine side (the project's venv) ----
+
 
 def engine_runner(split, order, batch: int, augment: bool):
     """``run(steps)`` for the real training loop on a fresh cnn-seed, Adam 1e-3."""
@@ -152,14 +194,23 @@ def engine_runner(split, order, batch: int, augment: bool):
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="cnn-seed")).to(memory_format=torch.channels_last)
     aug = AugmentConfig(**SEED_AUGMENT) if augment else None
-    batches = ImageBatches(split, Preprocess(spec.input_size, spec.mean, spec.std),
-                           torch.device("cpu"), aug)
+    batches = ImageBatches(
+        split, Preprocess(spec.input_size, spec.mean, spec.std), torch.device("cpu"), aug
+    )
     ctx = StepContext(torch.optim.Adam(model.parameters(), lr=1e-3), None, NUM_CLASSES, 0.0, aug)
     generator = torch.Generator().manual_seed(0)
 
     def run(steps: int) -> None:
-        train_one_epoch(model, batches, ctx, batch, order[:steps * batch], generator,
-                        EpochState(), on_pause=lambda state: False)
+        train_one_epoch(
+            model,
+            batches,
+            ctx,
+            batch,
+            order[: steps * batch],
+            generator,
+            EpochState(),
+            on_pause=lambda state: False,
+        )
 
     return run
 
@@ -174,14 +225,18 @@ def forward_flops(model) -> int:
     def count(module, inputs, output) -> None:
         nonlocal total
         if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] \
-                * module.kernel_size[1]
+            per_output = (
+                module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            )
         else:
             per_output = module.in_features
         total += 2 * output.numel() * per_output
 
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, nn.Conv2d | nn.Linear)]
+    hooks = [
+        m.register_forward_hook(count)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
     with torch.no_grad():
         model.eval()(torch.zeros(1, 3, 32, 32))
     for hook in hooks:
@@ -205,13 +260,18 @@ def matmul_peak(clock, n: int = 2048, calls: int = 5, repeats: int = 5) -> float
 
 
 def hardware() -> str:
-    blocks = [dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
-              for block in Path("/proc/cpuinfo").read_text().split("\n\n") if block.strip()]
+    blocks = [
+        dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        for block in Path("/proc/cpuinfo").read_text().split("\n\n")
+        if block.strip()
+    ]
     blocks = [{k.strip(): v.strip() for k, v in b.items()} for b in blocks]
     name = blocks[0].get("model name", platform.processor()) if blocks else platform.machine()
     cores = len({(b.get("physical id"), b.get("core id")) for b in blocks}) or os.cpu_count()
-    return (f"{name}; {cores} physical cores, {os.cpu_count()} hardware threads, "
-            f"{len(os.sched_getaffinity(0))} usable by this process")
+    return (
+        f"{name}; {cores} physical cores, {os.cpu_count()} hardware threads, "
+        f"{len(os.sched_getaffinity(0))} usable by this process"
+    )
 
 
 def run_keras(args: argparse.Namespace, split, order, workdir: Path) -> dict:
@@ -219,13 +279,33 @@ def run_keras(args: argparse.Namespace, split, order, workdir: Path) -> dict:
 
     needed = max(args.steps, args.warmup) * max(args.batch_sizes)
     chosen = order[:needed]  # the very images, in the order, the engine trains on
-    np.savez(workdir / "data.npz", images=split.images[chosen].permute(0, 2, 3, 1).numpy(),
-             labels=split.labels[chosen].numpy())
-    command = [args.keras_python, __file__, "--worker", "keras", "--npz",
-               str(workdir / "data.npz"), "--out", str(workdir / "keras.json"),
-               "--batch-sizes", *map(str, args.batch_sizes), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-               "--threads", str(args.threads), "--clock", args.clock]
+    np.savez(
+        workdir / "data.npz",
+        images=split.images[chosen].permute(0, 2, 3, 1).numpy(),
+        labels=split.labels[chosen].numpy(),
+    )
+    command = [
+        args.keras_python,
+        __file__,
+        "--worker",
+        "keras",
+        "--npz",
+        str(workdir / "data.npz"),
+        "--out",
+        str(workdir / "keras.json"),
+        "--batch-sizes",
+        *map(str, args.batch_sizes),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+        "--clock",
+        args.clock,
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, env=env, check=False)
     if done.returncode != 0:
@@ -234,28 +314,33 @@ def run_keras(args: argparse.Namespace, split, order, workdir: Path) -> dict:
 
 
 def table(rows: list[dict], fwd_flops: int, peak: float) -> list[str]:
-    lines = [f"{'framework':<10}{'augment':<9}{'batch':>6}{'images/s':>10}{'spread':>14}"
-             f"{'GFLOP/s':>9}{'% peak':>8}"]
+    lines = [
+        f"{'framework':<10}{'augment':<9}{'batch':>6}{'images/s':>10}{'spread':>14}"
+        f"{'GFLOP/s':>9}{'% peak':>8}"
+    ]
     for row in rows:
         ips = statistics.median(row["rates"])
         gflops = ips * 3 * fwd_flops / 1e9  # training ~ forward + 2x backward
         spread = f"{min(row['rates']):.0f}-{max(row['rates']):.0f}"
-        lines.append(f"{row['framework']:<10}{'on' if row['augment'] else 'off':<9}"
-                     f"{row['batch']:>6}{ips:>10.0f}{spread:>14}{gflops:>9.1f}"
-                     f"{100 * gflops / peak:>7.1f}%")
+        lines.append(
+            f"{row['framework']:<10}{'on' if row['augment'] else 'off':<9}"
+            f"{row['batch']:>6}{ips:>10.0f}{spread:>14}{gflops:>9.1f}"
+            f"{100 * gflops / peak:>7.1f}%"
+        )
     return lines
 
 
 def ratios(rows: list[dict]) -> list[str]:
-    rate = {(r["framework"], r["augment"], r["batch"]): statistics.median(r["rates"])
-            for r in rows}
+    rate = {(r["framework"], r["augment"], r["batch"]): statistics.median(r["rates"]) for r in rows}
     lines = []
     for (framework, augment, batch), ips in rate.items():
         keras = rate.get(("keras", augment, batch))
         if framework == "engine" and keras:
             verdict = "meets" if ips / keras >= TARGET_RATIO else "MISSES"
-            lines.append(f"engine/keras  augment {'on ' if augment else 'off'} batch {batch:>3}: "
-                         f"{ips / keras:5.2f}x  ({verdict} the {TARGET_RATIO}x target)")
+            lines.append(
+                f"engine/keras  augment {'on ' if augment else 'off'} batch {batch:>3}: "
+                f"{ips / keras:5.2f}x  ({verdict} the {TARGET_RATIO}x target)"
+            )
     return lines
 
 
@@ -264,8 +349,12 @@ def measure_engine(args: argparse.Namespace, split, order) -> list[dict]:
     for augment, batch in configs(args):
         rates = sample_rates(engine_runner(split, order, batch, augment), batch, args)
         rows.append({"framework": "engine", "augment": augment, "batch": batch, "rates": rates})
-        print(f"  engine augment={augment!s:5} batch={batch:3}: "
-              f"{statistics.median(rates):7.0f} images/s", file=sys.stderr, flush=True)
+        print(
+            f"  engine augment={augment!s:5} batch={batch:3}: "
+            f"{statistics.median(rates):7.0f} images/s",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -293,18 +382,24 @@ def main(args: argparse.Namespace) -> None:
             keras = run_keras(args, split, order, Path(workdir))
         rows += [{"framework": "keras", **r} for r in keras["results"]]
         versions += f", tensorflow {keras['tensorflow']}, keras {keras['keras']}"
-        print(f"parameters: engine {params:,} trainable + {stats:,} BN statistics; keras "
-              f"{keras['params']['trainable']:,} trainable + "
-              f"{keras['params']['non_trainable']:,} non-trainable")
+        print(
+            f"parameters: engine {params:,} trainable + {stats:,} BN statistics; keras "
+            f"{keras['params']['trainable']:,} trainable + "
+            f"{keras['params']['non_trainable']:,} non-trainable"
+        )
         assert keras["params"] == {"trainable": params, "non_trainable": stats}, "models differ"
         jit = {r["jit_compile"] for r in keras["results"]}
         versions += f" (model.fit, XLA jit_compile={', '.join(map(str, sorted(jit)))})"
     print("versions:", versions, f"| threads {args.threads}")
-    print(f"model: cnn-seed, {fwd_flops / 1e6:.1f} MFLOP forward per image, training counted "
-          f"as 3x; fp32 matmul peak (torch.mm 2048x2048): {peak:.1f} GFLOP/s")
+    print(
+        f"model: cnn-seed, {fwd_flops / 1e6:.1f} MFLOP forward per image, training counted "
+        f"as 3x; fp32 matmul peak (torch.mm 2048x2048): {peak:.1f} GFLOP/s"
+    )
     per = "CPU-second of the process, all threads" if args.clock == "cpu" else "wall second"
-    print(f"timing: {args.warmup} warm-up steps, then {args.repeats} x {args.steps} steps; "
-          f"images/s (per {per}) is the median, spread the min-max")
+    print(
+        f"timing: {args.warmup} warm-up steps, then {args.repeats} x {args.steps} steps; "
+        f"images/s (per {per}) is the median, spread the min-max"
+    )
     print("\n".join(table(rows, fwd_flops, peak) + ratios(rows)))
     print("load average at end:", os.getloadavg())
 

@@ -85,8 +85,9 @@ def extract_rate(size: int, compiled: bool, args) -> float:
         backbone = torch.compile(backbone, dynamic=False)
     images = images_of(size, EXTRACT_BATCH)
     with torch.no_grad():
-        seconds = median_seconds(lambda: backbone(images), args.repeats,
-                                 warmup=2 if compiled else 1, clock=clock(args))
+        seconds = median_seconds(
+            lambda: backbone(images), args.repeats, warmup=2 if compiled else 1, clock=clock(args)
+        )
     return EXTRACT_BATCH / seconds
 
 
@@ -116,8 +117,9 @@ def head_epoch_seconds(args) -> float:
 
     def epoch() -> None:
         for start in range(0, TRAIN_IMAGES, HEAD_BATCH):
-            loss = F.cross_entropy(head(features[start:start + HEAD_BATCH]),
-                                   labels[start:start + HEAD_BATCH])
+            loss = F.cross_entropy(
+                head(features[start : start + HEAD_BATCH]), labels[start : start + HEAD_BATCH]
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -128,10 +130,14 @@ def head_epoch_seconds(args) -> float:
 def print_header(args, allocator: str) -> None:
     print(f"command: {shlex.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"date:    {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"cpu:     {cpu_name()}, {os.cpu_count()} logical cores, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"torch:   {torch.__version__}, python {platform.python_version()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"cpu:     {cpu_name()}, {os.cpu_count()} logical cores, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"torch:   {torch.__version__}, python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"malloc:  {allocator}")
     print(f"model:   {args.model}, clock {args.clock}\n")
 
@@ -150,24 +156,34 @@ def report(size: int, args, head_seconds: float) -> tuple[Usage, Usage]:
     epoch_full = (TRAIN_IMAGES / full + VAL_IMAGES / extract) / 60
     epoch_top = (TRAIN_IMAGES / top + VAL_IMAGES / extract) / 60
     compiled_text = f"{compiled:6.0f}" if compiled else "     -"
-    print(f"{size:4d} px | {eager:6.0f} | {compiled_text} | {full:6.1f} | {top:6.1f} | "
-          f"{cached:6.1f} | {uncached:6.1f} | {uncached / cached:5.1f}x | "
-          f"{epoch_full:5.1f} | {epoch_top:5.1f}", flush=True)
+    print(
+        f"{size:4d} px | {eager:6.0f} | {compiled_text} | {full:6.1f} | {top:6.1f} | "
+        f"{cached:6.1f} | {uncached:6.1f} | {uncached / cached:5.1f}x | "
+        f"{epoch_full:5.1f} | {epoch_top:5.1f}",
+        flush=True,
+    )
     return extraction, finetuning
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mobilenetv2",
-                        choices=sorted(n for n, spec in REGISTRY.items() if spec.pretrained))
+    parser.add_argument(
+        "--model",
+        default="mobilenetv2",
+        choices=sorted(n for n, spec in REGISTRY.items() if spec.pretrained),
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 128, 160, 224])
     parser.add_argument("--compile", action="store_true", help="also time compiled extraction")
     parser.add_argument("--top-blocks", type=int, default=6, help="partial fine-tuning depth")
     parser.add_argument("--stage1-epochs", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: process CPU seconds / threads (shared machines)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU seconds / threads (shared machines)",
+    )
     add_allocator_option(parser)
     args = parser.parse_args(argv)
     if args.allocator in ("both", "all"):
@@ -177,11 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     print_header(args, allocator)
     head_seconds = head_epoch_seconds(args)
-    print(f"stage-1 head epoch on cached features (40,000 x 1280, batch {HEAD_BATCH}): "
-          f"{head_seconds:.1f} s\n")
-    print("images/s: extraction eager | compiled, fine-tune step all blocks | top "
-          f"{args.top_blocks} (batch {FINETUNE_BATCH});\nminutes: stage 1 ({args.stage1_epochs} "
-          "epochs) cached | uncached, cache speed-up, one fine-tune epoch all | top\n")
+    print(
+        f"stage-1 head epoch on cached features (40,000 x 1280, batch {HEAD_BATCH}): "
+        f"{head_seconds:.1f} s\n"
+    )
+    print(
+        "images/s: extraction eager | compiled, fine-tune step all blocks | top "
+        f"{args.top_blocks} (batch {FINETUNE_BATCH});\nminutes: stage 1 ({args.stage1_epochs} "
+        "epochs) cached | uncached, cache speed-up, one fine-tune epoch all | top\n"
+    )
     print("  size |  eager | compil |  ft all | ft top | s1 cch | s1 unc | speed | ep all | ep top")
     usage = {size: report(size, args, head_seconds) for size in args.sizes}
     print("\nCPU time and minor page faults of the timed work (warm-up included):")

@@ -10,4 +10,5 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" =
 fi
 export CIFAR100_SHARED="${CIFAR100_SHARED:-$(cd .. && pwd)/shared}"
 .venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff format --check src tests benchmarks
 .venv/bin/python -m pytest -q "$@"

@@ -12,8 +12,9 @@ import pytest
 SHARED = Path(os.environ.get("CIFAR100_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
-def write_fake_cifar(root: Path, train_per_class: int = 10, test_per_class: int = 2,
-                     seed: int = 0) -> Path:
+def write_fake_cifar(
+    root: Path, train_per_class: int = 10, test_per_class: int = 2, seed: int = 0
+) -> Path:
     """Write ``root/cifar-100-python/{train,test,meta}`` as the real files are laid out.
 
     Each class gets its own colour and stripe pattern plus noise, so a model can learn it.
@@ -31,12 +32,18 @@ def write_fake_cifar(root: Path, train_per_class: int = 10, test_per_class: int 
             stripes = ((np.arange(32) // (2 + label % 7)) % 2 * 40)[None, :, None]
             noise = rng.integers(-20, 21, size=(3, 32, 32))
             images[i] = np.clip(base + stripes + noise, 0, 255)
-        entry = {"data": images.reshape(len(fine), 3072), "fine_labels": fine.tolist(),
-                 "coarse_labels": (fine // 5).tolist(), "batch_label": f"fake {name}"}
+        entry = {
+            "data": images.reshape(len(fine), 3072),
+            "fine_labels": fine.tolist(),
+            "coarse_labels": (fine // 5).tolist(),
+            "batch_label": f"fake {name}",
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f, protocol=2)
-    meta = {"fine_label_names": [f"class_{i:02d}" for i in range(100)],
-            "coarse_label_names": [f"super_{i:02d}" for i in range(20)]}
+    meta = {
+        "fine_label_names": [f"class_{i:02d}" for i in range(100)],
+        "coarse_label_names": [f"super_{i:02d}" for i in range(20)],
+    }
     with open(folder / "meta", "wb") as f:
         pickle.dump(meta, f, protocol=2)
     return root
@@ -54,8 +61,21 @@ def tiny_run(fake_data_dir, tmp_path_factory) -> Path:
     from cifar100.cli import main
 
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    code = main(["train", "--preset", "quick", "--epochs", "1", "--data-dir", str(fake_data_dir),
-                 "--run-dir", str(run_dir), "--set", "model.widths=[16,32,32,32]"])
+    code = main(
+        [
+            "train",
+            "--preset",
+            "quick",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(fake_data_dir),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "model.widths=[16,32,32,32]",
+        ]
+    )
     assert code == 0
     return run_dir
 

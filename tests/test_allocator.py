@@ -32,10 +32,19 @@ print(json.dumps({"setting": setting, "faults": faults() - before}))
 
 
 def _probe(**env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items()
-             if k not in (allocator.ENV, "GLIBC_TUNABLES", *allocator.GLIBC_ENV)}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, check=True,
-                         capture_output=True, text=True, timeout=120)
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (allocator.ENV, "GLIBC_TUNABLES", *allocator.GLIBC_ENV)
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env={**clean, **env},
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return json.loads(out.stdout.splitlines()[-1])
 
 

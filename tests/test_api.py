@@ -26,8 +26,11 @@ WIDTHS = [16, 32, 32, 32]  # the narrow quick recipe of conftest's tiny_run: sec
 
 @pytest.fixture(scope="module")
 def api_run(fake_data_dir, tmp_path_factory) -> tuple[Path, dict]:
-    config = cifar100.load_config("quick", epochs=1, overrides={
-        "data": {"data_dir": str(fake_data_dir)}, "model": {"widths": WIDTHS}})
+    config = cifar100.load_config(
+        "quick",
+        epochs=1,
+        overrides={"data": {"data_dir": str(fake_data_dir)}, "model": {"widths": WIDTHS}},
+    )
     run_dir = tmp_path_factory.mktemp("api") / "run"
     return run_dir, cifar100.train(config, run_dir)
 
@@ -38,10 +41,13 @@ def photos(shared_dir) -> list[Path]:
 
 
 def test_import_is_light_and_lists_the_api():
-    code = ("import sys, cifar100; assert 'torch' not in sys.modules; "
-            "print(sorted(set(cifar100.API) & set(dir(cifar100))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import sys, cifar100; assert 'torch' not in sys.modules; "
+        "print(sorted(set(cifar100.API) & set(dir(cifar100))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert "'load_model'" in out and "'train'" in out
     assert sorted(cifar100.API) == sorted(api.__all__)  # the lazy list is complete
     # A module named like an API function would shadow it once imported (cifar100.export).
@@ -50,11 +56,24 @@ def test_import_is_light_and_lists_the_api():
 
 
 def test_load_config_resolves_as_the_train_command(fake_data_dir):
-    args = build_parser().parse_args([
-        "train", "--preset", "quick", "--epochs", "3", "--data-dir", str(fake_data_dir),
-        "--set", "model.widths=[16,32,32,32]"])
-    config = cifar100.load_config("quick", epochs=3, overrides={
-        "data": {"data_dir": str(fake_data_dir)}, "model": {"widths": WIDTHS}})
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--preset",
+            "quick",
+            "--epochs",
+            "3",
+            "--data-dir",
+            str(fake_data_dir),
+            "--set",
+            "model.widths=[16,32,32,32]",
+        ]
+    )
+    config = cifar100.load_config(
+        "quick",
+        epochs=3,
+        overrides={"data": {"data_dir": str(fake_data_dir)}, "model": {"widths": WIDTHS}},
+    )
     assert config == train_command.resolve_config(args)
     with pytest.raises(cifar100.UserError, match="would do nothing for cnn-fast"):
         cifar100.load_config("quick", overrides={"transfer": {"stage1_lr": 0.1}})
@@ -73,8 +92,9 @@ def test_load_model_predicts_as_the_predict_command(api_run, photos, capsys):
     model = cifar100.load_model(run_dir)
     assert model.class_names == [f"class_{i:02d}" for i in range(100)]
     predictions = model.predict(photos, top=3)
-    assert main(["predict", *map(str, photos), "--model", str(run_dir), "--top", "3",
-                 "--json"]) == 0
+    assert (
+        main(["predict", *map(str, photos), "--model", str(run_dir), "--top", "3", "--json"]) == 0
+    )
     assert [p.to_json() for p in predictions] == json.loads(capsys.readouterr().out)
     assert main(["predict", str(photos[0]), "--model", str(run_dir), "--top", "3"]) == 0
     assert capsys.readouterr().out == str(predictions[0]) + "\n"
@@ -89,7 +109,7 @@ def test_predict_takes_tensors_and_reports_unreadable_files(api_run, tmp_path):
     assert [p.top[0][0] for p in tops] == [model.class_names[i] for i in probs.argmax(1)]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    prediction, = model.predict(broken)
+    (prediction,) = model.predict(broken)
     assert prediction.top == [] and "not an image Pillow can read" in prediction.error
 
 

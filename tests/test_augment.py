@@ -42,7 +42,7 @@ def square(n: int, side: int = 12) -> torch.Tensor:
     """(n, 3, 32, 32): a bright centred square on black."""
     out = torch.zeros(n, 3, 32, 32)
     lo = 16 - side // 2
-    out[:, :, lo:lo + side, lo:lo + side] = 1.0
+    out[:, :, lo : lo + side, lo : lo + side] = 1.0
     return out
 
 
@@ -89,7 +89,7 @@ def test_translate_is_a_crop_of_the_reflect_padded_image(images):
     out = random_translate(images[:8], 2, gen(6))
     padded = torch.nn.functional.pad(images[:8], (2, 2, 2, 2), mode="reflect")
     for img, pad in zip(out, padded, strict=True):
-        crops = [pad[:, y:y + 32, x:x + 32] for y in range(5) for x in range(5)]
+        crops = [pad[:, y : y + 32, x : x + 32] for y in range(5) for x in range(5)]
         assert any(torch.equal(img, crop) for crop in crops)
 
 
@@ -140,10 +140,15 @@ def test_affine_without_rotation_or_zoom_is_identity(images):
     assert torch.allclose(out, images, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [AugmentConfig(mixup_alpha=0.4),
-                                    AugmentConfig(cutmix_alpha=1.0),
-                                    AugmentConfig(mixup_alpha=0.2, cutmix_alpha=1.0)],
-                         ids=["mixup", "cutmix", "both"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        AugmentConfig(mixup_alpha=0.4),
+        AugmentConfig(cutmix_alpha=1.0),
+        AugmentConfig(mixup_alpha=0.2, cutmix_alpha=1.0),
+    ],
+    ids=["mixup", "cutmix", "both"],
+)
 def test_mixed_targets_sum_to_one_and_follow_the_generator(images, config):
     targets = one_hot(torch.arange(64) % 100, 100, smoothing=0.1)
     torch.manual_seed(0)

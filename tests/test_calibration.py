@@ -36,8 +36,9 @@ def calibrated_run(tiny_run, fake_data_dir, tmp_path_factory):
     """A copy of the shared tiny run, evaluated (which fits and writes the temperature),
     with every split that the fit was given recorded."""
     run_dir = tmp_path_factory.mktemp("calibrated") / "run"
-    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("report*", "model.*",
-                                                                     "calibration.json"))
+    shutil.copytree(
+        tiny_run, run_dir, ignore=shutil.ignore_patterns("report*", "model.*", "calibration.json")
+    )
     seen = []
     original = engine.predict_logits
 
@@ -83,13 +84,15 @@ def _image(tmp_path: Path) -> Path:
     from PIL import Image
 
     path = tmp_path / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
-                    ).save(path)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+        path
+    )
     return path
 
 
-def test_predict_and_export_use_the_fitted_temperature(calibrated_run, fake_data_dir,
-                                                       tmp_path, capsys):
+def test_predict_and_export_use_the_fitted_temperature(
+    calibrated_run, fake_data_dir, tmp_path, capsys
+):
     run_dir, _ = calibrated_run
     temperature = load_temperature(run_dir / "checkpoints" / "best.pt")
     images = torch.rand(4, 3, 32, 32)
@@ -98,14 +101,33 @@ def test_predict_and_export_use_the_fitted_temperature(calibrated_run, fake_data
     assert torch.allclose(scaled, raw / temperature, atol=1e-5)
     assert torch.equal(scaled.argmax(1), raw.argmax(1))  # no prediction changes
     out = tmp_path / "model.onnx"
-    assert main(["export", str(run_dir), "--format", "all", "--calibrated", "--out", str(out),
-                 "--data-dir", str(fake_data_dir), "--check-images", "20", "--json"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run_dir),
+                "--format",
+                "all",
+                "--calibrated",
+                "--out",
+                str(out),
+                "--data-dir",
+                str(fake_data_dir),
+                "--check-images",
+                "20",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["temperature"] == pytest.approx(temperature)
     for exported in (out, out.with_suffix(".safetensors")):
         assert torch.allclose(load_model(exported).logits(images), scaled, atol=1e-4)
-    assert main(["predict", str(_image(tmp_path)), "--model", str(run_dir), "--calibrated",
-                 "--json"]) == 0
+    assert (
+        main(["predict", str(_image(tmp_path)), "--model", str(run_dir), "--calibrated", "--json"])
+        == 0
+    )
     top = json.loads(capsys.readouterr().out)[0]["top"]
     assert top[0]["probability"] < 1.0
 

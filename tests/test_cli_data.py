@@ -20,8 +20,22 @@ FOLDER = "cifar-100-python"
 
 def test_info_json_on_the_real_set(real_data_dir, tmp_path, capsys):
     grid = tmp_path / "grid" / "samples.png"
-    assert main(["data", "info", "--data-dir", str(real_data_dir), "--json",
-                 "--grid", str(grid), "--per-class", "4"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "info",
+                "--data-dir",
+                str(real_data_dir),
+                "--json",
+                "--grid",
+                str(grid),
+                "--per-class",
+                "4",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["train_images"] == 50_000 and summary["test_images"] == 10_000
     assert summary["split"] == {"train": 40_000, "val": 10_000, "seed": 0}
@@ -40,8 +54,24 @@ def test_info_json_on_the_real_set(real_data_dir, tmp_path, capsys):
 
 def test_info_text_lists_superclasses(fake_data_dir, tmp_path, capsys):
     grid = tmp_path / "aug.png"
-    assert main(["data", "info", "--data-dir", str(fake_data_dir), "--grid", str(grid),
-                 "--augmented", "--per-class", "2", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "info",
+                "--data-dir",
+                str(fake_data_dir),
+                "--grid",
+                str(grid),
+                "--augmented",
+                "--per-class",
+                "2",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "train 1000 images (10 per class), test 200 (2 per class)" in out
     assert "split (seed 3): 800 train / 200 validation" in out
@@ -88,19 +118,28 @@ def test_truncated_file_through_the_installed_command(real_data_dir, broken_copy
     with open(real_data_dir / FOLDER / "train", "rb") as src:
         (broken_copy / "train").write_bytes(src.read(1_000_000))
     env = {**os.environ, "CIFAR100_DATA": str(broken_copy.parent)}
-    result = subprocess.run([sys.executable, "-m", "cifar100", "data", "info"],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "cifar100", "data", "info"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith(
-        f"cifar100: error: {broken_copy / 'train'}: unreadable or truncated")
+        f"cifar100: error: {broken_copy / 'train'}: unreadable or truncated"
+    )
     assert result.stderr.count("\n") == 1
 
 
 def test_unwritable_grid_is_a_one_line_error(fake_data_dir, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    err = one_line_error(capsys, ["data", "info", "--data-dir", str(fake_data_dir),
-                                  "--grid", str(blocker / "grid.png")])
+    err = one_line_error(
+        capsys,
+        ["data", "info", "--data-dir", str(fake_data_dir), "--grid", str(blocker / "grid.png")],
+    )
     assert "cannot write the sample grid" in err
 
 

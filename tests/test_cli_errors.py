@@ -21,12 +21,14 @@ MISSING = "missing-dir"  # relative: every case runs in an empty folder of its o
 def _cases() -> list[tuple[str, list[str]]]:
     train, evaluate, predict = ["train"], ["evaluate"], ["predict", "img.png", "--model"]
     return [
-        ("no command", []), ("unknown command", ["bogus"]),
+        ("no command", []),
+        ("unknown command", ["bogus"]),
         ("unknown model", [*train, "--model", "resnet9000"]),
         ("unknown preset", [*train, "--preset", "nope"]),
         ("unknown optimizer", [*train, "--set", "optim.optimizer=adamz"]),
         ("unknown schedule", [*train, "--set", "optim.schedule=zigzag"]),
-        ("zero epochs", [*train, "--epochs", "0"]), ("negative epochs", [*train, "--epochs", "-3"]),
+        ("zero epochs", [*train, "--epochs", "0"]),
+        ("negative epochs", [*train, "--epochs", "-3"]),
         ("epochs not a number", [*train, "--epochs", "many"]),
         ("negative seed", [*train, "--seed", "-1"]),
         ("empty subset", [*train, "--train-subset", "0"]),
@@ -42,15 +44,19 @@ def _cases() -> list[tuple[str, list[str]]]:
         ("config not YAML", [*train, "--config", "broken.yaml"]),
         ("unknown device", [*train, "--device", "tpu"]),
         ("ignored transfer setting", [*train, "--model", "mobilenetv2", "--set", "optim.lr=0.1"]),
-        ("transfer setting on a CNN", [*train, "--model", "cnn-seed",
-                                       "--set", "transfer.stage1_lr=0.1"]),
+        (
+            "transfer setting on a CNN",
+            [*train, "--model", "cnn-seed", "--set", "transfer.stage1_lr=0.1"],
+        ),
         ("missing data", [*train, "--data-dir", MISSING, "--run-dir", "new-run"]),
         ("folder holds a run", [*train, "--run-dir", "run"]),
         ("overwrite a folder that is no run", [*train, "--run-dir", "notes", "--overwrite"]),
         ("run folder is a file", [*train, "--run-dir", "img.png"]),
         ("folder holds a failed start", [*train, "--run-dir", "failed"]),
-        ("missing weights file", [*train, "--model", "mobilenetv2",
-                                  "--set", "model.weights=nope.pt"]),
+        (
+            "missing weights file",
+            [*train, "--model", "mobilenetv2", "--set", "model.weights=nope.pt"],
+        ),
         ("resume nothing", [*train, "--resume", MISSING]),
         ("resume with a setting", [*train, "--resume", "run", "--set", "optim.lr=1"]),
         ("resume with overwrite", [*train, "--resume", "run", "--overwrite"]),
@@ -77,7 +83,8 @@ def _cases() -> list[tuple[str, list[str]]]:
         ("tune ignored setting", ["tune", "--preset", "mobilenetv2", "--set", "optim.lr=1"]),
         ("tune study folder is a file", ["tune", "--study-dir", "img.png"]),
         ("tune study is no database", ["tune", "--study-dir", "notes"]),
-        ("compare nothing", ["compare"]), ("compare missing", ["compare", "nope.json"]),
+        ("compare nothing", ["compare"]),
+        ("compare missing", ["compare", "nope.json"]),
         ("compare bad JSON", ["compare", "broken.yaml"]),
         ("record without --to", ["compare", "--record", "run"]),
         ("data without action", ["data"]),
@@ -90,16 +97,23 @@ def _cases() -> list[tuple[str, list[str]]]:
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_file()
+        else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.fixture
 def workdir(tmp_path, tiny_run, monkeypatch) -> Path:
     """An empty-ish folder with the things the cases point at: a trained run (no
     calibration), a corrupt and a foreign checkpoint, a broken file, an image."""
-    shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns(
-        "calibration.json", "report*", "model.*"))
+    shutil.copytree(
+        tiny_run,
+        tmp_path / "run",
+        ignore=shutil.ignore_patterns("calibration.json", "report*", "model.*"),
+    )
     for name, content in (("corrupt", b"not a checkpoint"), ("foreign", None)):
         (tmp_path / name / "checkpoints").mkdir(parents=True)
         path = tmp_path / name / "checkpoints" / "best.pt"
@@ -137,16 +151,23 @@ def test_bad_input_is_one_line_and_changes_nothing(name, argv, workdir, capsys):
     assert _snapshot(workdir) == before  # nothing created, lost or changed
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["train", "--model", "resnet9000"], "unknown model 'resnet9000' (choose from"),
-    (["train", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
-    (["export", "run", "--format", "tflite"], "choose from 'onnx', 'safetensors', 'all'"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--model", "resnet9000"], "unknown model 'resnet9000' (choose from"),
+        (["train", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+        (["export", "run", "--format", "tflite"], "choose from 'onnx', 'safetensors', 'all'"),
+    ],
+)
 def test_the_installed_command_prints_one_line(argv, expected, tmp_path):
     """A real process: what a user sees, exit status and all."""
-    result = subprocess.run([sys.executable, "-m", "cifar100", *argv], cwd=tmp_path,
-                            capture_output=True, text=True,
-                            env={**os.environ, "CIFAR100_CACHE": str(tmp_path / "c")})
+    result = subprocess.run(
+        [sys.executable, "-m", "cifar100", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CIFAR100_CACHE": str(tmp_path / "c")},
+    )
     assert result.returncode != 0 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and expected in result.stderr
     assert result.stderr.startswith("cifar100: error: ") and "Traceback" not in result.stderr

@@ -113,8 +113,11 @@ def test_sharded_evaluation_only_hands_device_tensors_to_collectives(fake):
 def test_rank_states_and_results_travel_as_objects(fake):
     distributed.gather_rank_states({"torch": torch.zeros(2)}, None)
     distributed.share({"test_top1": 0.5})
-    assert [name for name, _ in fake.calls] == ["all_gather_object", "broadcast_object_list",
-                                                "barrier"]
+    assert [name for name, _ in fake.calls] == [
+        "all_gather_object",
+        "broadcast_object_list",
+        "barrier",
+    ]
 
 
 def test_init_on_cuda_joins_nccl_for_tensors_and_gloo_for_objects(monkeypatch):
@@ -139,11 +142,14 @@ def test_collectives_stay_on_cpu_under_gloo(fake, monkeypatch):
     assert fake.tensor_devices() == {torch.device("cpu")}
 
 
-@pytest.mark.parametrize("rank, local_rank, expected", [
-    (0, 0, ["fetch(True)", "barrier", "barrier"]),  # downloads while all others wait
-    (1, 1, ["barrier", "barrier", "fetch(False)"]),  # same machine: reads rank 0's cache
-    (2, 0, ["barrier", "fetch(True)", "barrier"]),  # first on another machine: its own cache
-])
+@pytest.mark.parametrize(
+    "rank, local_rank, expected",
+    [
+        (0, 0, ["fetch(True)", "barrier", "barrier"]),  # downloads while all others wait
+        (1, 1, ["barrier", "barrier", "fetch(False)"]),  # same machine: reads rank 0's cache
+        (2, 0, ["barrier", "fetch(True)", "barrier"]),  # first on another machine: its own cache
+    ],
+)
 def test_rank_zero_downloads_first_and_the_others_wait(monkeypatch, rank, local_rank, expected):
     events: list[str] = []
     monkeypatch.setattr(distributed, "world_size", lambda: 3)

@@ -51,7 +51,7 @@ def test_rows_are_channel_major_planes(fake_data_dir):
         raw = pickle.load(f, encoding="latin1")["data"]
     images = load_cifar100(fake_data_dir).train.images
     for channel in range(3):  # R, G, B planes of 1024 bytes each
-        plane = raw[5, channel * 1024:(channel + 1) * 1024].reshape(32, 32)
+        plane = raw[5, channel * 1024 : (channel + 1) * 1024].reshape(32, 32)
         assert np.array_equal(images[5, channel].numpy(), plane)
 
 
@@ -156,14 +156,17 @@ def test_wrong_content_is_one_line_naming_the_file(copy_dir, damage):
     assert_names_file(caught, path, BROKEN[damage])
 
 
-@pytest.mark.parametrize("name,content,pattern", [
-    ("train", "truncated", "truncated"),
-    ("test", "garbage", "unreadable|not a CIFAR-100 pickle"),
-    ("train", "empty", "truncated"),
-    ("train", "list", "expected a dict, found list"),
-    ("meta", "fewer names", "'fine_label_names' must list 100 names"),
-    ("test", "missing", "file missing"),
-])
+@pytest.mark.parametrize(
+    "name,content,pattern",
+    [
+        ("train", "truncated", "truncated"),
+        ("test", "garbage", "unreadable|not a CIFAR-100 pickle"),
+        ("train", "empty", "truncated"),
+        ("train", "list", "expected a dict, found list"),
+        ("meta", "fewer names", "'fine_label_names' must list 100 names"),
+        ("test", "missing", "file missing"),
+    ],
+)
 def test_unreadable_files_are_one_line_naming_the_file(copy_dir, name, content, pattern):
     path = copy_dir / FOLDER / name
     good = path.read_bytes()
@@ -279,10 +282,12 @@ def test_real_set_channel_statistics(real):
     probs = hist.double() / hist.sum(dim=1, keepdim=True)  # (3, 256) exact moments, no floats
     mean = probs @ values
     std = (probs @ values**2 - mean**2).sqrt()
-    assert torch.allclose(mean, torch.tensor([0.5071, 0.4865, 0.4409], dtype=torch.float64),
-                          atol=5e-4)
-    assert torch.allclose(std, torch.tensor([0.2673, 0.2564, 0.2762], dtype=torch.float64),
-                          atol=5e-4)
+    assert torch.allclose(
+        mean, torch.tensor([0.5071, 0.4865, 0.4409], dtype=torch.float64), atol=5e-4
+    )
+    assert torch.allclose(
+        std, torch.tensor([0.2673, 0.2564, 0.2762], dtype=torch.float64), atol=5e-4
+    )
 
 
 def test_real_split_400_100_per_class(real):

@@ -26,11 +26,30 @@ from cifar100.trained import load_trained
 EPOCHS = 6
 # Tiny widths, no augmentation and no dropout: the only difference left between one
 # process and two is BatchNorm, which normalises each rank's half batch on its own.
-RECIPE = ["--model", "cnn-fast", "--epochs", str(EPOCHS), "--set", "model.widths=8,16,32",
-          "--set", "train.batch_size=64", "--set", "augment.flip=false",
-          "--set", "augment.translate=0", "--set", "optim.optimizer=adam",
-          "--set", "optim.lr=0.003", "--set", "optim.schedule=constant",
-          "--set", "optim.weight_decay=0", "--set", "optim.label_smoothing=0"]
+RECIPE = [
+    "--model",
+    "cnn-fast",
+    "--epochs",
+    str(EPOCHS),
+    "--set",
+    "model.widths=8,16,32",
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "augment.flip=false",
+    "--set",
+    "augment.translate=0",
+    "--set",
+    "optim.optimizer=adam",
+    "--set",
+    "optim.lr=0.003",
+    "--set",
+    "optim.schedule=constant",
+    "--set",
+    "optim.weight_decay=0",
+    "--set",
+    "optim.label_smoothing=0",
+]
 # Relative tolerance on the losses, one process vs two (per-rank BatchNorm statistics;
 # SyncBatchNorm has no CPU kernel). Measured gap: under 3%; training moves the validation
 # loss by over 30% in these epochs, so a wrong shard or learning rate would show.
@@ -48,9 +67,18 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "cifar100",
-            "train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "cifar100",
+        "train",
+        *args,
+    ]
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -64,18 +92,36 @@ def _without_timing(rows: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def single(fake_data_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    subprocess.run([sys.executable, "-m", "cifar100", "train", *RECIPE, "--data-dir",
-                    str(fake_data_dir), "--run-dir", str(run_dir)], env=_env(), check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cifar100",
+            "train",
+            *RECIPE,
+            "--data-dir",
+            str(fake_data_dir),
+            "--run-dir",
+            str(run_dir),
+        ],
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def ddp(fake_data_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    result = subprocess.run(_torchrun(*RECIPE, "--data-dir", str(fake_data_dir), "--run-dir",
-                                      str(run_dir)),
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        _torchrun(*RECIPE, "--data-dir", str(fake_data_dir), "--run-dir", str(run_dir)),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
 
@@ -95,8 +141,13 @@ def test_only_rank_zero_writes_and_prints(ddp):
     assert result.stderr.count("[main] epoch") == EPOCHS  # not once more from rank 1
     assert result.stdout.count("test top-1") == 1
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
-    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "run.json", "metrics.jsonl",
-                                                   "curves.png", "results.json"}
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "curves.png",
+        "results.json",
+    }
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert len(last["ranks"]) == 2  # every rank's RNG state, for an exact resume
     assert last["ranks"][0]["rng"]["generator"].ne(last["ranks"][1]["rng"]["generator"]).any()
@@ -111,9 +162,13 @@ def test_ctrl_c_stops_both_ranks_and_resume_equals_uninterrupted(fake_data_dir, 
     run_dir = tmp_path / "interrupted"
     # torchrun SIGKILLs workers 30 s after forwarding the signal: more on a starved CPU.
     env = {**_env(), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "240"}
-    proc = subprocess.Popen(_torchrun(*RECIPE, "--data-dir", str(fake_data_dir), "--run-dir",
-                                      str(run_dir)),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _torchrun(*RECIPE, "--data-dir", str(fake_data_dir), "--run-dir", str(run_dir)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
@@ -127,8 +182,9 @@ def test_ctrl_c_stops_both_ranks_and_resume_equals_uninterrupted(fake_data_dir, 
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["epoch"] < EPOCHS and state["epoch_state"]["step"] >= 1  # mid-epoch
 
-    resumed = subprocess.run(_torchrun("--resume", str(run_dir)), env=_env(),
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        _torchrun("--resume", str(run_dir)), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _without_timing(_rows(run_dir)) == _without_timing(_rows(ddp[0]))
     a = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
@@ -157,7 +213,7 @@ def test_rank_shards_cover_each_global_batch_exactly(two_ranks):
         shards.append(shard.view(10, 5))
     for step in range(10):
         together = torch.cat([shards[0][step], shards[1][step]])
-        assert torch.equal(together, order[step * 10:(step + 1) * 10])
+        assert torch.equal(together, order[step * 10 : (step + 1) * 10])
 
 
 def test_global_batch_must_divide_by_world_size(two_ranks):

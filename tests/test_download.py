@@ -77,8 +77,7 @@ def host() -> Iterator[Host]:
 @pytest.fixture(scope="module")
 def fake_tarball(tmp_path_factory) -> bytes:
     """A gzipped ``cifar-100-python/`` as the real archive lays it out (1 image per class)."""
-    root = write_fake_cifar(tmp_path_factory.mktemp("tarball"), train_per_class=2,
-                            test_per_class=1)
+    root = write_fake_cifar(tmp_path_factory.mktemp("tarball"), train_per_class=2, test_per_class=1)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(root / "cifar-100-python", arcname="cifar-100-python")
@@ -89,8 +88,9 @@ def md5(body: bytes) -> str:
     return hashlib.md5(body).hexdigest()
 
 
-def publish(monkeypatch, host: Host, body: bytes, checksum: str | None = None,
-            truncated: bool = False) -> str:
+def publish(
+    monkeypatch, host: Host, body: bytes, checksum: str | None = None, truncated: bool = False
+) -> str:
     url = host.serve("cifar-100-python.tar.gz", body, truncated)
     monkeypatch.setattr(data, "URL", url)
     monkeypatch.setattr(data, "MD5", checksum or md5(body))
@@ -124,8 +124,12 @@ def test_download_into_cache_then_load_from_cache(monkeypatch, host, fake_tarbal
     dataset = load_cifar100()
     assert len(dataset.train) == 200 and len(dataset.test) == 100
     assert dataset.source == cache() / "cifar-100-python"
-    assert leftovers() == ["cifar-100-python", "cifar-100-python/meta",
-                           "cifar-100-python/test", "cifar-100-python/train"]
+    assert leftovers() == [
+        "cifar-100-python",
+        "cifar-100-python/meta",
+        "cifar-100-python/test",
+        "cifar-100-python/train",
+    ]
     # The second load finds the cache and never asks the host again.
     monkeypatch.setattr(data, "URL", closed_url())
     assert len(load_cifar100().train) == 200
@@ -161,8 +165,10 @@ def test_http_error_is_reported(monkeypatch, host):
 def evil_archive(good: bytes, kind: str, outside: Path) -> bytes:
     """The good archive plus one member that would land outside the target folder."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=io.BytesIO(good), mode="r:gz") as src, \
-            tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    with (
+        tarfile.open(fileobj=io.BytesIO(good), mode="r:gz") as src,
+        tarfile.open(fileobj=buffer, mode="w:gz") as tar,
+    ):
         for member in src.getmembers():
             tar.addfile(member, src.extractfile(member) if member.isfile() else None)
         payload = b"escaped"
@@ -173,18 +179,23 @@ def evil_archive(good: bytes, kind: str, outside: Path) -> bytes:
             member.name = str(outside / "evil")
         elif kind == "symlink":
             member.name, member.type, member.linkname = (
-                "cifar-100-python/link", tarfile.SYMTYPE, str(outside))
+                "cifar-100-python/link",
+                tarfile.SYMTYPE,
+                str(outside),
+            )
         else:  # hard link to a file outside
             member.name, member.type, member.linkname = (
-                "cifar-100-python/hard", tarfile.LNKTYPE, "../../evil")
+                "cifar-100-python/hard",
+                tarfile.LNKTYPE,
+                "../../evil",
+            )
         member.size = len(payload) if member.isfile() else 0
         tar.addfile(member, io.BytesIO(payload) if member.isfile() else None)
     return buffer.getvalue()
 
 
 @pytest.mark.parametrize("kind", ["parent", "absolute", "symlink", "hardlink"])
-def test_unsafe_member_refused_and_nothing_written(monkeypatch, host, fake_tarball, tmp_path,
-                                                   kind):
+def test_unsafe_member_refused_and_nothing_written(monkeypatch, host, fake_tarball, tmp_path, kind):
     outside = tmp_path / "outside"
     outside.mkdir()
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -256,11 +267,23 @@ def test_cli_bad_checksum_one_line_error(monkeypatch, host, fake_tarball, capsys
 def test_subprocess_offline_exits_nonzero_with_one_line(tmp_path):
     # The real URL, but every request goes through a proxy nobody listens on: offline.
     proxy = closed_url().rsplit("/", 1)[0]
-    env = {**os.environ, "CIFAR100_CACHE": str(tmp_path / "cache"), "https_proxy": proxy,
-           "HTTPS_PROXY": proxy, "no_proxy": "", "NO_PROXY": ""}
+    env = {
+        **os.environ,
+        "CIFAR100_CACHE": str(tmp_path / "cache"),
+        "https_proxy": proxy,
+        "HTTPS_PROXY": proxy,
+        "no_proxy": "",
+        "NO_PROXY": "",
+    }
     env.pop("CIFAR100_DATA", None)
-    result = subprocess.run([sys.executable, "-m", "cifar100", "data", "info"], env=env,
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "cifar100", "data", "info"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.startswith("cifar100: error: CIFAR-100 not found")
@@ -287,7 +310,10 @@ def test_extract_tar_replaces_a_stale_folder(tmp_path, fake_tarball):
     (target / "cifar-100-python" / "stale").write_text("old")
     extract_tar(archive, target)
     assert sorted(p.name for p in (target / "cifar-100-python").iterdir()) == [
-        "meta", "test", "train"]
+        "meta",
+        "test",
+        "train",
+    ]
     assert [p.name for p in target.iterdir()] == ["cifar-100-python"]
 
 
@@ -312,10 +338,23 @@ def test_under_torchrun_only_rank_zero_downloads(monkeypatch, host, fake_tarball
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={port}", str(script), url, md5(fake_tarball),
-         str(tmp_path)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            str(script),
+            url,
+            md5(fake_tarball),
+            str(tmp_path),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["200", "200"]
     assert host.requests == ["/cifar-100-python.tar.gz"]

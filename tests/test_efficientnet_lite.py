@@ -69,20 +69,24 @@ def test_oracle_classifies_real_photos_with_the_readme_probabilities(oracle) -> 
 
 def test_symmetric_padding_would_fail_the_oracle(oracle, monkeypatch) -> None:
     """The probability check can tell TF "SAME" padding from PyTorch's symmetric one."""
-    monkeypatch.setattr(efficientnet_lite, "same_padding",
-                        lambda size, kernel, stride: ((kernel - 1) // 2,) * 2)
+    monkeypatch.setattr(
+        efficientnet_lite, "same_padding", lambda size, kernel, stride: ((kernel - 1) // 2,) * 2
+    )
     _, probs = _top1(*oracle)
     errors = [abs(p - expected) for p, (_, expected) in zip(probs, ORACLE.values(), strict=True)]
     assert max(errors) > 5 * TOLERANCE, probs
 
 
-@pytest.mark.parametrize(("size", "kernel", "stride", "expected"), [
-    (224, 3, 2, (0, 1)),  # even input: the odd pixel goes after (bottom/right)
-    (112, 5, 2, (1, 2)),
-    (7, 3, 2, (1, 1)),  # odd input: symmetric
-    (14, 5, 1, (2, 2)),  # stride 1: always symmetric
-    (1, 3, 2, (1, 1)),
-])
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "expected"),
+    [
+        (224, 3, 2, (0, 1)),  # even input: the odd pixel goes after (bottom/right)
+        (112, 5, 2, (1, 2)),
+        (7, 3, 2, (1, 1)),  # odd input: symmetric
+        (14, 5, 1, (2, 2)),  # stride 1: always symmetric
+        (1, 3, 2, (1, 1)),
+    ],
+)
 def test_same_padding(size: int, kernel: int, stride: int, expected: tuple[int, int]) -> None:
     assert same_padding(size, kernel, stride) == expected
 

@@ -33,12 +33,33 @@ def lite_run(small_data_dir, shared_dir, tmp_path_factory) -> Path:
     weights = shared_dir / "weights" / "efficientnet-lite0-57934424.pth"
     with pytest.MonkeyPatch.context() as mp:  # module scope: the autouse cache comes later
         mp.setenv("CIFAR100_CACHE", str(root / "cache"))
-        code = main(["train", "--preset", "efficientnet-lite0-finetune", "--epochs", "1",
-                     "--train-subset", "200", "--data-dir", str(small_data_dir),
-                     "--run-dir", str(root / "run"), "--set", "model.image_size=64",
-                     "--set", f"model.weights={weights}", "--set", "transfer.compile=false",
-                     "--set", "transfer.stage1_batch_size=50", "--set", "train.batch_size=50",
-                     "--set", "train.eval_batch_size=100"])
+        code = main(
+            [
+                "train",
+                "--preset",
+                "efficientnet-lite0-finetune",
+                "--epochs",
+                "1",
+                "--train-subset",
+                "200",
+                "--data-dir",
+                str(small_data_dir),
+                "--run-dir",
+                str(root / "run"),
+                "--set",
+                "model.image_size=64",
+                "--set",
+                f"model.weights={weights}",
+                "--set",
+                "transfer.compile=false",
+                "--set",
+                "transfer.stage1_batch_size=50",
+                "--set",
+                "train.batch_size=50",
+                "--set",
+                "train.eval_batch_size=100",
+            ]
+        )
     assert code == 0
     return root / "run"
 

@@ -68,8 +68,10 @@ def test_constant_schedule_warms_up_then_holds():
 
 def test_plateau_halves_after_patience_epochs_without_improvement():
     losses = [1.0, 0.9, 0.95, 0.95, 0.95, 0.8, 0.85, 0.85, 0.85, 0.85]
-    lrs = _lrs(OptimConfig(lr=1.0, schedule="plateau", plateau_factor=0.5,
-                           plateau_patience=2, min_lr=0.3), losses=losses)
+    lrs = _lrs(
+        OptimConfig(lr=1.0, schedule="plateau", plateau_factor=0.5, plateau_patience=2, min_lr=0.3),
+        losses=losses,
+    )
     # Epochs 3-5 fail to beat 0.9: the third bad one halves; epoch 6 improves (reset);
     # 7-9 halve again, but not below min_lr.
     assert lrs == [1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.3]
@@ -100,7 +102,8 @@ def test_restored_schedule_follows_a_longer_run():
     optimizer.step()
     longer.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(
-        0.5 * (1 + math.cos(math.pi * (2 * STEPS + 1) / (4 * STEPS))))
+        0.5 * (1 + math.cos(math.pi * (2 * STEPS + 1) / (4 * STEPS)))
+    )
     optimizer, same = resumed(2)  # an unchanged config: exactly where it was
     assert vars(same.lr_lambdas[0]) == saved["lr_lambdas"][0]
     assert optimizer.param_groups[0]["lr"] == saved_opt["param_groups"][0]["lr"]
@@ -119,9 +122,21 @@ def test_ema_averages_weights_and_copies_integer_buffers():
     assert not any(p.requires_grad for p in ema.model.parameters())
 
 
-CONSTANT = [*["--set", "optim.schedule=constant", "--set", "optim.warmup_epochs=0"],
-            *["--set", "train.ema_decay=0.9", "--preset", "quick", "--set", "train.batch_size=50",
-              "--set", "model.widths=8,16,32,32", "--set", "train.eval_batch_size=100"]]
+CONSTANT = [
+    *["--set", "optim.schedule=constant", "--set", "optim.warmup_epochs=0"],
+    *[
+        "--set",
+        "train.ema_decay=0.9",
+        "--preset",
+        "quick",
+        "--set",
+        "train.batch_size=50",
+        "--set",
+        "model.widths=8,16,32,32",
+        "--set",
+        "train.eval_batch_size=100",
+    ],
+]
 
 
 def test_ema_survives_a_resume_exactly(fake_data_dir, tmp_path):
@@ -142,14 +157,17 @@ def test_ema_survives_a_resume_exactly(fake_data_dir, tmp_path):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert not all(torch.equal(a["ema"][k], a["model"][k]) for k in a["ema"])  # averaged
-    rows = [[{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-             for line in (d / "metrics.jsonl").read_text().splitlines()]
-            for d in (straight, stepped)]
+    rows = [
+        [
+            {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+            for line in (d / "metrics.jsonl").read_text().splitlines()
+        ]
+        for d in (straight, stepped)
+    ]
     assert rows[0] == rows[1]
 
 
-def test_early_stopping_ends_after_patience_epochs(fake_data_dir, tmp_path, monkeypatch,
-                                                   capsys):
+def test_early_stopping_ends_after_patience_epochs(fake_data_dir, tmp_path, monkeypatch, capsys):
     """Validation top-1 0.5, 0.4, 0.45, 0.3: with patience 2 the run stops after epoch 3."""
     scores = iter([0.5, 0.4, 0.45, 0.3, 0.9, 0.9])
 
@@ -158,8 +176,24 @@ def test_early_stopping_ends_after_patience_epochs(fake_data_dir, tmp_path, monk
 
     monkeypatch.setattr(distributed, "evaluate_sharded", fake_validation)
     run_dir = tmp_path / "early"
-    assert main(["train", *CONSTANT, "--epochs", "6", "--set", "train.early_stopping=2",
-                 "--data-dir", str(fake_data_dir), "--run-dir", str(run_dir), "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *CONSTANT,
+                "--epochs",
+                "6",
+                "--set",
+                "train.early_stopping=2",
+                "--data-dir",
+                str(fake_data_dir),
+                "--run-dir",
+                str(run_dir),
+                "--json",
+            ]
+        )
+        == 0
+    )
     results = json.loads(capsys.readouterr().out)
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3 and results["best_epoch"] == 1 and results["val_top1"] == 0.5
@@ -192,8 +226,7 @@ def _model() -> nn.Module:
 def _rank(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         metrics = distributed.evaluate_sharded(evaluate, _model(), _Batches(), 2)
         Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
@@ -213,8 +246,9 @@ def test_uneven_validation_shards_match_one_process(tmp_path):
     assert ranks[0] == ranks[1]  # every rank takes the same decisions
     for key in ("loss", "top1", "top5"):
         assert ranks[0][key] == pytest.approx(single[key], rel=1e-6), key
-    halves = [evaluate(_model(), distributed.Shard(_Batches(), a, b), 2)
-              for a, b in ((0, 3), (3, 7))]
+    halves = [
+        evaluate(_model(), distributed.Shard(_Batches(), a, b), 2) for a, b in ((0, 3), (3, 7))
+    ]
     assert halves[0]["top1"] != halves[1]["top1"] or halves[0]["loss"] != halves[1]["loss"]
     plain_mean = sum(h["loss"] for h in halves) / 2
     assert single["loss"] != pytest.approx(plain_mean)  # an unweighted mean would be wrong

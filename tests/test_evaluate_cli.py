@@ -21,8 +21,22 @@ WINDOW = (1280, 2400)
 @pytest.fixture(scope="module")
 def trained_run(fake_data_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["train", "--preset", "quick", "--epochs", "1", "--data-dir",
-                 str(fake_data_dir), "--run-dir", str(run_dir)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "quick",
+                "--epochs",
+                "1",
+                "--data-dir",
+                str(fake_data_dir),
+                "--run-dir",
+                str(run_dir),
+            ]
+        )
+        == 0
+    )
     return run_dir
 
 
@@ -33,15 +47,24 @@ def _tta(run_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def report_dir(trained_run, fake_data_dir) -> Path:
-    assert main(["evaluate", str(trained_run), "--data-dir", str(fake_data_dir),
-                 *_tta(trained_run)]) == 0
+    assert (
+        main(["evaluate", str(trained_run), "--data-dir", str(fake_data_dir), *_tta(trained_run)])
+        == 0
+    )
     return trained_run / "report"
 
 
 def test_evaluate_writes_every_file(report_dir):
-    for name in ("report.json", "report.md", "report.html", "confusion.png",
-                 "superclass_confusion.png", "reliability.png", "misclassified.png",
-                 "curves.png"):
+    for name in (
+        "report.json",
+        "report.md",
+        "report.html",
+        "confusion.png",
+        "superclass_confusion.png",
+        "reliability.png",
+        "misclassified.png",
+        "curves.png",
+    ):
         assert (report_dir / name).stat().st_size > 0, name
     markdown = (report_dir / "report.md").read_text()
     for link in re.findall(r"\]\((\w+\.png)\)", markdown):
@@ -80,18 +103,29 @@ def test_html_is_self_contained(report_dir):
 def _chromium(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} not found: install it (apt-get install -y chromium)")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--hide-scrollbars"]
-    return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True,
-                          timeout=120, check=True)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--hide-scrollbars",
+    ]
+    return subprocess.run(
+        [str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120, check=True
+    )
 
 
 def test_html_renders_in_headless_chromium(report_dir, tmp_path):
     url = (report_dir / "report.html").resolve().as_uri()
     shot = tmp_path / "report.png"
-    _chromium(f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--screenshot={shot}", url,
-              tmp_path=tmp_path)
+    _chromium(
+        f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--screenshot={shot}", url, tmp_path=tmp_path
+    )
     image = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert image.shape == (WINDOW[1], WINDOW[0], 3)
     assert image.std() > 20  # not a blank page
@@ -109,11 +143,14 @@ def test_html_renders_in_headless_chromium(report_dir, tmp_path):
 def test_every_embedded_image_decodes_in_chromium(report_dir, tmp_path):
     """A probe copy of the page records each image's decoded size into the DOM."""
     probe = tmp_path / "probe.html"
-    script = ("<script>window.onload = () => { for (const img of document.images) "
-              "img.setAttribute('data-decoded', img.naturalWidth + 'x' + img.naturalHeight); }"
-              "</script>")
-    probe.write_text((report_dir / "report.html").read_text().replace("</body>",
-                                                                      script + "</body>"))
+    script = (
+        "<script>window.onload = () => { for (const img of document.images) "
+        "img.setAttribute('data-decoded', img.naturalWidth + 'x' + img.naturalHeight); }"
+        "</script>"
+    )
+    probe.write_text(
+        (report_dir / "report.html").read_text().replace("</body>", script + "</body>")
+    )
     dom = _chromium("--dump-dom", probe.as_uri(), tmp_path=tmp_path).stdout
     decoded = dict(re.findall(r'<img id="([\w-]+)"[^>]*data-decoded="(\d+x\d+)"', dom))
     assert len(decoded) == 5
@@ -122,11 +159,26 @@ def test_every_embedded_image_decodes_in_chromium(report_dir, tmp_path):
         assert size == f"{expected[0]}x{expected[1]}", stem
 
 
-def test_ensemble_of_one_model_twice_equals_the_model(trained_run, fake_data_dir, tmp_path,
-                                                      capsys, report_dir):
+def test_ensemble_of_one_model_twice_equals_the_model(
+    trained_run, fake_data_dir, tmp_path, capsys, report_dir
+):
     out = tmp_path / "ensemble"
-    assert main(["evaluate", str(trained_run), str(trained_run), "--data-dir",
-                 str(fake_data_dir), *_tta(trained_run), "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(trained_run),
+                str(trained_run),
+                "--data-dir",
+                str(fake_data_dir),
+                *_tta(trained_run),
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     single = json.loads((report_dir / "report.json").read_text())
     ensemble = json.loads((out / "report.json").read_text())
@@ -137,8 +189,21 @@ def test_ensemble_of_one_model_twice_equals_the_model(trained_run, fake_data_dir
 
 def test_ensemble_report_becomes_a_record(trained_run, fake_data_dir, tmp_path, capsys):
     out = tmp_path / "ensemble"
-    assert main(["evaluate", str(trained_run), str(trained_run), "--data-dir",
-                 str(fake_data_dir), "--out", str(out), "--no-calibration"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(trained_run),
+                str(trained_run),
+                "--data-dir",
+                str(fake_data_dir),
+                "--out",
+                str(out),
+                "--no-calibration",
+            ]
+        )
+        == 0
+    )
     to = tmp_path / "two.json"
     assert main(["compare", "--record", str(out), "--to", str(to)]) == 0
     record, report = json.loads(to.read_text()), json.loads((out / "report.json").read_text())
@@ -206,11 +271,14 @@ def test_compare_errors_name_the_file(tmp_path, capsys):
     valid.write_text('{"model": "cnn-fast", "test_top1": 0.5, "test_top5": 0.8}')
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    cases = [(["compare", str(bad)], str(bad)), (["compare", str(partial)], "test_top1"),
-             (["compare", str(unfinished)], "results.json"),
-             (["compare", str(tmp_path / "missing.json")], "missing.json"),
-             (["compare", str(valid), "--readme", str(readme)], str(readme)),
-             (["compare", "--record", str(unfinished)], "--to")]
+    cases = [
+        (["compare", str(bad)], str(bad)),
+        (["compare", str(partial)], "test_top1"),
+        (["compare", str(unfinished)], "results.json"),
+        (["compare", str(tmp_path / "missing.json")], "missing.json"),
+        (["compare", str(valid), "--readme", str(readme)], str(readme)),
+        (["compare", "--record", str(unfinished)], "--to"),
+    ]
     for argv, expected in cases:
         assert main(argv) == 1, argv
         err = capsys.readouterr().err.strip()
@@ -219,8 +287,10 @@ def test_compare_errors_name_the_file(tmp_path, capsys):
 
 def test_compare_minimal_record_prints_a_text_table(tmp_path, capsys):
     record = tmp_path / "seed.json"
-    record.write_text('{"name": "seed", "model": "cnn-seed", "test_top1": 0.4567, '
-                      '"test_top5": 0.75, "train_minutes": 95}')
+    record.write_text(
+        '{"name": "seed", "model": "cnn-seed", "test_top1": 0.4567, '
+        '"test_top5": 0.75, "train_minutes": 95}'
+    )
     assert main(["compare", str(record)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["Model", "Test", "accuracy"]

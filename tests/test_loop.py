@@ -22,14 +22,17 @@ from cifar100.models import REGISTRY, ModelSpec, register
 from cifar100.plans import PLANS, register_plan
 from cifar100.training import train
 
-TINY = {"model": {"widths": [8, 16, 32, 32]},
-        "train": {"epochs": 1, "batch_size": 50, "eval_batch_size": 200}}
+TINY = {
+    "model": {"widths": [8, 16, 32, 32]},
+    "train": {"epochs": 1, "batch_size": 50, "eval_batch_size": 200},
+}
 TIMINGS = ("elapsed_s", "train_minutes", "process", "run_dir")
 
 
 def _config(data_dir: Path, **overrides):
-    return load_config("quick", overrides={**TINY, "data": {"data_dir": str(data_dir)},
-                                           **overrides})
+    return load_config(
+        "quick", overrides={**TINY, "data": {"data_dir": str(data_dir)}, **overrides}
+    )
 
 
 def _metrics(run_dir: Path) -> tuple[list[dict], dict]:
@@ -76,8 +79,11 @@ def toy_model(monkeypatch):
             trained.append((stage.name, stage.epoch))  # the loop ran it before coming back
 
     register_plan("toy-two-stage", two_stages)
-    register(ModelSpec("toy-linear", _linear, 32, MEAN, STD, False, "one linear layer",
-                       plan="toy-two-stage"))
+    register(
+        ModelSpec(
+            "toy-linear", _linear, 32, MEAN, STD, False, "one linear layer", plan="toy-two-stage"
+        )
+    )
     return trained
 
 
@@ -85,8 +91,7 @@ def test_a_registered_plan_is_what_the_loop_runs(toy_model, fake_data_dir, tmp_p
     config = _config(fake_data_dir, model={"name": "toy-linear"})
     results = train(config, tmp_path / "run")
     rows, _ = _metrics(tmp_path / "run")
-    assert [(row["stage"], row["epoch"]) for row in rows] == [("warm", 1), ("main", 1),
-                                                            ("main", 2)]
+    assert [(row["stage"], row["epoch"]) for row in rows] == [("warm", 1), ("main", 1), ("main", 2)]
     assert toy_model == [("warm", 1), ("main", 2)]
     assert results["model"] == "toy-linear" and results["best_stage"] in ("warm", "main")
     assert results["parameters"] == 3 * 32 * 32 * 100 + 100  # the toy network was tested
@@ -104,8 +109,16 @@ def test_a_checkpoint_from_before_issue_14_still_resumes():
     stage = Stage("main", model, 3, 2, None, None, StepContext(optimizer, None, 2, 0.0, None))
     generator = torch.Generator()
     progress = {"step": 3, "loss_sum": 1.5, "top1": 2, "top5": 4, "seen": 6, "extra": {}}
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": None, "ema": None, "epoch": 1, "best_top1": 0.25, "bad_epochs": 0,
-             "rng": rng_state(generator), "epoch_state": progress}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None,
+        "ema": None,
+        "epoch": 1,
+        "best_top1": 0.25,
+        "bad_epochs": 0,
+        "rng": rng_state(generator),
+        "epoch_state": progress,
+    }
     assert restore_stage(stage, state, generator) == EpochState(3, 1.5, 2, 4, 6)
     assert (stage.epoch, stage.best_top1) == (1, 0.25)

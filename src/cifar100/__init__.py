@@ -12,9 +12,24 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-API = ("Classifier", "Config", "Prediction", "UserError", "compare", "evaluate", "export",
-       "load_config", "load_data", "load_model", "load_record", "make_record", "make_splits",
-       "new_run_dir", "read_image", "train")
+API = (
+    "Classifier",
+    "Config",
+    "Prediction",
+    "UserError",
+    "compare",
+    "evaluate",
+    "export",
+    "load_config",
+    "load_data",
+    "load_model",
+    "load_record",
+    "make_record",
+    "make_splits",
+    "new_run_dir",
+    "read_image",
+    "train",
+)
 
 
 def __getattr__(name: str) -> Any:

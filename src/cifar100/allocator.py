@@ -52,8 +52,10 @@ def _apply() -> str:
         return "glibc, as set in the environment (MALLOC_*_ / GLIBC_TUNABLES)"
     try:
         libc = ctypes.CDLL("libc.so.6")
-        accepted = (libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD) == 1
-                    and libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD) == 1)
+        accepted = (
+            libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD) == 1
+            and libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD) == 1
+        )
     except (OSError, AttributeError):
         accepted = False
     if not accepted:

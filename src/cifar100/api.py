@@ -30,14 +30,32 @@ from cifar100.recipes import resolve
 from cifar100.records import compare, load_record, make_record
 from cifar100.runs import new_run_dir
 
-__all__ = ["Classifier", "Config", "Prediction", "UserError", "compare", "evaluate", "export",
-           "load_config", "load_data", "load_model", "load_record", "make_record",
-           "make_splits", "new_run_dir", "read_image", "train"]
+__all__ = [
+    "Classifier",
+    "Config",
+    "Prediction",
+    "UserError",
+    "compare",
+    "evaluate",
+    "export",
+    "load_config",
+    "load_data",
+    "load_model",
+    "load_record",
+    "make_record",
+    "make_splits",
+    "new_run_dir",
+    "read_image",
+    "train",
+]
 
 
-def load_config(preset: str | None = "quick", files: list[str | Path] = (),
-                overrides: dict[str, dict[str, Any]] | None = None,
-                epochs: int | None = None) -> Config:
+def load_config(
+    preset: str | None = "quick",
+    files: list[str | Path] = (),
+    overrides: dict[str, dict[str, Any]] | None = None,
+    epochs: int | None = None,
+) -> Config:
     """A checked config, resolved as ``cifar100 train`` resolves its flags.
 
     Args:
@@ -49,13 +67,17 @@ def load_config(preset: str | None = "quick", files: list[str | Path] = (),
         epochs: the length of the run, as ``--epochs``: ``train.epochs`` for a CNN, each
             stage's length for a pretrained model.
     """
-    flags = {f"{section}.{key}": value for section, values in (overrides or {}).items()
-             for key, value in values.items()}
+    flags = {
+        f"{section}.{key}": value
+        for section, values in (overrides or {}).items()
+        for key, value in values.items()
+    }
     return resolve(preset, list(files), [], flags, epochs)
 
 
-def train(config: Config, run_dir: str | Path, *, resume: bool = False,
-          overwrite: bool = False) -> dict[str, Any]:
+def train(
+    config: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
     """Train as ``config`` says into ``run_dir``; return the final metrics (results.json).
 
     A ``run_dir`` that holds a run is continued with ``resume=True`` (with its own config
@@ -65,9 +87,16 @@ def train(config: Config, run_dir: str | Path, *, resume: bool = False,
     return training.train(config, run_dir, resume=resume, overwrite=overwrite)
 
 
-def evaluate(runs: str | Path | list[str | Path], *, data_dir: str | Path | None = None,
-             tta: bool = False, out: str | Path | None = None, device: str = "auto",
-             batch_size: int = 500, calibrate: bool = True) -> dict[str, Any]:
+def evaluate(
+    runs: str | Path | list[str | Path],
+    *,
+    data_dir: str | Path | None = None,
+    tta: bool = False,
+    out: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 500,
+    calibrate: bool = True,
+) -> dict[str, Any]:
     """The test-set report of a run, or of several as an ensemble, as ``cifar100 evaluate``.
 
     Writes ``report.json``, ``report.md`` (+ PNG figures) and ``report.html`` into ``out``
@@ -79,9 +108,15 @@ def evaluate(runs: str | Path | list[str | Path], *, data_dir: str | Path | None
     return _evaluate(run_dirs, data_dir, tta, out, device, batch_size, calibrate)
 
 
-def export(run: str | Path, format: str = "onnx", *, out: str | Path | None = None,
-           data_dir: str | Path | None = None, check_images: int = 1000,
-           calibrated: bool = False) -> dict[str, Any]:
+def export(
+    run: str | Path,
+    format: str = "onnx",
+    *,
+    out: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    check_images: int = 1000,
+    calibrated: bool = False,
+) -> dict[str, Any]:
     """Export a run as 'onnx', 'safetensors' or 'all', each file checked against PyTorch on
     the first ``check_images`` test images, as ``cifar100 export``; returns the file paths
     (``["files"]``) and the checks (``["checks"]``). ``cifar100.load_model`` reads them."""

@@ -55,8 +55,9 @@ def random_affine(
     zeros = torch.zeros_like(cos)
     theta = torch.stack([cos, -sin, zeros, sin, cos, zeros], dim=1).view(B, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
-                         align_corners=False)
+    return F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
 
 
 def random_contrast(images: torch.Tensor, amount: float, generator: torch.Generator):
@@ -135,16 +136,20 @@ def mix_batch_on_device(
     B, H, W = len(images), *images.shape[-2:]
     device = images.device
     both = config.mixup_alpha > 0 and config.cutmix_alpha > 0
-    use_mixup = (torch.rand((), generator=generator, device=device) < 0.5 if both
-                 else torch.full((), config.mixup_alpha > 0, device=device))
+    use_mixup = (
+        torch.rand((), generator=generator, device=device) < 0.5
+        if both
+        else torch.full((), config.mixup_alpha > 0, device=device)
+    )
     alpha = torch.where(use_mixup, config.mixup_alpha, config.cutmix_alpha).expand(2)
     # The one gamma sampler that takes a generator: Beta(a, a) = G1 / (G1 + G2).
     g1, g2 = torch._standard_gamma(alpha.float(), generator=generator)
     lam = g1 / (g1 + g2)
     order = torch.randperm(B, generator=generator, device=device)
     box = _cutmix_box(H, W, lam, generator) & ~use_mixup  # (H, W) True where pasted
-    mixed = torch.where(use_mixup, images * lam + images[order] * (1 - lam),
-                        torch.where(box, images[order], images))
+    mixed = torch.where(
+        use_mixup, images * lam + images[order] * (1 - lam), torch.where(box, images[order], images)
+    )
     lam = torch.where(use_mixup, lam, 1 - box.float().mean())
     return mixed, targets * lam + targets[order] * (1 - lam)
 
@@ -159,9 +164,11 @@ def _cutmix_box(H: int, W: int, lam: torch.Tensor, generator: torch.Generator) -
     rows = torch.arange(H, device=device)
     cols = torch.arange(W, device=device)
     inside_y = (rows >= cy - torch.div(cut_h, 2, rounding_mode="floor")) & (
-        rows < cy + torch.div(cut_h, 2, rounding_mode="floor"))
+        rows < cy + torch.div(cut_h, 2, rounding_mode="floor")
+    )
     inside_x = (cols >= cx - torch.div(cut_w, 2, rounding_mode="floor")) & (
-        cols < cx + torch.div(cut_w, 2, rounding_mode="floor"))
+        cols < cx + torch.div(cut_w, 2, rounding_mode="floor")
+    )
     return inside_y[:, None] & inside_x[None, :]
 
 

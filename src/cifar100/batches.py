@@ -53,8 +53,9 @@ class ImageBatches:
     def labels(self) -> torch.Tensor:
         return self.split.labels  # on the device, like the images: index both there
 
-    def get(self, indices: torch.Tensor, generator: torch.Generator | None = None,
-            flip: bool = False) -> torch.Tensor:
+    def get(
+        self, indices: torch.Tensor, generator: torch.Generator | None = None, flip: bool = False
+    ) -> torch.Tensor:
         images = to_float(self.split.images[indices])  # (B, 3, 32, 32) float on the device
         if self.augment is not None and generator is not None:
             images = augment_batch(images, self.augment, generator)

@@ -75,16 +75,20 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, iterations: int 
 def calibration_file(checkpoint: Path) -> Path:
     """RUN/calibration.json for RUN/checkpoints/NAME.pt."""
     if checkpoint.parent.name != "checkpoints":
-        raise CalibrationError(f"{checkpoint}: temperature scaling needs a run directory "
-                               "(its calibration.json is written by 'cifar100 evaluate RUN')")
+        raise CalibrationError(
+            f"{checkpoint}: temperature scaling needs a run directory "
+            "(its calibration.json is written by 'cifar100 evaluate RUN')"
+        )
     return checkpoint.parent.parent / FILE
 
 
 def save_calibration(checkpoint: Path, values: dict[str, Any]) -> Path:
     """Write the fitted temperature beside the run, tied to this checkpoint's sha256."""
     path = calibration_file(checkpoint)
-    write_json(path, {**values, "checkpoint": checkpoint.name,
-                      "checkpoint_sha256": file_digest(checkpoint)})
+    write_json(
+        path,
+        {**values, "checkpoint": checkpoint.name, "checkpoint_sha256": file_digest(checkpoint)},
+    )
     return path
 
 
@@ -100,8 +104,10 @@ def load_temperature(checkpoint: Path) -> float:
     except (OSError, ValueError, KeyError, TypeError):
         raise CalibrationError(f"{path}: unreadable; {hint} again") from None
     if values.get("checkpoint") != checkpoint.name or digest != file_digest(checkpoint):
-        raise CalibrationError(f"{path}: fitted for another checkpoint than {checkpoint} "
-                               f"(the run changed since); {hint} again")
+        raise CalibrationError(
+            f"{path}: fitted for another checkpoint than {checkpoint} "
+            f"(the run changed since); {hint} again"
+        )
     return temperature
 
 
@@ -115,8 +121,9 @@ def _mirrored_logits(model: nn.Module, batches, batch_size: int) -> torch.Tensor
     return torch.cat(outputs)
 
 
-def fit_run(trained, checkpoint: Path, dataset, tta: bool, device: torch.device,
-            batch_size: int) -> dict[str, Any]:
+def fit_run(
+    trained, checkpoint: Path, dataset, tta: bool, device: torch.device, batch_size: int
+) -> dict[str, Any]:
     """Fit T on the run's own validation split and write RUN/calibration.json.
 
     The file keeps the temperature of the plain logits (what predict and export compute);
@@ -139,12 +146,27 @@ def fit_run(trained, checkpoint: Path, dataset, tta: bool, device: torch.device,
 
     t_plain = fit_temperature(plain, labels)
     t_view = fit_temperature(viewed, labels) if tta else t_plain
-    split = {"split_seed": data.split_seed, "val_fraction": data.val_fraction,
-             "val_images": len(val)}
-    save_calibration(checkpoint, {
-        "temperature": t_plain, "fitted_on": "validation split", **split, "tta_flip": False,
-        "val_nll_before": nll_at(plain, labels, 1.0),
-        "val_nll_after": nll_at(plain, labels, t_plain),
-        "val_ece_before": ece(plain, 1.0), "val_ece_after": ece(plain, t_plain)})
-    return {"temperature": t_view, **split, "val_ece_before": ece(viewed, 1.0),
-            "val_ece_after": ece(viewed, t_view)}
+    split = {
+        "split_seed": data.split_seed,
+        "val_fraction": data.val_fraction,
+        "val_images": len(val),
+    }
+    save_calibration(
+        checkpoint,
+        {
+            "temperature": t_plain,
+            "fitted_on": "validation split",
+            **split,
+            "tta_flip": False,
+            "val_nll_before": nll_at(plain, labels, 1.0),
+            "val_nll_after": nll_at(plain, labels, t_plain),
+            "val_ece_before": ece(plain, 1.0),
+            "val_ece_after": ece(plain, t_plain),
+        },
+    )
+    return {
+        "temperature": t_view,
+        **split,
+        "val_ece_before": ece(viewed, 1.0),
+        "val_ece_after": ece(viewed, t_view),
+    }

@@ -35,8 +35,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         os.replace(tmp_name, path)
     except OSError as error:
         Path(tmp_name).unlink(missing_ok=True)
-        raise CheckpointError(f"{path}: could not save checkpoint ({error.strerror or error})"
-                              ) from None
+        raise CheckpointError(
+            f"{path}: could not save checkpoint ({error.strerror or error})"
+        ) from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -64,7 +65,7 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     restore_generator(generator, state["generator"])
     if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"][:torch.cuda.device_count()]  # saved on a machine with more GPUs
+        cuda = state["cuda"][: torch.cuda.device_count()]  # saved on a machine with more GPUs
         torch.cuda.set_rng_state_all(cuda)
 
 
@@ -78,5 +79,8 @@ def restore_generator(generator: torch.Generator, saved: torch.Tensor) -> None:
     if saved.numel() == generator.get_state().numel():
         generator.set_state(saved)
         return
-    print(f"resuming on {generator.device.type}: the augmentation random state was saved on "
-          "another kind of device; continuing from the seed instead", file=sys.stderr)
+    print(
+        f"resuming on {generator.device.type}: the augmentation random state was saved on "
+        "another kind of device; continuing from the seed instead",
+        file=sys.stderr,
+    )

@@ -34,8 +34,10 @@ class Prediction:
 
     def to_json(self) -> dict:
         """As ``cifar100 predict --json`` prints it."""
-        entry = {"image": self.image,
-                 "top": [{"class": name, "probability": p} for name, p in self.top]}
+        entry = {
+            "image": self.image,
+            "top": [{"class": name, "probability": p} for name, p in self.top],
+        }
         if self.error is not None:
             entry["error"] = self.error
         return entry
@@ -69,8 +71,9 @@ class Classifier:
         with torch.inference_mode():
             return torch.softmax(self.logits(images).float(), dim=1)
 
-    def predict(self, images: torch.Tensor | str | Path | Sequence[str | Path],
-                top: int = 5) -> list[Prediction]:
+    def predict(
+        self, images: torch.Tensor | str | Path | Sequence[str | Path], top: int = 5
+    ) -> list[Prediction]:
         """The ``top`` classes of each image, in input order.
 
         Args:
@@ -86,7 +89,7 @@ class Classifier:
         paths = [images] if isinstance(images, (str, Path)) else list(images)
         predictions = []
         for start in range(0, len(paths), CHUNK):
-            predictions += self._predict_files(paths[start:start + CHUNK], top)
+            predictions += self._predict_files(paths[start : start + CHUNK], top)
         return predictions
 
     def _predict_files(self, paths: list[str | Path], top: int) -> list[Prediction]:
@@ -104,10 +107,11 @@ class Classifier:
 
     def _fill(self, predictions: list[Prediction], probs: torch.Tensor, top: int) -> None:
         values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
-        for prediction, row_values, row_indices in zip(predictions, values, indices,
-                                                       strict=True):
-            prediction.top = [(self.class_names[int(i)], float(v))
-                              for v, i in zip(row_values, row_indices, strict=True)]
+        for prediction, row_values, row_indices in zip(predictions, values, indices, strict=True):
+            prediction.top = [
+                (self.class_names[int(i)], float(v))
+                for v, i in zip(row_values, row_indices, strict=True)
+            ]
 
 
 def load_model(path: str | Path, calibrated: bool = False) -> Classifier:
@@ -119,9 +123,11 @@ def load_model(path: str | Path, calibrated: bool = False) -> Classifier:
     """
     path = Path(path)
     if calibrated and path.suffix in (".onnx", ".safetensors"):
-        raise UserError(f"{path}: --calibrated applies to run directories and checkpoints; an "
-                        "exported file keeps the temperature it was exported with "
-                        "('cifar100 export --calibrated')")
+        raise UserError(
+            f"{path}: --calibrated applies to run directories and checkpoints; an "
+            "exported file keeps the temperature it was exported with "
+            "('cifar100 export --calibrated')"
+        )
     if path.suffix == ".onnx":
         from cifar100.exports import OnnxClassifier
 

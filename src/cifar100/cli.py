@@ -24,7 +24,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="cifar100", description="Train, evaluate, compare and ship CIFAR-100 classifiers.")
+        prog="cifar100", description="Train, evaluate, compare and ship CIFAR-100 classifiers."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"cifar100.commands.{name}").register(subparsers)

@@ -142,8 +142,9 @@ def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
         if name not in names:
             raise ConfigError(f"unknown config section '{name}' (choose from {', '.join(names)})")
         if section_values is not None and not isinstance(section_values, dict):
-            raise ConfigError(f"section '{name}' must be a mapping of settings, got "
-                              f"{section_values!r}")
+            raise ConfigError(
+                f"section '{name}' must be a mapping of settings, got {section_values!r}"
+            )
         section = getattr(config, name)
         sections[name] = _replace_checked(section, section_values or {}, prefix=name)
     return dataclasses.replace(config, **sections)
@@ -154,8 +155,9 @@ def _replace_checked(section: Any, values: dict[str, Any], prefix: str) -> Any:
     changes = {}
     for key, raw in values.items():
         if key not in hints:
-            raise ConfigError(f"unknown setting '{prefix}.{key}' (settings of '{prefix}': "
-                              f"{', '.join(hints)})")
+            raise ConfigError(
+                f"unknown setting '{prefix}.{key}' (settings of '{prefix}': {', '.join(hints)})"
+            )
         value = _coerce(raw, hints[key], f"{prefix}.{key}")
         problem = limits.problem(f"{prefix}.{key}", value)
         if problem:
@@ -224,8 +226,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read the config file "
-                          f"({getattr(error, 'strerror', None) or type(error).__name__})") from None
+        raise ConfigError(
+            f"{path}: cannot read the config file "
+            f"({getattr(error, 'strerror', None) or type(error).__name__})"
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
     return values or {}

@@ -12,8 +12,10 @@ ROWS = [
     ("Custom CNN (from scratch)", "cnn-seed", ("cnn-seed", "cnn-fast", "resnet18")),
     ("MobileNetV2 (ImageNet transfer)", "mobilenetv2-seed", ("mobilenetv2",)),
 ]
-HEADER = ("| Coursework row | Its recipe, measured | Time | The project's best for it | Time |\n"
-          "|---|--:|--:|--:|--:|\n")
+HEADER = (
+    "| Coursework row | Its recipe, measured | Time | The project's best for it | Time |\n"
+    "|---|--:|--:|--:|--:|\n"
+)
 
 
 def _result(record: dict[str, Any] | None) -> tuple[str, str]:
@@ -30,8 +32,9 @@ def coursework_table(records: list[dict[str, Any]]) -> str:
     lines = []
     for label, preset, models in ROWS:
         seed = next((r for r in records if r.get("name") == preset), None)
-        others = [r for r in records if r.get("model") in models and r is not seed
-                  and "members" not in r]
+        others = [
+            r for r in records if r.get("model") in models and r is not seed and "members" not in r
+        ]
         best = max(others, key=lambda r: r["test_top1"], default=None)
         lines.append(f"| {label} | {' | '.join(_result(seed))} | {' | '.join(_result(best))} |")
     return HEADER + "\n".join(lines) + "\n"

@@ -48,8 +48,7 @@ class Split:
         """The split on ``device`` (itself when it is there already)."""
         if self.images.device == torch.device(device):
             return self
-        return Split(self.images.to(device), self.labels.to(device),
-                     self.coarse_labels.to(device))
+        return Split(self.images.to(device), self.labels.to(device), self.coarse_labels.to(device))
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,9 @@ def _download(cache: Path) -> None:
         fetch(url, archive, md5=MD5)
         extract_tar(archive, cache)
     except KeyboardInterrupt as stop:  # SIGINT/SIGTERM: fetch and extract_tar cleaned up
-        raise interrupted(stop, "the partial download was removed; the next run downloads "
-                          "again") from None
+        raise interrupted(
+            stop, "the partial download was removed; the next run downloads again"
+        ) from None
     finally:
         archive.unlink(missing_ok=True)
     if not (cache / FOLDER / "meta").is_file():
@@ -129,8 +129,11 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Builds only dicts, lists, strings and numpy arrays: a pickle cannot run code here."""
 
     ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
     }
 
     def find_class(self, module: str, name: str):
@@ -177,8 +180,10 @@ def load_split(path: str | Path, expected: int | None = None) -> Split:
     if counts.min() == 0 or counts.min() != counts.max():
         raise DataError(f"{path}: classes are unbalanced ({counts.min()}..{counts.max()} images)")
     if len(np.unique(fine * NUM_SUPERCLASSES + coarse)) != NUM_CLASSES:
-        raise DataError(f"{path}: 'coarse_labels' disagree with 'fine_labels' (one superclass "
-                        "per class expected)")
+        raise DataError(
+            f"{path}: 'coarse_labels' disagree with 'fine_labels' (one superclass "
+            "per class expected)"
+        )
     images = torch.from_numpy(data).view(-1, 3, 32, 32)  # rows are R, G, B planes
     return Split(images, torch.from_numpy(fine), torch.from_numpy(coarse))
 
@@ -198,10 +203,13 @@ def _labels(path: Path, raw, n: int, num: int, key: str) -> np.ndarray:
 def load_names(path: Path) -> tuple[list[str], list[str]]:
     meta = _unpickle(path)
     fine, coarse = meta.get("fine_label_names"), meta.get("coarse_label_names")
-    for key, names, num in (("fine_label_names", fine, NUM_CLASSES),
-                            ("coarse_label_names", coarse, NUM_SUPERCLASSES)):
-        if not (isinstance(names, list) and len(names) == num
-                and all(isinstance(n, str) for n in names)):
+    for key, names, num in (
+        ("fine_label_names", fine, NUM_CLASSES),
+        ("coarse_label_names", coarse, NUM_SUPERCLASSES),
+    ):
+        if not (
+            isinstance(names, list) and len(names) == num and all(isinstance(n, str) for n in names)
+        ):
             raise DataError(f"{path}: '{key}' must list {num} names")
     return fine, coarse
 
@@ -273,5 +281,10 @@ def make_splits(
     train_idx, val_idx = stratified_split(dataset.train.labels, val_fraction, seed)
     if train_subset:
         train_idx = train_idx[balanced_subset(dataset.train.labels[train_idx], train_subset, seed)]
-    return Splits(dataset.train.subset(train_idx), dataset.train.subset(val_idx), dataset.test,
-                  train_idx, val_idx)
+    return Splits(
+        dataset.train.subset(train_idx),
+        dataset.train.subset(val_idx),
+        dataset.test,
+        train_idx,
+        val_idx,
+    )

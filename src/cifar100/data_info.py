@@ -18,25 +18,29 @@ def summarize(dataset: Cifar100, seed: int, val_fraction: float) -> dict:
     splits = make_splits(dataset, val_fraction, seed)
     return {
         "source": str(dataset.source),
-        "train_images": len(dataset.train), "test_images": len(dataset.test),
+        "train_images": len(dataset.train),
+        "test_images": len(dataset.test),
         "split": {"train": len(splits.train), "val": len(splits.val), "seed": seed},
         "image_shape": list(dataset.train.images.shape[1:]),
         "num_classes": len(dataset.class_names),
         "num_superclasses": len(dataset.superclass_names),
         "per_class_train": int(torch.bincount(dataset.train.labels).min()),
         "per_class_test": int(torch.bincount(dataset.test.labels).min()),
-        "class_names": dataset.class_names, "superclass_names": dataset.superclass_names,
+        "class_names": dataset.class_names,
+        "superclass_names": dataset.superclass_names,
     }
 
 
 def describe(summary: dict, dataset: Cifar100) -> str:
     """``summary`` as text: counts, the split, each superclass with its classes, the grid."""
-    lines = [f"CIFAR-100 from {summary['source']}",
-             f"  train {summary['train_images']} images ({summary['per_class_train']} per "
-             f"class), test {summary['test_images']} ({summary['per_class_test']} per class)",
-             f"  split (seed {summary['split']['seed']}): {summary['split']['train']} train / "
-             f"{summary['split']['val']} validation",
-             f"  {summary['num_classes']} classes in {summary['num_superclasses']} superclasses:"]
+    lines = [
+        f"CIFAR-100 from {summary['source']}",
+        f"  train {summary['train_images']} images ({summary['per_class_train']} per "
+        f"class), test {summary['test_images']} ({summary['per_class_test']} per class)",
+        f"  split (seed {summary['split']['seed']}): {summary['split']['train']} train / "
+        f"{summary['split']['val']} validation",
+        f"  {summary['num_classes']} classes in {summary['num_superclasses']} superclasses:",
+    ]
     coarse = dataset.fine_to_coarse().tolist()
     for i, name in enumerate(summary["superclass_names"]):
         members = [dataset.class_names[c] for c in range(len(coarse)) if coarse[c] == i]
@@ -57,14 +61,14 @@ def _grid_rows(dataset: Cifar100, per_class: int, augmented: bool, seed: int):
         idx = torch.from_numpy(np.flatnonzero(labels == cls)[:per_class])
         images = to_float(dataset.train.images[idx])
         if augmented:
-            images = augment_batch(images, AugmentConfig(rotation=15, zoom=0.1, contrast=0.2),
-                                   generator)
+            images = augment_batch(
+                images, AugmentConfig(rotation=15, zoom=0.1, contrast=0.2), generator
+            )
         rows.append(torch.cat(list(images.permute(0, 2, 3, 1)), dim=1))  # (32, 32*k, 3)
     return classes, rows
 
 
-def sample_grid(dataset: Cifar100, path: Path, per_class: int, augmented: bool,
-                seed: int) -> Path:
+def sample_grid(dataset: Cifar100, path: Path, per_class: int, augmented: bool, seed: int) -> Path:
     """PNG: one row per class (ordered by superclass), ``per_class`` images each."""
     plt = pyplot()
     try:  # fail before drawing 100 rows, not after

@@ -163,8 +163,10 @@ def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False) ->
     torch.manual_seed(torch.initial_seed() + rank())
     if sync_bn:
         if device.type != "cuda":
-            raise DistributedError("train.sync_bn needs CUDA: PyTorch's SyncBatchNorm has no "
-                                   "CPU kernel (set train.sync_bn=false for gloo on CPU)")
+            raise DistributedError(
+                "train.sync_bn needs CUDA: PyTorch's SyncBatchNorm has no "
+                "CPU kernel (set train.sync_bn=false for gloo on CPU)"
+            )
         # Swaps BatchNorm modules in place and keeps their parameters: the optimizer holds on.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
@@ -181,10 +183,12 @@ def shard_order(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int
     if world == 1:
         return order, batch_size
     if batch_size % world:
-        raise DistributedError(f"train.batch_size={batch_size} is the global batch and must be "
-                               f"divisible by the number of processes ({world})")
+        raise DistributedError(
+            f"train.batch_size={batch_size} is the global batch and must be "
+            f"divisible by the number of processes ({world})"
+        )
     per_rank, steps = batch_size // world, len(order) // batch_size
-    mine = order[:steps * batch_size].view(steps, world, per_rank)[:, rank()]
+    mine = order[: steps * batch_size].view(steps, world, per_rank)[:, rank()]
     return mine.reshape(-1), per_rank
 
 
@@ -207,8 +211,11 @@ def mean_metrics(metrics: dict[str, float], weight: float = 1.0) -> dict[str, fl
     if world_size() == 1:
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([metrics[k] * weight for k in keys] + [weight], dtype=torch.float64,
-                          device=collective_device())
+    values = torch.tensor(
+        [metrics[k] * weight for k in keys] + [weight],
+        dtype=torch.float64,
+        device=collective_device(),
+    )
     dist.all_reduce(values)
     *sums, total = _to_host(values)
     return {k: v / total for k, v in zip(keys, sums, strict=True)}
@@ -237,7 +244,7 @@ class Shard:
 
     @property
     def labels(self) -> torch.Tensor:
-        return self.batches.labels[self.start:self.stop]
+        return self.batches.labels[self.start : self.stop]
 
     def get(self, indices: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.batches.get(indices + self.start, *args, **kwargs)

@@ -76,9 +76,14 @@ def _stream(url: str, out, timeout: float, progress: bool):
             total = int(response.headers.get("Content-Length") or 0) or None
             received = 0
             with tqdm(
-                total=total, unit="B", unit_scale=True, desc=Path(url).name,
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=Path(url).name,
                 # None: tqdm shows the bar on a terminal only, so logs and pipes stay clean
-                disable=None if progress else True, file=sys.stderr, leave=False,
+                disable=None if progress else True,
+                file=sys.stderr,
+                leave=False,
             ) as bar:
                 for chunk in iter(lambda: response.read(CHUNK), b""):
                     out.write(chunk)

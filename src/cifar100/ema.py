@@ -17,8 +17,9 @@ class ModelEma:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for ema, live in zip(self.model.state_dict().values(), model.state_dict().values(),
-                             strict=True):
+        for ema, live in zip(
+            self.model.state_dict().values(), model.state_dict().values(), strict=True
+        ):
             if ema.dtype.is_floating_point:
                 ema.lerp_(live, 1.0 - self.decay)
             else:

@@ -91,8 +91,9 @@ class RunningSums:
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = len(labels)
-        step = torch.cat([(loss.to(self.sums.dtype) * n).view(1),
-                          topk_hits(logits, labels).to(self.sums.dtype)])
+        step = torch.cat(
+            [(loss.to(self.sums.dtype) * n).view(1), topk_hits(logits, labels).to(self.sums.dtype)]
+        )
         self.sums += step
         self.seen += n
 
@@ -126,15 +127,17 @@ class StepContext:
     autocast: torch.dtype | None = None  # bf16 on CUDA; fp32 on CPU (bf16 is emulated there)
 
 
-def train_step(model, inputs, labels, ctx: StepContext,
-               generator) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model, inputs, labels, ctx: StepContext, generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step. Returns the loss and the logits, detached and unread: reading
     them here would make the host wait for the GPU at every step (see ``RunningSums``)."""
     targets = one_hot(labels, ctx.num_classes, ctx.label_smoothing)
     if ctx.augment is not None:
         inputs, targets = mix_batch(inputs, targets, ctx.augment, generator)
-    with torch.autocast(inputs.device.type, dtype=ctx.autocast or torch.float32,
-                        enabled=ctx.autocast is not None):
+    with torch.autocast(
+        inputs.device.type, dtype=ctx.autocast or torch.float32, enabled=ctx.autocast is not None
+    ):
         logits = model(inputs)
     loss = soft_cross_entropy(logits, targets)
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -174,10 +177,17 @@ def train_one_epoch(
     order = order.to(batches.labels.device, non_blocking=True)  # index where the data lives
     sums = RunningSums(state, batches.device)
     started, first = time.perf_counter(), state.step
-    with tqdm(total=steps, initial=state.step, desc=desc, file=sys.stderr, leave=False,
-              dynamic_ncols=True, disable=None if distributed.is_main() else True) as bar:
+    with tqdm(
+        total=steps,
+        initial=state.step,
+        desc=desc,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if distributed.is_main() else True,
+    ) as bar:
         while state.step < steps:
-            indices = order[state.step * batch_size:(state.step + 1) * batch_size]
+            indices = order[state.step * batch_size : (state.step + 1) * batch_size]
             inputs = batches.get(indices, generator)
             labels = batches.labels[indices].to(inputs.device, non_blocking=True)
             loss, logits = train_step(model, inputs, labels, ctx, generator)
@@ -186,8 +196,9 @@ def train_one_epoch(
             if is_sync_step(state.step, steps, sync_every):
                 sums.read_into(state)
                 rate = (state.step - first) * batch_size / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{state.loss_sum / state.seen:.3f}", img_s=f"{rate:.0f}",
-                                refresh=False)
+                bar.set_postfix(
+                    loss=f"{state.loss_sum / state.seen:.3f}", img_s=f"{rate:.0f}", refresh=False
+                )
             bar.update(1)
             if on_pause(state):
                 raise TrainingInterrupted(f"stopped at step {state.step} of {steps}")
@@ -195,8 +206,13 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, batches, batch_size: int, tta_flip: bool = False,
-                   autocast: torch.dtype | None = None) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module,
+    batches,
+    batch_size: int,
+    tta_flip: bool = False,
+    autocast: torch.dtype | None = None,
+) -> torch.Tensor:
     """(N, classes) float32 logits on CPU, in the split's order (copied back once, at the end)."""
     model.eval()
     outputs = []
@@ -207,8 +223,9 @@ def predict_logits(model: nn.Module, batches, batch_size: int, tta_flip: bool = 
     for start in range(0, len(batches), batch_size):
         stopping.check()  # a stop asked for during a training stage's validation
         indices = torch.arange(start, min(start + batch_size, len(batches)), device=where)
-        with torch.autocast(batches.device.type, dtype=autocast or torch.float32,
-                            enabled=autocast is not None):
+        with torch.autocast(
+            batches.device.type, dtype=autocast or torch.float32, enabled=autocast is not None
+        ):
             logits = model(batches.get(indices)).float()
             if tta_flip:
                 logits = (logits + model(batches.get(indices, flip=True)).float()) / 2
@@ -216,8 +233,13 @@ def predict_logits(model: nn.Module, batches, batch_size: int, tta_flip: bool = 
     return torch.cat(outputs).cpu()
 
 
-def evaluate(model: nn.Module, batches, batch_size: int, tta_flip: bool = False,
-             autocast: torch.dtype | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    batches,
+    batch_size: int,
+    tta_flip: bool = False,
+    autocast: torch.dtype | None = None,
+) -> dict[str, float]:
     logits = predict_logits(model, batches, batch_size, tta_flip, autocast)
     labels = batches.labels.cpu()
     top1, top5 = topk_correct(logits, labels)

@@ -38,13 +38,31 @@ from cifar100.reports import (
 from cifar100.runs import git_commit, read_metrics, write_json
 from cifar100.trained import TrainedModel, checkpoint_path, load_trained
 
-HEADLINE = ("top1", "top5", "superclass_accuracy", "macro_f1", "ece", "ece_calibrated", "nll",
-            "images", "tta_flip", "runs", "split_seeds")
+HEADLINE = (
+    "top1",
+    "top5",
+    "superclass_accuracy",
+    "macro_f1",
+    "ece",
+    "ece_calibrated",
+    "nll",
+    "images",
+    "tta_flip",
+    "runs",
+    "split_seeds",
+)
 
 
-def evaluate(run_dirs: list[str | Path], data_dir: str | Path | None = None, tta: bool = False,
-             out: str | Path | None = None, device: str = "auto", batch_size: int = 500,
-             calibrate: bool = True, command: str | None = None) -> dict[str, Any]:
+def evaluate(
+    run_dirs: list[str | Path],
+    data_dir: str | Path | None = None,
+    tta: bool = False,
+    out: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 500,
+    calibrate: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
     """Evaluate the runs on the test set and write the report files into ``out``.
 
     Args:
@@ -65,13 +83,11 @@ def evaluate(run_dirs: list[str | Path], data_dir: str | Path | None = None, tta
     run_dirs = [Path(run_dir) for run_dir in run_dirs]
     for run_dir in run_dirs:
         if not (run_dir / "checkpoints" / "best.pt").is_file():
-            raise UserError(f"{run_dir}: not a trained run directory "
-                            "(no checkpoints/best.pt)")
+            raise UserError(f"{run_dir}: not a trained run directory (no checkpoints/best.pt)")
     target = select_device(check_device(device))
     models = [load_trained(run_dir, target) for run_dir in run_dirs]  # before the data
     dataset = load_cifar100(data_dir)
-    report, probs = evaluate_runs(run_dirs, dataset, tta, device, batch_size, calibrate,
-                                  models)
+    report, probs = evaluate_runs(run_dirs, dataset, tta, device, batch_size, calibrate, models)
     if command is not None:
         report["command"] = command
     figures = make_figures(report, probs, dataset, run_dirs[0])
@@ -85,14 +101,20 @@ def default_out(run_dirs: list[Path]) -> Path:
 
 def _check_classes(trained: TrainedModel, run_dir: Path, dataset: Cifar100) -> None:
     if trained.class_names != dataset.class_names:
-        raise UserError(f"{run_dir}: the model's class names differ from those in "
-                        f"{dataset.source / 'meta'} (trained on another data set?)")
+        raise UserError(
+            f"{run_dir}: the model's class names differ from those in "
+            f"{dataset.source / 'meta'} (trained on another data set?)"
+        )
 
 
-def predict_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
-                 device: str = "auto", batch_size: int = 500,
-                 models: list[TrainedModel] | None = None
-                 ) -> tuple[list[TrainedModel], list[np.ndarray]]:
+def predict_runs(
+    run_dirs: list[Path],
+    dataset: Cifar100,
+    tta: bool = False,
+    device: str = "auto",
+    batch_size: int = 500,
+    models: list[TrainedModel] | None = None,
+) -> tuple[list[TrainedModel], list[np.ndarray]]:
     """Each run's test-set logits (N, 100), in the test split's order (``models``: the runs
     already loaded on ``device``)."""
     target = select_device(device)
@@ -101,34 +123,54 @@ def predict_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
     for run_dir, trained in zip(run_dirs, models, strict=True):
         _check_classes(trained, run_dir, dataset)
         batches = ImageBatches(dataset.test, trained.preprocess, target)
-        print(f"{run_dir}: predicting {len(batches):,} test images"
-              f"{' and their mirrors' if tta else ''}", file=sys.stderr, flush=True)
+        print(
+            f"{run_dir}: predicting {len(batches):,} test images"
+            f"{' and their mirrors' if tta else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
         logits.append(predict_logits(trained.model, batches, batch_size, tta_flip=tta).numpy())
     return models, logits
 
 
-def temperature_scaling(models: list[TrainedModel], run_dirs: list[Path],
-                        logits: list[np.ndarray], dataset: Cifar100, tta: bool, device: str,
-                        batch_size: int) -> dict[str, Any]:
+def temperature_scaling(
+    models: list[TrainedModel],
+    run_dirs: list[Path],
+    logits: list[np.ndarray],
+    dataset: Cifar100,
+    tta: bool,
+    device: str,
+    batch_size: int,
+) -> dict[str, Any]:
     """Each member's T fitted on its validation split; the test set's ECE before and after."""
     labels = dataset.test.labels.numpy()
     members, scaled = [], []
     for trained, run_dir, member_logits in zip(models, run_dirs, logits, strict=True):
-        fit = fit_run(trained, checkpoint_path(run_dir), dataset, tta, select_device(device),
-                      batch_size)
+        fit = fit_run(
+            trained, checkpoint_path(run_dir), dataset, tta, select_device(device), batch_size
+        )
         members.append({"run": str(run_dir), **fit})
         scaled.append(member_logits / fit["temperature"])
     before, after = ensemble_probs(logits), ensemble_probs(scaled)
-    return {"fitted_on": "validation split", "members": members,
-            "ece_before": calibration(before, labels)["ece"],
-            "ece_after": calibration(after, labels)["ece"],
-            "nll_before": nll(before, labels), "nll_after": nll(after, labels)}
+    return {
+        "fitted_on": "validation split",
+        "members": members,
+        "ece_before": calibration(before, labels)["ece"],
+        "ece_after": calibration(after, labels)["ece"],
+        "nll_before": nll(before, labels),
+        "nll_after": nll(after, labels),
+    }
 
 
-def evaluate_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
-                  device: str = "auto", batch_size: int = 500, calibrate: bool = False,
-                  models: list[TrainedModel] | None = None
-                  ) -> tuple[dict[str, Any], np.ndarray]:
+def evaluate_runs(
+    run_dirs: list[Path],
+    dataset: Cifar100,
+    tta: bool = False,
+    device: str = "auto",
+    batch_size: int = 500,
+    calibrate: bool = False,
+    models: list[TrainedModel] | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
     """The report dict (as written to report.json) and the (N, 100) probabilities behind it.
 
     ``calibrate`` adds temperature scaling (``report["temperature_scaling"]``) and writes
@@ -138,23 +180,36 @@ def evaluate_runs(run_dirs: list[Path], dataset: Cifar100, tta: bool = False,
     probs = ensemble_probs(logits)
     labels = dataset.test.labels.numpy()
     first = models[0]
-    report = build_report(probs, labels, first.class_names, first.superclass_names,
-                          first.fine_to_coarse)
+    report = build_report(
+        probs, labels, first.class_names, first.superclass_names, first.fine_to_coarse
+    )
     names = [str(r) for r in run_dirs]
-    report.update({
-        "title": run_dirs[0].resolve().name if len(run_dirs) == 1
-        else f"ensemble of {len(run_dirs)} runs",
-        "runs": names, "models": [m.metadata["model_name"] for m in models],
-        "members": [{"run": name, "model": m.metadata["model_name"],
-                     "top1": topk_accuracy(softmax(lg), labels, 1)}
-                    for name, m, lg in zip(names, models, logits, strict=True)],
-        "tta_flip": tta, "data": str(dataset.source), "commit": git_commit(),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "split_seeds": [m.metadata["config_obj"].data.split_seed for m in models],
-    })
+    report.update(
+        {
+            "title": run_dirs[0].resolve().name
+            if len(run_dirs) == 1
+            else f"ensemble of {len(run_dirs)} runs",
+            "runs": names,
+            "models": [m.metadata["model_name"] for m in models],
+            "members": [
+                {
+                    "run": name,
+                    "model": m.metadata["model_name"],
+                    "top1": topk_accuracy(softmax(lg), labels, 1),
+                }
+                for name, m, lg in zip(names, models, logits, strict=True)
+            ],
+            "tta_flip": tta,
+            "data": str(dataset.source),
+            "commit": git_commit(),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "split_seeds": [m.metadata["config_obj"].data.split_seed for m in models],
+        }
+    )
     if calibrate:
-        report["temperature_scaling"] = temperature_scaling(models, run_dirs, logits, dataset,
-                                                            tta, device, batch_size)
+        report["temperature_scaling"] = temperature_scaling(
+            models, run_dirs, logits, dataset, tta, device, batch_size
+        )
         report["ece_calibrated"] = report["temperature_scaling"]["ece_after"]
     return report, probs
 
@@ -168,8 +223,9 @@ def training_curves(run_dir: Path) -> bytes | None:
     return png_bytes(curves_figure(rows)) if rows else None
 
 
-def make_figures(report: dict[str, Any], probs: np.ndarray, dataset: Cifar100,
-                 run_dir: Path) -> dict[str, bytes]:
+def make_figures(
+    report: dict[str, Any], probs: np.ndarray, dataset: Cifar100, run_dir: Path
+) -> dict[str, bytes]:
     labels = dataset.test.labels.numpy()
     mistakes = misclassified(probs, labels, report["class_names"])
     figures = {
@@ -185,15 +241,17 @@ def make_figures(report: dict[str, Any], probs: np.ndarray, dataset: Cifar100,
     return figures
 
 
-def write_report(report: dict[str, Any], figures: dict[str, bytes], out: Path
-                 ) -> dict[str, Path]:
+def write_report(report: dict[str, Any], figures: dict[str, bytes], out: Path) -> dict[str, Path]:
     """report.json, report.md with its PNGs, and the self-contained report.html."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         for stem, png in figures.items():
             (out / f"{stem}.png").write_bytes(png)
-        paths = {"json": out / "report.json", "markdown": out / "report.md",
-                 "html": out / "report.html"}
+        paths = {
+            "json": out / "report.json",
+            "markdown": out / "report.md",
+            "html": out / "report.html",
+        }
         report["files"] = {k: p.name for k, p in paths.items()}
         report["figures"] = [f"{stem}.png" for stem in figures]
         write_json(paths["json"], report)
@@ -204,17 +262,19 @@ def write_report(report: dict[str, Any], figures: dict[str, bytes], out: Path
     return paths
 
 
-
-
 def summary(report: dict[str, Any]) -> str:
     """The report's headline numbers in a line (two with temperature scaling)."""
-    lines = [f"{report['title']}: top-1 {report['top1']:.2%}, top-5 {report['top5']:.2%}, "
-             f"superclass {report['superclass_accuracy']:.2%}, macro F1 "
-             f"{report['macro_f1']:.3f}, ECE {report['ece']:.2%} on {report['images']} test "
-             f"images{' (flip TTA)' if report['tta_flip'] else ''}"]
+    lines = [
+        f"{report['title']}: top-1 {report['top1']:.2%}, top-5 {report['top5']:.2%}, "
+        f"superclass {report['superclass_accuracy']:.2%}, macro F1 "
+        f"{report['macro_f1']:.3f}, ECE {report['ece']:.2%} on {report['images']} test "
+        f"images{' (flip TTA)' if report['tta_flip'] else ''}"
+    ]
     if "temperature_scaling" in report:
         scaling = report["temperature_scaling"]
         temps = ", ".join(f"{m['temperature']:.3f}" for m in scaling["members"])
-        lines.append(f"temperature scaling (T = {temps}, fitted on the validation split): "
-                     f"test ECE {scaling['ece_before']:.2%} -> {scaling['ece_after']:.2%}")
+        lines.append(
+            f"temperature scaling (T = {temps}, fitted on the validation split): "
+            f"test ECE {scaling['ece_before']:.2%} -> {scaling['ece_after']:.2%}"
+        )
     return "\n".join(lines)

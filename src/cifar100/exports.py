@@ -57,26 +57,34 @@ def model_metadata(trained: TrainedModel, source: str | Path) -> dict[str, str]:
     p, meta = trained.preprocess, trained.metadata
     config = meta.get("config", {})
     values: dict[str, Any] = {
-        "producer": f"cifar100 {__version__}", "source_run": str(source),
+        "producer": f"cifar100 {__version__}",
+        "source_run": str(source),
         "model_name": config.get("model", {}).get("name", ""),
-        "class_names": trained.class_names, "superclass_names": trained.superclass_names,
+        "class_names": trained.class_names,
+        "superclass_names": trained.superclass_names,
         "fine_to_coarse": trained.fine_to_coarse,
-        "input_name": INPUT_NAME, "input_layout": "NCHW, channels RGB",
-        "input_dtype": "float32", "input_scaling": "pixel / 255, in [0, 1]",
+        "input_name": INPUT_NAME,
+        "input_layout": "NCHW, channels RGB",
+        "input_dtype": "float32",
+        "input_scaling": "pixel / 255, in [0, 1]",
         "input_size": IMAGE_SIZE,
         "input_resize": "largest centred square, Lanczos to 32x32 (cifar100.images)",
-        "model_input_size": p.size, "mean": p.mean.flatten().tolist(),
+        "model_input_size": p.size,
+        "mean": p.mean.flatten().tolist(),
         "std": p.std.flatten().tolist(),
         "normalization": "inside the ONNX graph: resize to model_input_size, (x - mean) / std",
         "output": "logits (N, num_classes); softmax gives probabilities",
         # 1.0: raw logits; otherwise the logits are already divided by it (in the graph;
         # for safetensors, load_safetensors applies it) - fitted on the validation split.
         "temperature": trained.temperature,
-        "config": config, "stage": meta.get("stage"), "epoch": meta.get("epoch"),
+        "config": config,
+        "stage": meta.get("stage"),
+        "epoch": meta.get("epoch"),
         "val_top1": (meta.get("val") or {}).get("top1"),
     }
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()
-            if v is not None}
+    return {
+        k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items() if v is not None
+    }
 
 
 def _write_atomic(data: bytes, path: Path) -> None:
@@ -119,10 +127,16 @@ def export_onnx(classifier: nn.Module, path: str | Path, metadata: dict[str, str
         # dynamo=False: the TorchScript exporter needs no onnxscript, and its deprecation
         # notice and the tracer's note on the (fixed) 32x32 input size are expected.
         warnings.simplefilter("ignore")
-        torch.onnx.export(classifier, (example,), buffer, dynamo=False,
-                          opset_version=ONNX_OPSET, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(
+            classifier,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
     model = onnx.load_from_string(buffer.getvalue())
     model.producer_name, model.producer_version = "cifar100", __version__
     model.doc_string = "CIFAR-100 classifier: preprocessing + network (see metadata_props)"
@@ -142,17 +156,18 @@ class OnnxClassifier:
         if not self.path.is_file():
             raise ExportError(f"{self.path}: ONNX file not found")
         try:
-            self.session = ort.InferenceSession(str(self.path),
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own untyped exceptions
-            raise ExportError(f"{self.path}: not a readable ONNX model "
-                              f"({str(error).splitlines()[0][:200]})") from None
+            raise ExportError(
+                f"{self.path}: not a readable ONNX model ({str(error).splitlines()[0][:200]})"
+            ) from None
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         try:
             self.class_names = json.loads(self.metadata["class_names"])
         except (KeyError, json.JSONDecodeError):
-            raise ExportError(f"{self.path}: no class_names in its metadata (not exported "
-                              "by 'cifar100 export'?)") from None
+            raise ExportError(
+                f"{self.path}: no class_names in its metadata (not exported by 'cifar100 export'?)"
+            ) from None
         self.input_name = self.session.get_inputs()[0].name
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -166,42 +181,49 @@ def batched_logits(fn, images: torch.Tensor, batch_size: int = 250) -> torch.Ten
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
+            batch = images[start : start + batch_size]
             if batch.dtype == torch.uint8:
                 batch = batch.float() / 255.0
             outputs.append(fn(batch).float())
     return torch.cat(outputs)
 
 
-def compare_logits(reference: torch.Tensor, candidate: torch.Tensor,
-                   labels: torch.Tensor | None = None) -> dict[str, float]:
+def compare_logits(
+    reference: torch.Tensor, candidate: torch.Tensor, labels: torch.Tensor | None = None
+) -> dict[str, float]:
     """Max abs logit difference, top-1 agreement and (with labels) both accuracies."""
-    result = {"images": len(reference),
-              "max_abs_logit_diff": float((reference - candidate).abs().max()),
-              "top1_agreement": float((reference.argmax(1) == candidate.argmax(1))
-                                      .float().mean())}
+    result = {
+        "images": len(reference),
+        "max_abs_logit_diff": float((reference - candidate).abs().max()),
+        "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).float().mean()),
+    }
     if labels is not None:
         result["reference_top1"] = float((reference.argmax(1) == labels).float().mean())
         result["candidate_top1"] = float((candidate.argmax(1) == labels).float().mean())
     return result
 
 
-def check_onnx(classifier: nn.Module, path: str | Path, images: torch.Tensor,
-               labels: torch.Tensor | None = None) -> dict[str, float]:
+def check_onnx(
+    classifier: nn.Module,
+    path: str | Path,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Run the ONNX file in onnxruntime against PyTorch on ``images``; fail below 99.9%."""
     reference = batched_logits(classifier.eval(), images)
     candidate = batched_logits(OnnxClassifier(path).logits, images)
     result = compare_logits(reference, candidate, labels)
     if result["top1_agreement"] < MIN_TOP1_AGREEMENT:
-        raise ExportError(f"{path}: onnxruntime agrees with PyTorch on only "
-                          f"{result['top1_agreement']:.2%} of top-1 predictions "
-                          f"(need {MIN_TOP1_AGREEMENT:.1%}); max abs logit difference "
-                          f"{result['max_abs_logit_diff']:.3g}")
+        raise ExportError(
+            f"{path}: onnxruntime agrees with PyTorch on only "
+            f"{result['top1_agreement']:.2%} of top-1 predictions "
+            f"(need {MIN_TOP1_AGREEMENT:.1%}); max abs logit difference "
+            f"{result['max_abs_logit_diff']:.3g}"
+        )
     return result
 
 
-def export_safetensors(trained: TrainedModel, path: str | Path,
-                       metadata: dict[str, str]) -> Path:
+def export_safetensors(trained: TrainedModel, path: str | Path, metadata: dict[str, str]) -> Path:
     """The network's weights (no preprocessing buffers) with ``metadata`` as strings."""
     from safetensors.torch import save
 
@@ -230,15 +252,24 @@ def load_safetensors(path: str | Path) -> TrainedModel:
         model = build_model(config.model, len(class_names))
         model.load_state_dict(tensors)
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as error:
-        raise ExportError(f"{path}: not a cifar100 safetensors export "
-                          f"({type(error).__name__}: {str(error)[:200]})") from None
-    preprocess = Preprocess(int(meta["model_input_size"]), json.loads(meta["mean"]),
-                            json.loads(meta["std"]))
+        raise ExportError(
+            f"{path}: not a cifar100 safetensors export "
+            f"({type(error).__name__}: {str(error)[:200]})"
+        ) from None
+    preprocess = Preprocess(
+        int(meta["model_input_size"]), json.loads(meta["mean"]), json.loads(meta["std"])
+    )
     extra = {k: v for k, v in meta.items() if k != "class_names"}
     extra["config_obj"] = config
-    return TrainedModel(model.eval(), preprocess, class_names,
-                        json.loads(meta["superclass_names"]), json.loads(meta["fine_to_coarse"]),
-                        extra, float(meta.get("temperature", 1.0)))
+    return TrainedModel(
+        model.eval(),
+        preprocess,
+        class_names,
+        json.loads(meta["superclass_names"]),
+        json.loads(meta["fine_to_coarse"]),
+        extra,
+        float(meta.get("temperature", 1.0)),
+    )
 
 
 def output_paths(run: Path, fmt: str, out: Path | None) -> dict[str, Path]:
@@ -262,9 +293,14 @@ def check_images(trained: TrainedModel, data_dir: str | Path | None, count: int)
     return test.images[:count], test.labels[:count]
 
 
-def export_run(run: str | Path, fmt: str = "onnx", out: str | Path | None = None,
-               data_dir: str | Path | None = None, count: int = 1000,
-               calibrated: bool = False) -> dict:
+def export_run(
+    run: str | Path,
+    fmt: str = "onnx",
+    out: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    count: int = 1000,
+    calibrated: bool = False,
+) -> dict:
     """Export ``run`` and check every file written.
 
     Args:
@@ -284,23 +320,32 @@ def export_run(run: str | Path, fmt: str = "onnx", out: str | Path | None = None
     paths = output_paths(run, fmt, out)
     images, labels = check_images(trained, data_dir, count)
     classifier = trained.classifier()
-    report: dict = {"source_run": str(run), "temperature": trained.temperature, "files": {},
-                    "checks": {}}
+    report: dict = {
+        "source_run": str(run),
+        "temperature": trained.temperature,
+        "files": {},
+        "checks": {},
+    }
     try:
         if "onnx" in paths:
             with published_after_check(paths["onnx"]) as unchecked:
                 export_onnx(classifier, unchecked, metadata)
-                print(f"checking {paths['onnx']} in onnxruntime on {len(images):,} test images",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"checking {paths['onnx']} in onnxruntime on {len(images):,} test images",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 report["checks"]["onnx"] = check_onnx(classifier, unchecked, images, labels)
         if "safetensors" in paths:
             with published_after_check(paths["safetensors"]) as unchecked:
                 export_safetensors(trained, unchecked, metadata)
-                report["checks"]["safetensors"] = check_safetensors(classifier, unchecked,
-                                                                    images, labels)
+                report["checks"]["safetensors"] = check_safetensors(
+                    classifier, unchecked, images, labels
+                )
     except KeyboardInterrupt as stop:
-        raise interrupted(stop, "an export file appears only once its check passed; "
-                          "run the same command again") from None
+        raise interrupted(
+            stop, "an export file appears only once its check passed; run the same command again"
+        ) from None
     report["files"] = {f: str(p) for f, p in paths.items()}
     return report
 
@@ -308,11 +353,14 @@ def export_run(run: str | Path, fmt: str = "onnx", out: str | Path | None = None
 def check_safetensors(classifier, path: Path, images, labels) -> dict:
     """Load ``path`` back: its logits must equal ``classifier``'s exactly."""
     reloaded = load_safetensors(path).classifier()
-    result = compare_logits(batched_logits(classifier, images),
-                            batched_logits(reloaded, images), labels)
+    result = compare_logits(
+        batched_logits(classifier, images), batched_logits(reloaded, images), labels
+    )
     if result["max_abs_logit_diff"] != 0.0:
-        raise ExportError(f"{path}: reloaded weights give different "
-                          f"logits (max abs difference {result['max_abs_logit_diff']:.3g})")
+        raise ExportError(
+            f"{path}: reloaded weights give different "
+            f"logits (max abs difference {result['max_abs_logit_diff']:.3g})"
+        )
     return result
 
 
@@ -320,13 +368,17 @@ def summary(report: dict) -> str:
     """``export_run``'s report as text: the temperature, then each file and its check."""
     lines = []
     if report["temperature"] != 1.0:
-        lines.append(f"calibrated: logits divided by T = {report['temperature']:.4f} (fitted "
-                     "on the validation split by 'cifar100 evaluate')")
+        lines.append(
+            f"calibrated: logits divided by T = {report['temperature']:.4f} (fitted "
+            "on the validation split by 'cifar100 evaluate')"
+        )
     for fmt, path in report["files"].items():
         check = report["checks"][fmt]
-        lines += [f"{fmt}: {path}",
-                  f"  checked on {check['images']} test images: max abs logit difference "
-                  f"{check['max_abs_logit_diff']:.2e}, top-1 agreement "
-                  f"{check['top1_agreement']:.2%} (top-1 accuracy PyTorch "
-                  f"{check['reference_top1']:.2%}, {fmt} {check['candidate_top1']:.2%})"]
+        lines += [
+            f"{fmt}: {path}",
+            f"  checked on {check['images']} test images: max abs logit difference "
+            f"{check['max_abs_logit_diff']:.2e}, top-1 agreement "
+            f"{check['top1_agreement']:.2%} (top-1 accuracy PyTorch "
+            f"{check['reference_top1']:.2%}, {fmt} {check['candidate_top1']:.2%})",
+        ]
     return "\n".join(lines)

@@ -48,8 +48,9 @@ class FeatureBatches:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def get(self, indices: torch.Tensor, generator: torch.Generator | None = None,
-            flip: bool = False) -> torch.Tensor:
+    def get(
+        self, indices: torch.Tensor, generator: torch.Generator | None = None, flip: bool = False
+    ) -> torch.Tensor:
         if generator is None or self.mirrored is None:
             views = self.mirrored if flip else self.plain
             return views[indices].float().to(self.device)
@@ -77,8 +78,10 @@ def cache_path(config: Config, size: int, weights_sha256: str, images: torch.Ten
     """One file per backbone, weights, data, input size and normalisation: never another's."""
     data_id = hashlib.sha1(images.numpy()).hexdigest()[:8]  # ~0.2 s for 50,000 images
     norm = "std" if config.data.standardize else "raw"
-    key = (f"{config.model.name}-w{config.model.width_mult}-{weights_sha256[:12]}-{data_id}"
-           f"-{size}px-{norm}")
+    key = (
+        f"{config.model.name}-w{config.model.width_mult}-{weights_sha256[:12]}-{data_id}"
+        f"-{size}px-{norm}"
+    )
     return default_cache_dir() / "features" / f"{key}.pt"
 
 
@@ -90,15 +93,25 @@ def open_cache(path: Path, rows: int, channels: int) -> FeatureCache:
             if all(state["features"][v].shape == (rows, channels) for v in VIEWS):
                 return FeatureCache(path, state["features"], state["done"])
         except Exception as error:  # noqa: BLE001  (a cache: any damage means recompute)
-            print(f"warning: {path}: unreadable feature cache ({type(error).__name__}); "
-                  "computing the features again", file=sys.stderr)
-    return FeatureCache(path, {v: torch.zeros(rows, channels, dtype=torch.float16)
-                               for v in VIEWS},
-                        {v: torch.zeros(rows, dtype=torch.bool) for v in VIEWS})
+            print(
+                f"warning: {path}: unreadable feature cache ({type(error).__name__}); "
+                "computing the features again",
+                file=sys.stderr,
+            )
+    return FeatureCache(
+        path,
+        {v: torch.zeros(rows, channels, dtype=torch.float16) for v in VIEWS},
+        {v: torch.zeros(rows, dtype=torch.bool) for v in VIEWS},
+    )
 
 
-def fill_cache(cache: FeatureCache, backbone_of, batches: ImageBatches,
-               wanted: dict[str, torch.Tensor], size: int) -> None:
+def fill_cache(
+    cache: FeatureCache,
+    backbone_of,
+    batches: ImageBatches,
+    wanted: dict[str, torch.Tensor],
+    size: int,
+) -> None:
     """Compute the wanted rows that are missing; save progress if interrupted.
 
     ``backbone_of(n)`` returns the network to run for ``n`` images (compiled or not).
@@ -107,31 +120,44 @@ def fill_cache(cache: FeatureCache, backbone_of, batches: ImageBatches,
     total = sum(len(index) for index in todo.values())
     if total == 0:
         return
-    print(f"extracting backbone features of {total:,} images at {size} px "
-          f"({', '.join(f'{len(i):,} {v}' for v, i in todo.items() if len(i))}); "
-          f"later runs reuse them from {cache.path.parent}", file=sys.stderr, flush=True)
+    print(
+        f"extracting backbone features of {total:,} images at {size} px "
+        f"({', '.join(f'{len(i):,} {v}' for v, i in todo.items() if len(i))}); "
+        f"later runs reuse them from {cache.path.parent}",
+        file=sys.stderr,
+        flush=True,
+    )
     backbone, progress = backbone_of(total), Progress(total, f"features {size}px")
     batch = capped_batch(FEATURE_BATCH, size)
     try:
         for view, index in todo.items():
             for start in range(0, len(index), batch):
-                rows = index[start:start + batch]
-                cache.features[view][rows] = pooled_features(backbone, batches, rows,
-                                                             view == "mirrored", batch)
+                rows = index[start : start + batch]
+                cache.features[view][rows] = pooled_features(
+                    backbone, batches, rows, view == "mirrored", batch
+                )
                 cache.done[view][rows] = True
                 if progress.update(len(rows)):
                     cache.save()
     except KeyboardInterrupt as stop:
         cache.save()
-        raise interrupted(stop, f"features of {progress.done:,} of {total:,} images were "
-                          "saved to the cache; the next run continues from there") from None
+        raise interrupted(
+            stop,
+            f"features of {progress.done:,} of {total:,} images were "
+            "saved to the cache; the next run continues from there",
+        ) from None
     finally:
         progress.close()
     cache.save()
 
 
-def pooled_features(backbone: nn.Module, batches: ImageBatches, rows: torch.Tensor,
-                    flip: bool, batch: int = FEATURE_BATCH) -> torch.Tensor:
+def pooled_features(
+    backbone: nn.Module,
+    batches: ImageBatches,
+    rows: torch.Tensor,
+    flip: bool,
+    batch: int = FEATURE_BATCH,
+) -> torch.Tensor:
     images = batches.get(rows, flip=flip)  # (B, 3, S, S)
     if len(rows) < batch:  # keep one static shape for the compiled graph
         pad = images[:1].expand(batch - len(rows), -1, -1, -1)
@@ -147,8 +173,9 @@ class Progress:
     def __init__(self, total: int, desc: str):
         self.total, self.done, self.desc = total, 0, desc
         self.started = self.last_save = time.monotonic()
-        self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False,
-                        disable=None)
+        self.bar = tqdm(
+            total=total, desc=desc, unit="img", file=sys.stderr, leave=False, disable=None
+        )
         self.logged = 0
         self.log_every = max(FEATURE_BATCH, min(LOG_EVERY, total // 10))
 
@@ -160,9 +187,12 @@ class Progress:
         due = self.done - self.logged >= self.log_every and self.done < self.total
         if self.bar.disable and due:
             rate = self.done / max(now - self.started, 1e-9)
-            print(f"{self.desc}: {self.done:,}/{self.total:,} images, {rate:.0f} img/s, "
-                  f"{(self.total - self.done) / rate / 60:.1f} min left", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{self.desc}: {self.done:,}/{self.total:,} images, {rate:.0f} img/s, "
+                f"{(self.total - self.done) / rate / 60:.1f} min left",
+                file=sys.stderr,
+                flush=True,
+            )
             self.logged = self.done
         if now - self.last_save > SAVE_EVERY_S:
             self.last_save = now
@@ -209,5 +239,9 @@ class CompiledOrEager(nn.Module):
 
 
 def _warn_eager(error: Exception) -> None:
-    print(f"warning: torch.compile failed ({type(error).__name__}); extracting features "
-          "without it (slower, same results)", file=sys.stderr, flush=True)
+    print(
+        f"warning: torch.compile failed ({type(error).__name__}); extracting features "
+        "without it (slower, same results)",
+        file=sys.stderr,
+        flush=True,
+    )

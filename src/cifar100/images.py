@@ -40,18 +40,24 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # Errors Pillow raises on broken files, besides OSError (truncated data, unknown format).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 # EXIF orientation -> the transpose that shows the photo upright (phones store it sideways).
-_ORIENTATION = {2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180],
-                4: [Image.Transpose.FLIP_TOP_BOTTOM], 5: [Image.Transpose.TRANSPOSE],
-                6: [Image.Transpose.ROTATE_270], 7: [Image.Transpose.TRANSVERSE],
-                8: [Image.Transpose.ROTATE_90]}
+_ORIENTATION = {
+    2: [Image.Transpose.FLIP_LEFT_RIGHT],
+    3: [Image.Transpose.ROTATE_180],
+    4: [Image.Transpose.FLIP_TOP_BOTTOM],
+    5: [Image.Transpose.TRANSPOSE],
+    6: [Image.Transpose.ROTATE_270],
+    7: [Image.Transpose.TRANSVERSE],
+    8: [Image.Transpose.ROTATE_90],
+}
 
 
 class ImageError(UserError):
     """An image that cannot be read; the message names the file and the problem."""
 
 
-def read_image(path: str | Path, size: int = IMAGE_SIZE,
-               max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+def read_image(
+    path: str | Path, size: int = IMAGE_SIZE, max_pixels: int = MAX_PIXELS
+) -> torch.Tensor:
     """Decode ``path`` into a float32 (3, size, size) tensor in [0, 1].
 
     Raises:
@@ -70,8 +76,9 @@ def read_image(path: str | Path, size: int = IMAGE_SIZE,
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: too many pixels (decompression bomb?), limit "
-                         f"{max_pixels:,}") from None
+        raise ImageError(
+            f"{path}: too many pixels (decompression bomb?), limit {max_pixels:,}"
+        ) from None
     except _DECODE_ERRORS as error:
         raise ImageError(f"{path}: unreadable or truncated image ({_reason(error)})") from None
 
@@ -83,15 +90,18 @@ def _reason(error: BaseException) -> str:
 def _decode(image: Image.Image, path: Path, size: int, max_pixels: int) -> torch.Tensor:
     width, height = image.size  # read from the header: nothing decoded yet
     if width * height > max_pixels:
-        raise ImageError(f"{path}: {width}x{height} is {width * height:,} pixels, over the "
-                         f"limit of {max_pixels:,} (decompression bomb?)")
+        raise ImageError(
+            f"{path}: {width}x{height} is {width * height:,} pixels, over the "
+            f"limit of {max_pixels:,} (decompression bomb?)"
+        )
     orientation = image.getexif().get(0x0112, 1)
     # JPEG can decode at 1/2, 1/4 or 1/8 scale for free: a 24 MP photo never fully decodes.
     image.draft(None, (size * int(REDUCING_GAP), size * int(REDUCING_GAP)))
     image.load()  # raises on truncated data (LOAD_TRUNCATED_IMAGES stays off)
     rgb = to_rgb(image, path)
-    small = rgb.resize((size, size), RESIZE_FILTER, box=centre_square(rgb.size),
-                       reducing_gap=REDUCING_GAP)
+    small = rgb.resize(
+        (size, size), RESIZE_FILTER, box=centre_square(rgb.size), reducing_gap=REDUCING_GAP
+    )
     # A centred square crop commutes with rotations and flips, so orienting the 32x32
     # result is the same as orienting the full photo first, and much cheaper.
     for method in _ORIENTATION.get(orientation, []):

@@ -24,8 +24,9 @@ class Range(NamedTuple):
 
     def __contains__(self, value: float) -> bool:
         above = self.low is None or value > self.low or (value == self.low and not self.low_open)
-        below = (self.high is None or value < self.high
-                 or (value == self.high and not self.high_open))
+        below = (
+            self.high is None or value < self.high or (value == self.high and not self.high_open)
+        )
         return above and below
 
     def __str__(self) -> str:
@@ -42,24 +43,42 @@ FRACTION = Range(0, 1, high_open=True)  # [0, 1)
 SEED = Range(0, SEED_MAX)
 
 RANGES = {
-    "data.val_fraction": Range(0, 1, True, True), "data.train_subset": POSITIVE_INT,
+    "data.val_fraction": Range(0, 1, True, True),
+    "data.train_subset": POSITIVE_INT,
     "data.split_seed": SEED,
-    "augment.translate": Range(0, 16), "augment.rotation": Range(0, 180),
-    "augment.zoom": FRACTION, "augment.contrast": Range(0, 1),
-    "augment.mixup_alpha": NON_NEGATIVE, "augment.cutmix_alpha": NON_NEGATIVE,
-    "model.dropout": FRACTION, "model.width_mult": ABOVE_ZERO,
-    "model.image_size": Range(32, 1024), "model.head_hidden": POSITIVE_INT,
-    "optim.lr": ABOVE_ZERO, "optim.weight_decay": NON_NEGATIVE, "optim.momentum": FRACTION,
-    "optim.warmup_epochs": NON_NEGATIVE, "optim.plateau_factor": Range(0, 1, True, True),
-    "optim.plateau_patience": NON_NEGATIVE, "optim.min_lr": NON_NEGATIVE,
-    "optim.label_smoothing": FRACTION, "optim.grad_clip": ABOVE_ZERO,
-    "train.epochs": POSITIVE_INT, "train.batch_size": POSITIVE_INT,
-    "train.eval_batch_size": POSITIVE_INT, "train.early_stopping": POSITIVE_INT,
-    "train.seed": SEED, "train.ema_decay": Range(0, 1, True, True),
-    "train.checkpoint_minutes": NON_NEGATIVE, "train.threads": POSITIVE_INT,
-    "transfer.stage1_epochs": POSITIVE_INT, "transfer.stage1_lr": ABOVE_ZERO,
-    "transfer.stage1_batch_size": POSITIVE_INT, "transfer.stage2_epochs": NON_NEGATIVE,
-    "transfer.stage2_lr": ABOVE_ZERO, "transfer.stage2_unfreeze": Range(0, MOBILENETV2_BLOCKS),
+    "augment.translate": Range(0, 16),
+    "augment.rotation": Range(0, 180),
+    "augment.zoom": FRACTION,
+    "augment.contrast": Range(0, 1),
+    "augment.mixup_alpha": NON_NEGATIVE,
+    "augment.cutmix_alpha": NON_NEGATIVE,
+    "model.dropout": FRACTION,
+    "model.width_mult": ABOVE_ZERO,
+    "model.image_size": Range(32, 1024),
+    "model.head_hidden": POSITIVE_INT,
+    "optim.lr": ABOVE_ZERO,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.momentum": FRACTION,
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "optim.plateau_factor": Range(0, 1, True, True),
+    "optim.plateau_patience": NON_NEGATIVE,
+    "optim.min_lr": NON_NEGATIVE,
+    "optim.label_smoothing": FRACTION,
+    "optim.grad_clip": ABOVE_ZERO,
+    "train.epochs": POSITIVE_INT,
+    "train.batch_size": POSITIVE_INT,
+    "train.eval_batch_size": POSITIVE_INT,
+    "train.early_stopping": POSITIVE_INT,
+    "train.seed": SEED,
+    "train.ema_decay": Range(0, 1, True, True),
+    "train.checkpoint_minutes": NON_NEGATIVE,
+    "train.threads": POSITIVE_INT,
+    "transfer.stage1_epochs": POSITIVE_INT,
+    "transfer.stage1_lr": ABOVE_ZERO,
+    "transfer.stage1_batch_size": POSITIVE_INT,
+    "transfer.stage2_epochs": NON_NEGATIVE,
+    "transfer.stage2_lr": ABOVE_ZERO,
+    "transfer.stage2_unfreeze": Range(0, MOBILENETV2_BLOCKS),
     "transfer.stage2_warmup_epochs": NON_NEGATIVE,
 }
 

@@ -58,12 +58,18 @@ class Run:
     def metadata(self) -> dict[str, Any]:
         """What a checkpoint needs so that evaluate/predict/export work from it alone."""
         p = self.preprocess
-        return {"config": to_dict(self.config), "model_name": self.config.model.name,
-                "class_names": self.dataset.class_names,
-                "superclass_names": self.dataset.superclass_names,
-                "fine_to_coarse": self.dataset.fine_to_coarse().tolist(),
-                "preprocess": {"size": p.size, "mean": p.mean.flatten().tolist(),
-                               "std": p.std.flatten().tolist()}}
+        return {
+            "config": to_dict(self.config),
+            "model_name": self.config.model.name,
+            "class_names": self.dataset.class_names,
+            "superclass_names": self.dataset.superclass_names,
+            "fine_to_coarse": self.dataset.fine_to_coarse().tolist(),
+            "preprocess": {
+                "size": p.size,
+                "mean": p.mean.flatten().tolist(),
+                "std": p.std.flatten().tolist(),
+            },
+        }
 
 
 @dataclass
@@ -127,15 +133,23 @@ def run_stage(run: Run, stage: Stage) -> None:
 
 def checkpoint_state(run: Run, stage: Stage, epoch_state: EpochState | None, generator):
     progress = asdict(epoch_state) if epoch_state else None
-    return {"stage": stage.name, "epoch": stage.epoch, "model": saved_model(stage).state_dict(),
-            "optimizer": stage.ctx.optimizer.state_dict(),
-            "scheduler": (stage.ctx.scheduler or stage.plateau).state_dict()
-            if (stage.ctx.scheduler or stage.plateau) else None,
-            "ema": stage.ctx.ema.model.state_dict() if stage.ctx.ema else None,
-            "epoch_state": progress,
-            "best_top1": stage.best_top1, "bad_epochs": stage.bad_epochs,
-            "elapsed": run.elapsed, "rng": rng_state(generator),
-            **distributed.gather_rank_states(rng_state(generator), progress), **run.metadata()}
+    return {
+        "stage": stage.name,
+        "epoch": stage.epoch,
+        "model": saved_model(stage).state_dict(),
+        "optimizer": stage.ctx.optimizer.state_dict(),
+        "scheduler": (stage.ctx.scheduler or stage.plateau).state_dict()
+        if (stage.ctx.scheduler or stage.plateau)
+        else None,
+        "ema": stage.ctx.ema.model.state_dict() if stage.ctx.ema else None,
+        "epoch_state": progress,
+        "best_top1": stage.best_top1,
+        "bad_epochs": stage.bad_epochs,
+        "elapsed": run.elapsed,
+        "rng": rng_state(generator),
+        **distributed.gather_rank_states(rng_state(generator), progress),
+        **run.metadata(),
+    }
 
 
 def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState | None:
@@ -146,8 +160,11 @@ def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState 
         restore_scheduler(scheduler, state["scheduler"], stage.ctx.optimizer)
     if stage.ctx.ema is not None:
         stage.ctx.ema.model.load_state_dict(state["ema"])
-    stage.epoch, stage.best_top1, stage.bad_epochs = (state["epoch"], state["best_top1"],
-                                                      state["bad_epochs"])
+    stage.epoch, stage.best_top1, stage.bad_epochs = (
+        state["epoch"],
+        state["best_top1"],
+        state["bad_epochs"],
+    )
     progress = distributed.restore_rank_state(state, generator)  # this rank's, under torchrun
     if progress is None:
         return None
@@ -169,9 +186,11 @@ def _resume(run: Run, stage: Stage, generator) -> EpochState | None:
 def _run_epochs(run: Run, stage: Stage) -> None:
     cfg, ckpt_dir = run.config.train, run.run_dir / "checkpoints"
     if len(stage.train_batches) < stage.batch_size:
-        raise ConfigError(f"{stage.name}: {len(stage.train_batches)} training images are fewer "
-                          f"than one batch of {stage.batch_size}; lower train.batch_size or "
-                          "use a larger --train-subset")
+        raise ConfigError(
+            f"{stage.name}: {len(stage.train_batches)} training images are fewer "
+            f"than one batch of {stage.batch_size}; lower train.batch_size or "
+            "use a larger --train-subset"
+        )
     # Under torchrun every rank augments its own images: its own generator (seed + rank).
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed + distributed.rank())
     model = distributed.wrap_model(stage.model, run.device, cfg.sync_bn)  # DDP, or itself
@@ -206,8 +225,18 @@ def _run_epochs(run: Run, stage: Stage) -> None:
         steps = len(order) // batch_size
         desc = f"{stage.name} {stage.epoch + 1}/{stage.epochs}"
         state = epoch_state or EpochState()
-        train = train_one_epoch(model, stage.train_batches, stage.ctx, batch_size, order,
-                                generator, state, on_pause, desc, every)
+        train = train_one_epoch(
+            model,
+            stage.train_batches,
+            stage.ctx,
+            batch_size,
+            order,
+            generator,
+            state,
+            on_pause,
+            desc,
+            every,
+        )
         train = distributed.mean_metrics(train)
         epoch_state = None
         val = _validate(run, stage, state, generator, started)
@@ -219,15 +248,21 @@ def _run_epochs(run: Run, stage: Stage) -> None:
 
 def _validate(run: Run, stage: Stage, state: EpochState, generator, started: float) -> dict:
     try:
-        return distributed.evaluate_sharded(evaluate, eval_model(stage), stage.val_batches,
-                                            run.config.train.eval_batch_size,
-                                            autocast=stage.ctx.autocast)
+        return distributed.evaluate_sharded(
+            evaluate,
+            eval_model(stage),
+            stage.val_batches,
+            run.config.train.eval_batch_size,
+            autocast=stage.ctx.autocast,
+        )
     except KeyboardInterrupt:
         # The epoch's training is done: keep it, and validate first thing on resume.
         run.elapsed += time.perf_counter() - started
         if distributed.is_main():
-            save_checkpoint(checkpoint_state(run, stage, state, generator),
-                            run.run_dir / "checkpoints" / "last.pt")
+            save_checkpoint(
+                checkpoint_state(run, stage, state, generator),
+                run.run_dir / "checkpoints" / "last.pt",
+            )
         raise TrainingInterrupted(f"stopped while validating epoch {stage.epoch + 1}") from None
 
 
@@ -242,23 +277,37 @@ def _end_epoch(run: Run, stage: Stage, train: dict, val: dict, generator) -> dic
     ckpt_dir = run.run_dir / "checkpoints"
     if val["top1"] > stage.best_top1:
         stage.best_top1, stage.bad_epochs = val["top1"], 0
-        best = {"stage": stage.name, "epoch": stage.epoch, "val": val,
-                "model": saved_model(stage, for_eval=True).state_dict(), **run.metadata()}
+        best = {
+            "stage": stage.name,
+            "epoch": stage.epoch,
+            "val": val,
+            "model": saved_model(stage, for_eval=True).state_dict(),
+            **run.metadata(),
+        }
         if distributed.is_main():
             save_checkpoint(best, ckpt_dir / "best.pt")
     else:
         stage.bad_epochs += 1
     lr = stage.ctx.optimizer.param_groups[0]["lr"]
-    row = {"stage": stage.name, "epoch": stage.epoch, "lr": lr, "elapsed_s": round(run.elapsed, 1),
-           **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()}}
+    row = {
+        "stage": stage.name,
+        "epoch": stage.epoch,
+        "lr": lr,
+        "elapsed_s": round(run.elapsed, 1),
+        **{f"train_{k}": v for k, v in train.items()},
+        **{f"val_{k}": v for k, v in val.items()},
+    }
     last = checkpoint_state(run, stage, None, generator)  # a collective under torchrun
     if distributed.is_main():  # the only rank that writes files (and prints)
         append_metrics(run.run_dir, row)
         save_checkpoint(last, ckpt_dir / "last.pt")
         plot_curves(run.run_dir)
-        print(f"[{stage.name}] epoch {stage.epoch}/{stage.epochs}  train loss "
-              f"{train['loss']:.3f} top1 {train['top1']:.3f} | val loss {val['loss']:.3f} top1 "
-              f"{val['top1']:.3f} top5 {val['top5']:.3f} | lr {lr:.2e} | "
-              f"{run.elapsed / 60:.1f} min", file=sys.stderr,
-              flush=True)  # stderr: stdout stays clean for --json
+        print(
+            f"[{stage.name}] epoch {stage.epoch}/{stage.epochs}  train loss "
+            f"{train['loss']:.3f} top1 {train['top1']:.3f} | val loss {val['loss']:.3f} top1 "
+            f"{val['top1']:.3f} top5 {val['top5']:.3f} | lr {lr:.2e} | "
+            f"{run.elapsed / 60:.1f} min",
+            file=sys.stderr,
+            flush=True,
+        )  # stderr: stdout stays clean for --json
     return row

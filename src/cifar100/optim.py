@@ -18,15 +18,22 @@ def make_optimizer(params: Iterable, config: OptimConfig, lr: float | None = Non
     params = list(params)
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr, **_kernels(torch.optim.Adam, params))
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, **_kernels(torch.optim.AdamW, params))
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
-                               **_kernels(torch.optim.SGD, params))
+        return torch.optim.SGD(
+            groups,
+            lr=lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            **_kernels(torch.optim.SGD, params),
+        )
     raise ConfigError(f"unknown optim.optimizer '{config.optimizer}' (adam, adamw or sgd)")
 
 
@@ -54,8 +61,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     decide where the ``step`` counters go (the device for fused, the host otherwise).
     """
     mine = [{k: g[k] for k in KERNEL_FLAGS if k in g} for g in optimizer.param_groups]
-    groups = [{**{k: v for k, v in saved.items() if k not in KERNEL_FLAGS}, **flags}
-              for saved, flags in zip(state["param_groups"], mine, strict=True)]
+    groups = [
+        {**{k: v for k, v in saved.items() if k not in KERNEL_FLAGS}, **flags}
+        for saved, flags in zip(state["param_groups"], mine, strict=True)
+    ]
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
@@ -79,24 +88,38 @@ class StepSchedule:
             return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         if self.kind == "onecycle":  # airbench-style: ramp up (warm-up), then linear to zero
             return max(1.0 - progress, self.min_ratio)
-        raise ConfigError(f"unknown optim.schedule '{self.kind}' (plateau, cosine, onecycle or "
-                          "constant)")
+        raise ConfigError(
+            f"unknown optim.schedule '{self.kind}' (plateau, cosine, onecycle or constant)"
+        )
 
 
-def make_scheduler(optimizer, config: OptimConfig, epochs: int, steps_per_epoch: int,
-                   warmup_epochs: float | None = None):
+def make_scheduler(
+    optimizer,
+    config: OptimConfig,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float | None = None,
+):
     """Returns (scheduler, per_step). ReduceLROnPlateau steps per epoch on validation loss."""
     if config.schedule == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=config.plateau_factor,
-            patience=config.plateau_patience, min_lr=config.min_lr)
+            optimizer,
+            mode="min",
+            factor=config.plateau_factor,
+            patience=config.plateau_patience,
+            min_lr=config.min_lr,
+        )
         return scheduler, False
     warmup = config.warmup_epochs if warmup_epochs is None else warmup_epochs
     if config.schedule == "onecycle" and warmup == 0:
         warmup = 0.25 * epochs
     base_lr = optimizer.param_groups[0]["lr"]
-    schedule = StepSchedule(config.schedule, epochs * steps_per_epoch,
-                            round(warmup * steps_per_epoch), config.min_lr / base_lr)
+    schedule = StepSchedule(
+        config.schedule,
+        epochs * steps_per_epoch,
+        round(warmup * steps_per_epoch),
+        config.min_lr / base_lr,
+    )
     schedule(0)  # fail now, not mid-run, on an unknown name
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), True
 
@@ -114,6 +137,7 @@ def restore_scheduler(scheduler, saved: dict, optimizer) -> None:
     if any(vars(f) != p for f, p in zip(schedules, planned, strict=True)):
         for f, p in zip(schedules, planned, strict=True):
             vars(f).update(p)
-        for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, schedules,
-                                  strict=True):
+        for group, base, f in zip(
+            optimizer.param_groups, scheduler.base_lrs, schedules, strict=True
+        ):
             group["lr"] = base * f(scheduler.last_epoch)

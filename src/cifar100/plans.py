@@ -38,11 +38,26 @@ def build_cnn_stage(run: Run) -> Stage:
     optimizer = make_optimizer(model.parameters(), config.optim)
     scheduler, per_step = make_scheduler(optimizer, config.optim, config.train.epochs, steps)
     ema = ModelEma(model, config.train.ema_decay) if config.train.ema_decay else None
-    ctx = StepContext(optimizer, scheduler if per_step else None, len(run.dataset.class_names),
-                      config.optim.label_smoothing, config.augment, config.optim.grad_clip,
-                      ema, run.autocast)
-    return Stage("main", model, config.train.epochs, config.train.batch_size, train_batches,
-                 val_batches, ctx, plateau=None if per_step else scheduler)
+    ctx = StepContext(
+        optimizer,
+        scheduler if per_step else None,
+        len(run.dataset.class_names),
+        config.optim.label_smoothing,
+        config.augment,
+        config.optim.grad_clip,
+        ema,
+        run.autocast,
+    )
+    return Stage(
+        "main",
+        model,
+        config.train.epochs,
+        config.train.batch_size,
+        train_batches,
+        val_batches,
+        ctx,
+        plateau=None if per_step else scheduler,
+    )
 
 
 def scratch_stages(run: Run) -> Iterator[Stage]:

@@ -41,8 +41,9 @@ def curves_figure(rows: list[dict[str, Any]]):
     x = list(range(1, len(rows) + 1))
     fig = Figure(figsize=(16, 3.6))
     axes = fig.subplots(1, 4)
-    for ax, key, title in zip(axes[:3], ("loss", "top1", "top5"), ("loss", "top-1", "top-5"),
-                              strict=True):
+    for ax, key, title in zip(
+        axes[:3], ("loss", "top1", "top5"), ("loss", "top-1", "top-5"), strict=True
+    ):
         ax.plot(x, [r[f"train_{key}"] for r in rows], marker=".", label="train")
         ax.plot(x, [r[f"val_{key}"] for r in rows], marker=".", label="validation")
         ax.set_title(title)

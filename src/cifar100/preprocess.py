@@ -18,13 +18,20 @@ class Preprocess(nn.Module):
     def __init__(self, size: int, mean, std, standardize: bool = True):
         super().__init__()
         self.size = size
-        self.register_buffer("mean", torch.tensor(mean if standardize else (0.0,) * 3).view(
-            1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std if standardize else (1.0,) * 3).view(
-            1, 3, 1, 1))
+        self.register_buffer(
+            "mean", torch.tensor(mean if standardize else (0.0,) * 3).view(1, 3, 1, 1)
+        )
+        self.register_buffer(
+            "std", torch.tensor(std if standardize else (1.0,) * 3).view(1, 3, 1, 1)
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] != self.size:
-            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear",
-                                   align_corners=False, antialias=images.shape[-1] > self.size)
+            images = F.interpolate(
+                images,
+                size=(self.size, self.size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=images.shape[-1] > self.size,
+            )
         return (images - self.mean) / self.std

@@ -42,10 +42,20 @@ from cifar100.weights import resolve_weights
 DEFAULT_PRESET = "quick"
 # What ``train --resume`` may change; every other flag would be silently dropped: refused.
 RESUME_FLAGS = ("--epochs", "--device", "--data-dir", "--json")
-AUGMENT_BEYOND_FLIP = ("augment.translate", "augment.rotation", "augment.zoom",
-                       "augment.contrast", "augment.mixup_alpha", "augment.cutmix_alpha")
-STAGE2_KEYS = ("train.batch_size", "transfer.stage2_lr", "transfer.stage2_unfreeze",
-               "transfer.stage2_warmup_epochs")
+AUGMENT_BEYOND_FLIP = (
+    "augment.translate",
+    "augment.rotation",
+    "augment.zoom",
+    "augment.contrast",
+    "augment.mixup_alpha",
+    "augment.cutmix_alpha",
+)
+STAGE2_KEYS = (
+    "train.batch_size",
+    "transfer.stage2_lr",
+    "transfer.stage2_unfreeze",
+    "transfer.stage2_warmup_epochs",
+)
 PRETRAINED_ONLY = ("model.width_mult", "model.weights", "model.head_hidden")
 WIDTH_STAGES = {"cnn-seed": (3, 3), "cnn-fast": (1, 4)}  # how many widths each CNN takes
 DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
@@ -60,19 +70,37 @@ def choose_preset(preset: str | None, model: str | None) -> str | None:
     return DEFAULT_PRESET
 
 
-def from_flags(preset: str | None = None, model: str | None = None, files: list = (),
-               sets: list[str] = (), epochs: int | None = None, *, seed: int | None = None,
-               train_subset: int | None = None, data_dir: str | None = None,
-               device: str | None = None) -> Config:
+def from_flags(
+    preset: str | None = None,
+    model: str | None = None,
+    files: list = (),
+    sets: list[str] = (),
+    epochs: int | None = None,
+    *,
+    seed: int | None = None,
+    train_subset: int | None = None,
+    data_dir: str | None = None,
+    device: str | None = None,
+) -> Config:
     """The checked config of a new run from the flags of ``train`` and ``tune`` (None: not
     given); the preset is ``choose_preset(preset, model)``."""
-    flags = {"model.name": model, "train.seed": seed, "data.train_subset": train_subset,
-             "data.data_dir": data_dir, "train.device": device}
+    flags = {
+        "model.name": model,
+        "train.seed": seed,
+        "data.train_subset": train_subset,
+        "data.data_dir": data_dir,
+        "train.device": device,
+    }
     return resolve(choose_preset(preset, model), files, sets, flags, epochs)
 
 
-def resolve(preset: str | None, files: list = (), sets: list[str] = (),
-            flags: dict[str, Any] | None = None, epochs: int | None = None) -> Config:
+def resolve(
+    preset: str | None,
+    files: list = (),
+    sets: list[str] = (),
+    flags: dict[str, Any] | None = None,
+    epochs: int | None = None,
+) -> Config:
     """The checked config of a new run; ``flags`` maps 'section.key' to a value or None."""
     overrides = parse_overrides(list(sets))
     explicit = {f"{section}.{key}" for section, keys in overrides.items() for key in keys}
@@ -83,8 +111,9 @@ def resolve(preset: str | None, files: list = (), sets: list[str] = (),
             explicit.add(name)
     config = load_config(preset, files, overrides)
     explicit |= _changed_in_files(files, config)
-    if model_spec(config.model.name).pretrained and (config.model.weights
-                                                     or os.environ.get(WEIGHTS_ENV)):
+    if model_spec(config.model.name).pretrained and (
+        config.model.weights or os.environ.get(WEIGHTS_ENV)
+    ):
         resolve_weights(config.model.weights, download=False)  # a wrong path fails now
     config, stage_keys = with_epochs(config, epochs)
     check_settings(config, explicit | stage_keys)
@@ -110,8 +139,9 @@ def with_epochs(config: Config, epochs: int | None) -> tuple[Config, set[str]]:
     if epochs is None:
         return config, set()
     if not model_spec(config.model.name).pretrained:
-        return dataclasses.replace(config, train=dataclasses.replace(
-            config.train, epochs=epochs)), {"train.epochs"}
+        return dataclasses.replace(
+            config, train=dataclasses.replace(config.train, epochs=epochs)
+        ), {"train.epochs"}
     stages = {"stage1_epochs": epochs}
     if config.transfer.stage2_epochs > 0:
         stages["stage2_epochs"] = epochs
@@ -123,43 +153,82 @@ def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
     """(applies, keys, why they do nothing) for the resolved ``config``."""
     o, t, name = config.optim, config.transfer, config.model.name
     rules = [
-        (o.schedule != "plateau", ("optim.plateau_factor", "optim.plateau_patience"),
-         f"they steer the plateau schedule, and optim.schedule is '{o.schedule}'"),
-        (o.schedule == "plateau", ("optim.warmup_epochs",), "the plateau schedule has no "
-         "warm-up (choose optim.schedule cosine, onecycle or constant)"),
+        (
+            o.schedule != "plateau",
+            ("optim.plateau_factor", "optim.plateau_patience"),
+            f"they steer the plateau schedule, and optim.schedule is '{o.schedule}'",
+        ),
+        (
+            o.schedule == "plateau",
+            ("optim.warmup_epochs",),
+            "the plateau schedule has no "
+            "warm-up (choose optim.schedule cosine, onecycle or constant)",
+        ),
         (o.schedule == "constant", ("optim.min_lr",), "a constant schedule never decays"),
-        (o.optimizer != "sgd", ("optim.momentum", "optim.nesterov"),
-         f"they apply to sgd, and optim.optimizer is '{o.optimizer}'"),
+        (
+            o.optimizer != "sgd",
+            ("optim.momentum", "optim.nesterov"),
+            f"they apply to sgd, and optim.optimizer is '{o.optimizer}'",
+        ),
     ]
     if not model_spec(name).pretrained:
         transfer_keys = tuple(f"transfer.{f.name}" for f in dataclasses.fields(t))
-        return rules + [(True, transfer_keys + PRETRAINED_ONLY,
-                         f"they apply to pretrained models, and {name} is trained from scratch")]
+        return rules + [
+            (
+                True,
+                transfer_keys + PRETRAINED_ONLY,
+                f"they apply to pretrained models, and {name} is trained from scratch",
+            )
+        ]
     stage1_only = t.stage2_epochs == 0
     return rules + [
-        (True, ("train.epochs",), "a transfer model trains in stages: set "
-         "transfer.stage1_epochs / transfer.stage2_epochs, or --epochs for every stage"),
+        (
+            True,
+            ("train.epochs",),
+            "a transfer model trains in stages: set "
+            "transfer.stage1_epochs / transfer.stage2_epochs, or --epochs for every stage",
+        ),
         (True, ("optim.lr",), "each stage has its own: transfer.stage1_lr, transfer.stage2_lr"),
-        (True, ("optim.warmup_epochs",), "stage 1 has no warm-up; stage 2's is "
-         "transfer.stage2_warmup_epochs"),
-        (config.train.ema_decay is not None, ("train.ema_decay",),
-         "the transfer stages keep no moving average of the weights"),
+        (
+            True,
+            ("optim.warmup_epochs",),
+            "stage 1 has no warm-up; stage 2's is transfer.stage2_warmup_epochs",
+        ),
+        (
+            config.train.ema_decay is not None,
+            ("train.ema_decay",),
+            "the transfer stages keep no moving average of the weights",
+        ),
         (True, ("model.widths",), f"{name}'s widths follow model.width_mult"),
-        (stage1_only, STAGE2_KEYS, "they apply to stage 2, which is off "
-         "(transfer.stage2_epochs=0; stage 1's batch is transfer.stage1_batch_size)"),
-        (stage1_only and t.cache_features, AUGMENT_BEYOND_FLIP, "stage 1 trains on cached "
-         "features, where only augment.flip applies (they apply in stage 2, or with "
-         "transfer.cache_features=false)"),
+        (
+            stage1_only,
+            STAGE2_KEYS,
+            "they apply to stage 2, which is off "
+            "(transfer.stage2_epochs=0; stage 1's batch is transfer.stage1_batch_size)",
+        ),
+        (
+            stage1_only and t.cache_features,
+            AUGMENT_BEYOND_FLIP,
+            "stage 1 trains on cached "
+            "features, where only augment.flip applies (they apply in stage 2, or with "
+            "transfer.cache_features=false)",
+        ),
     ]
 
 
 def check_settings(config: Config, explicit: set[str]) -> None:
     """Reject the explicitly set keys that would do nothing for ``config``; check sizes."""
-    ignored = [f"{', '.join(hit)} ({why})" for applies, keys, why in _rules(config) if applies
-               for hit in [[k for k in keys if k in explicit]] if hit]
+    ignored = [
+        f"{', '.join(hit)} ({why})"
+        for applies, keys, why in _rules(config)
+        if applies
+        for hit in [[k for k in keys if k in explicit]]
+        if hit
+    ]
     if ignored:
-        raise ConfigError(f"settings that would do nothing for {config.model.name}: "
-                          + "; ".join(ignored))
+        raise ConfigError(
+            f"settings that would do nothing for {config.model.name}: " + "; ".join(ignored)
+        )
     _check_widths(config)
     _check_subset(config)
 
@@ -173,8 +242,9 @@ def _check_widths(config: Config) -> None:
     low, high = WIDTH_STAGES[name]
     if not low <= len(widths) <= high:
         count = str(low) if low == high else f"{low} to {high}"
-        raise ConfigError(f"model.widths: {name} takes {count} widths (one per stage), "
-                          f"got {len(widths)}")
+        raise ConfigError(
+            f"model.widths: {name} takes {count} widths (one per stage), got {len(widths)}"
+        )
 
 
 def _check_subset(config: Config) -> None:
@@ -189,8 +259,10 @@ def _check_subset(config: Config) -> None:
         batches = {"train.batch_size": config.train.batch_size}
     for key, size in batches.items():
         if subset < size:
-            raise ConfigError(f"data.train_subset={subset} images are fewer than one batch "
-                              f"({key}={size}): raise --train-subset or lower {key}")
+            raise ConfigError(
+                f"data.train_subset={subset} images are fewer than one batch "
+                f"({key}={size}): raise --train-subset or lower {key}"
+            )
 
 
 def check_device(name: str) -> str:
@@ -199,12 +271,15 @@ def check_device(name: str) -> str:
         raise ConfigError(f"unknown device '{name}' (choose from auto, cpu, cuda, cuda:N, mps)")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device '{name}': CUDA is not available on this machine "
-                              f"(PyTorch {torch.__version__}); use --device cpu or auto")
+            raise ConfigError(
+                f"device '{name}': CUDA is not available on this machine "
+                f"(PyTorch {torch.__version__}); use --device cpu or auto"
+            )
         index = int(name.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise ConfigError(f"device '{name}': this machine has "
-                              f"{torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(
+                f"device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     mps = getattr(torch.backends, "mps", None)
     if name == "mps" and not (mps and mps.is_available()):
         raise ConfigError("device 'mps': Apple's Metal backend is not available here")
@@ -216,13 +291,16 @@ def refuse_on_resume(run_dir: Path, given: dict[str, Any]) -> None:
     flags in ``given`` (flag -> value) was set."""
     refused = [flag for flag, value in given.items() if value not in (None, [], False)]
     if refused:
-        raise ConfigError(f"--resume continues {run_dir} with its own settings; it "
-                          f"cannot take {', '.join(refused)} (it accepts "
-                          f"{', '.join(RESUME_FLAGS)}; for other settings start a new run)")
+        raise ConfigError(
+            f"--resume continues {run_dir} with its own settings; it "
+            f"cannot take {', '.join(refused)} (it accepts "
+            f"{', '.join(RESUME_FLAGS)}; for other settings start a new run)"
+        )
 
 
-def resume_config(run_dir: Path, epochs: int | None = None, device: str | None = None,
-                  data_dir: str | None = None) -> Config:
+def resume_config(
+    run_dir: Path, epochs: int | None = None, device: str | None = None, data_dir: str | None = None
+) -> Config:
     """The config to continue ``run_dir`` with: its own, changed only where allowed.
 
     ``epochs`` extends the run (a finished one too), as torchvision's ``--resume`` with
@@ -233,15 +311,16 @@ def resume_config(run_dir: Path, epochs: int | None = None, device: str | None =
     claim_resume(run_dir)
     config = load_run_config(run_dir)
     if data_dir is not None:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data,
-                                                                      data_dir=data_dir))
+        config = dataclasses.replace(
+            config, data=dataclasses.replace(config.data, data_dir=data_dir)
+        )
     if device is not None:
         _check_device_type(run_dir, check_device(device))
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train,
-                                                                       device=device))
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
     if epochs is not None:
-        config = _extend(config, load_checkpoint(run_dir / "checkpoints" / "last.pt"),
-                         epochs, run_dir)
+        config = _extend(
+            config, load_checkpoint(run_dir / "checkpoints" / "last.pt"), epochs, run_dir
+        )
     return config
 
 
@@ -252,8 +331,10 @@ def _check_device_type(run_dir: Path, device: str) -> None:
         return  # nothing recorded: nothing to compare with
     new = select_device(device).type
     if torch.device(saved).type != new:
-        raise ConfigError(f"{run_dir} was trained on {saved}; its saved random state cannot "
-                          f"continue on {new}: resume it on a {torch.device(saved).type} device")
+        raise ConfigError(
+            f"{run_dir} was trained on {saved}; its saved random state cannot "
+            f"continue on {new}: resume it on a {torch.device(saved).type} device"
+        )
 
 
 def _extend(config: Config, state: dict[str, Any], epochs: int, run_dir: Path) -> Config:
@@ -263,14 +344,20 @@ def _extend(config: Config, state: dict[str, Any], epochs: int, run_dir: Path) -
     elif stage == "finetune":
         changes, last_stage = {"transfer": {"stage2_epochs": epochs}}, True
     else:
-        stages = {"stage1_epochs": epochs, **({"stage2_epochs": epochs}
-                                              if t.stage2_epochs > 0 else {})}
+        stages = {
+            "stage1_epochs": epochs,
+            **({"stage2_epochs": epochs} if t.stage2_epochs > 0 else {}),
+        }
         changes, last_stage = {"transfer": stages}, t.stage2_epochs == 0
     if epochs < done:
-        raise ConfigError(f"{run_dir}: stage '{stage}' has trained {done} epochs already; "
-                          f"--epochs must be at least {done}")
+        raise ConfigError(
+            f"{run_dir}: stage '{stage}' has trained {done} epochs already; "
+            f"--epochs must be at least {done}"
+        )
     patience = config.train.early_stopping
     if epochs > done and last_stage and patience and state["bad_epochs"] >= patience:
-        raise ConfigError(f"{run_dir}: stopped early ({state['bad_epochs']} epochs without a "
-                          "better validation top-1); more epochs would stop again at once")
+        raise ConfigError(
+            f"{run_dir}: stopped early ({state['bad_epochs']} epochs without a "
+            "better validation top-1); more epochs would stop again at once"
+        )
     return from_dict(changes, config)

@@ -25,13 +25,42 @@ from cifar100.runs import write_json
 RECORD_VERSION = 1
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COURSEWORK_START, COURSEWORK_END = "<!-- coursework:start -->", "<!-- coursework:end -->"
-COLUMNS = ["Model", "Test accuracy", "Top-5", "Parameters", "Training time", "Hardware",
-           "Date", "Command"]
-RESULT_KEYS = ["model", "test_top1", "test_top5", "val_top1", "val_top5", "test_loss",
-               "tta_flip", "parameters", "train_minutes", "train_images", "best_stage",
-               "best_epoch", "split_seed", "process"]
-EVALUATION_KEYS = ["top1", "top5", "superclass_accuracy", "macro_f1", "ece", "ece_calibrated",
-                   "nll", "tta_flip"]
+COLUMNS = [
+    "Model",
+    "Test accuracy",
+    "Top-5",
+    "Parameters",
+    "Training time",
+    "Hardware",
+    "Date",
+    "Command",
+]
+RESULT_KEYS = [
+    "model",
+    "test_top1",
+    "test_top5",
+    "val_top1",
+    "val_top5",
+    "test_loss",
+    "tta_flip",
+    "parameters",
+    "train_minutes",
+    "train_images",
+    "best_stage",
+    "best_epoch",
+    "split_seed",
+    "process",
+]
+EVALUATION_KEYS = [
+    "top1",
+    "top5",
+    "superclass_accuracy",
+    "macro_f1",
+    "ece",
+    "ece_calibrated",
+    "nll",
+    "tta_flip",
+]
 
 
 class RecordError(UserError):
@@ -75,13 +104,20 @@ def make_record(run_dir: str | Path, name: str | None = None) -> dict[str, Any]:
     try:
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise RecordError(f"{run_dir / 'config.yaml'}: unreadable ({type(error).__name__})"
-                          ) from None
-    record = {"record_version": RECORD_VERSION, "name": name or results.get("model"),
-              **{k: results[k] for k in RESULT_KEYS if k in results},
-              "commit": info.get("commit"), "started": info.get("started"),
-              "command": _command(info.get("command")), "hardware": info.get("hardware", {}),
-              "run_dir": run_dir.name, "config": config}
+        raise RecordError(
+            f"{run_dir / 'config.yaml'}: unreadable ({type(error).__name__})"
+        ) from None
+    record = {
+        "record_version": RECORD_VERSION,
+        "name": name or results.get("model"),
+        **{k: results[k] for k in RESULT_KEYS if k in results},
+        "commit": info.get("commit"),
+        "started": info.get("started"),
+        "command": _command(info.get("command")),
+        "hardware": info.get("hardware", {}),
+        "run_dir": run_dir.name,
+        "config": config,
+    }
     report = run_dir / "report" / "report.json"
     if report.is_file():  # ``cifar100 evaluate`` has been run: keep its headline numbers
         values = _read_json(report)
@@ -98,17 +134,22 @@ def make_ensemble_record(report_dir: Path, name: str | None = None) -> dict[str,
     if len(runs) < 2:
         raise RecordError(f"{report_dir / 'report.json'}: not an ensemble's report")
     members = [make_record(Path(run)) for run in runs]
-    record = {"record_version": RECORD_VERSION, "name": name or report_dir.name,
-              "model": " + ".join(m["model"] for m in members),
-              "test_top1": report["top1"], "test_top5": report["top5"],
-              "tta_flip": report.get("tta_flip"),
-              "parameters": sum(m.get("parameters") or 0 for m in members),
-              "train_minutes": round(sum(m.get("train_minutes") or 0 for m in members), 2),
-              "commit": report.get("commit"), "started": report.get("created"),
-              "command": report.get("command") or "",
-              "hardware": members[0].get("hardware", {}),
-              "evaluation": {k: report[k] for k in EVALUATION_KEYS if k in report},
-              "members": members}
+    record = {
+        "record_version": RECORD_VERSION,
+        "name": name or report_dir.name,
+        "model": " + ".join(m["model"] for m in members),
+        "test_top1": report["top1"],
+        "test_top5": report["top5"],
+        "tta_flip": report.get("tta_flip"),
+        "parameters": sum(m.get("parameters") or 0 for m in members),
+        "train_minutes": round(sum(m.get("train_minutes") or 0 for m in members), 2),
+        "commit": report.get("commit"),
+        "started": report.get("created"),
+        "command": report.get("command") or "",
+        "hardware": members[0].get("hardware", {}),
+        "evaluation": {k: report[k] for k in EVALUATION_KEYS if k in report},
+        "members": members,
+    }
     _check_record(record, report_dir / "report.json")
     return record
 
@@ -131,8 +172,7 @@ def load_record(path: str | Path) -> dict[str, Any]:
     return record
 
 
-def write_record(run_dir: str | Path, to: str | Path, name: str | None = None
-                 ) -> dict[str, Any]:
+def write_record(run_dir: str | Path, to: str | Path, name: str | None = None) -> dict[str, Any]:
     """Write the record of ``run_dir`` to ``to``, named ``name`` (default: its file stem)."""
     to = Path(to)
     record = make_record(run_dir, name or to.stem)
@@ -140,8 +180,7 @@ def write_record(run_dir: str | Path, to: str | Path, name: str | None = None
         to.parent.mkdir(parents=True, exist_ok=True)
         write_json(to, record)
     except OSError as error:
-        raise RecordError(f"{to}: cannot write the record ({error.strerror or error})"
-                          ) from None
+        raise RecordError(f"{to}: cannot write the record ({error.strerror or error})") from None
     return record
 
 
@@ -165,11 +204,16 @@ def _duration(minutes: float | None) -> str:
 def table_row(record: dict[str, Any]) -> list[str]:
     tta = " (flip TTA)" if record.get("tta_flip") else ""
     params = record.get("parameters")
-    return [str(record.get("name") or record["model"]), f"{100 * record['test_top1']:.2f}%{tta}",
-            f"{100 * record['test_top5']:.2f}%",
-            f"{params / 1e6:.2f} M" if params else "",
-            _duration(record.get("train_minutes")), _hardware(record.get("hardware") or {}),
-            str(record.get("started") or "")[:10], record.get("command") or ""]
+    return [
+        str(record.get("name") or record["model"]),
+        f"{100 * record['test_top1']:.2f}%{tta}",
+        f"{100 * record['test_top5']:.2f}%",
+        f"{params / 1e6:.2f} M" if params else "",
+        _duration(record.get("train_minutes")),
+        _hardware(record.get("hardware") or {}),
+        str(record.get("started") or "")[:10],
+        record.get("command") or "",
+    ]
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
@@ -177,20 +221,25 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         text = text.replace("|", "\\|")
         return f"`{text}`" if code and text else text
 
-    lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|---|--:|--:|--:|--:|---|---|---|"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|--:|--:|--:|--:|---|---|---|"]
     for record in records:
         row = table_row(record)
-        lines.append("| " + " | ".join(cell(v, i == len(row) - 1) for i, v in enumerate(row))
-                     + " |")
+        lines.append(
+            "| " + " | ".join(cell(v, i == len(row) - 1) for i, v in enumerate(row)) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def text_table(records: list[dict[str, Any]]) -> str:
     rows = [COLUMNS] + [table_row(r) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False))
-                     + "  " + row[-1] for row in rows) + "\n"
+    return (
+        "\n".join(
+            "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[-1]
+            for row in rows
+        )
+        + "\n"
+    )
 
 
 def update_readme(readme: Path, table: str, coursework: str | None = None) -> None:
@@ -211,9 +260,10 @@ def update_readme(readme: Path, table: str, coursework: str | None = None) -> No
 def _between(text: str, start_marker: str, end_marker: str, table: str, readme: Path) -> str:
     start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < 0 or end < start:
-        raise RecordError(f"{readme}: needs the markers {start_marker} and then {end_marker} "
-                          "around the table")
-    return text[:start + len(start_marker)] + "\n" + table + text[end:]
+        raise RecordError(
+            f"{readme}: needs the markers {start_marker} and then {end_marker} around the table"
+        )
+    return text[: start + len(start_marker)] + "\n" + table + text[end:]
 
 
 def compare(records: Iterable[str | Path | dict[str, Any]], markdown: bool = False) -> str:

@@ -47,48 +47,67 @@ def _img(stem: str, png: bytes) -> str:
 
 
 def _cards(report: dict[str, Any]) -> str:
-    cards = [("Top-1 accuracy", pct(report["top1"])), ("Top-5 accuracy", pct(report["top5"])),
-             ("Superclass accuracy", pct(report["superclass_accuracy"])),
-             ("Macro F1", f"{report['macro_f1']:.3f}"), ("ECE (15 bins)", pct(report["ece"])),
-             ("Test loss (NLL)", f"{report['nll']:.3f}")]
+    cards = [
+        ("Top-1 accuracy", pct(report["top1"])),
+        ("Top-5 accuracy", pct(report["top5"])),
+        ("Superclass accuracy", pct(report["superclass_accuracy"])),
+        ("Macro F1", f"{report['macro_f1']:.3f}"),
+        ("ECE (15 bins)", pct(report["ece"])),
+        ("Test loss (NLL)", f"{report['nll']:.3f}"),
+    ]
     if "temperature_scaling" in report:
         cards.append(("ECE, temperature-scaled", pct(report["temperature_scaling"]["ece_after"])))
-    return '<div class="cards">' + "".join(
-        f"<div class=card><b>{v}</b><span>{k}</span></div>" for k, v in cards) + "</div>"
+    return (
+        '<div class="cards">'
+        + "".join(f"<div class=card><b>{v}</b><span>{k}</span></div>" for k, v in cards)
+        + "</div>"
+    )
 
 
 def _report_table(table_id: str, report: dict[str, Any], groups: list[str] | None) -> str:
     """A classification report as an HTML table (F1 drawn as a bar too)."""
-    head = ["class"] + (["superclass"] if groups else []) + [
-        "precision", "recall", "F1", "support"]
+    head = ["class"] + (["superclass"] if groups else []) + ["precision", "recall", "F1", "support"]
     rows = []
     for i, row in enumerate(report["classes"]):
         group = f"<td class=name>{html.escape(groups[i])}</td>" if groups else ""
         bar = f'<span class=bar style="width:{60 * row["f1"]:.0f}px"></span>'
-        rows.append(f"<tr><td>{html.escape(row['name'])}</td>{group}"
-                    f"<td>{row['precision']:.3f}</td><td>{row['recall']:.3f}</td>"
-                    f"<td>{row['f1']:.3f}{bar}</td><td>{row['support']}</td></tr>")
+        rows.append(
+            f"<tr><td>{html.escape(row['name'])}</td>{group}"
+            f"<td>{row['precision']:.3f}</td><td>{row['recall']:.3f}</td>"
+            f"<td>{row['f1']:.3f}{bar}</td><td>{row['support']}</td></tr>"
+        )
     pad = "<td></td>" if groups else ""
     total = report["macro_avg"]["support"]
-    rows.append(f"<tr class=avg><td>accuracy</td>{pad}<td></td><td></td>"
-                f"<td>{report['accuracy']:.3f}</td><td>{total}</td></tr>")
+    rows.append(
+        f"<tr class=avg><td>accuracy</td>{pad}<td></td><td></td>"
+        f"<td>{report['accuracy']:.3f}</td><td>{total}</td></tr>"
+    )
     for key, label in (("macro_avg", "macro avg"), ("weighted_avg", "weighted avg")):
         avg = report[key]
-        rows.append(f"<tr class=avg><td>{label}</td>{pad}<td>{avg['precision']:.3f}</td>"
-                    f"<td>{avg['recall']:.3f}</td><td>{avg['f1']:.3f}</td>"
-                    f"<td>{avg['support']}</td></tr>")
+        rows.append(
+            f"<tr class=avg><td>{label}</td>{pad}<td>{avg['precision']:.3f}</td>"
+            f"<td>{avg['recall']:.3f}</td><td>{avg['f1']:.3f}</td>"
+            f"<td>{avg['support']}</td></tr>"
+        )
     header = "".join(f"<th>{h}</th>" for h in head)
-    return f'<table id="{table_id}"><thead><tr>{header}</tr></thead><tbody>' + "".join(
-        rows) + "</tbody></table>"
+    return (
+        f'<table id="{table_id}"><thead><tr>{header}</tr></thead><tbody>'
+        + "".join(rows)
+        + "</tbody></table>"
+    )
 
 
 def _pairs_table(pairs: list[dict[str, Any]]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(p['true'])}</td><td class=name>{html.escape(p['predicted'])}</td>"
-        f"<td>{p['count']}</td><td>{pct(p['share'])}</td></tr>" for p in pairs)
-    return ('<table id="confused-pairs"><thead><tr><th>true class</th><th>predicted as</th>'
-            f"<th>images</th><th>share of true class</th></tr></thead><tbody>{rows}"
-            "</tbody></table>")
+        f"<td>{p['count']}</td><td>{pct(p['share'])}</td></tr>"
+        for p in pairs
+    )
+    return (
+        '<table id="confused-pairs"><thead><tr><th>true class</th><th>predicted as</th>'
+        f"<th>images</th><th>share of true class</th></tr></thead><tbody>{rows}"
+        "</tbody></table>"
+    )
 
 
 def _meta_line(report: dict[str, Any]) -> str:
@@ -96,10 +115,12 @@ def _meta_line(report: dict[str, Any]) -> str:
     kind = f"ensemble of {len(report['runs'])} runs" if len(report["runs"]) > 1 else "run"
     models = ", ".join(sorted(set(report["models"])))
     tta = "with flip test-time augmentation" if report["tta_flip"] else "no test-time augmentation"
-    return (f'<p class=meta>{kind} {runs} · model {html.escape(models)} · '
-            f"{report['images']:,} test images from <code>{html.escape(report['data'])}</code>"
-            f" · {tta}<br>made {html.escape(report['created'])} at commit "
-            f"<code>{html.escape(str(report.get('commit')))}</code></p>")
+    return (
+        f"<p class=meta>{kind} {runs} · model {html.escape(models)} · "
+        f"{report['images']:,} test images from <code>{html.escape(report['data'])}</code>"
+        f" · {tta}<br>made {html.escape(report['created'])} at commit "
+        f"<code>{html.escape(str(report.get('commit')))}</code></p>"
+    )
 
 
 def _figure(stem: str, images: dict[str, bytes], heading: bool = True) -> str:
@@ -107,21 +128,29 @@ def _figure(stem: str, images: dict[str, bytes], heading: bool = True) -> str:
         return ""
     title, caption = FIGURES[stem]
     head = f'<h2 id="{stem}">{title}</h2>' if heading else ""
-    return (f"{head}<figure>{_img(stem, images[stem])}"
-            f"<figcaption>{caption}</figcaption></figure>")
+    return f"{head}<figure>{_img(stem, images[stem])}<figcaption>{caption}</figcaption></figure>"
 
 
 def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
     """The whole page; ``images`` maps figure stems (see FIGURES) to PNG bytes."""
     groups = [report["superclass_names"][c] for c in report["fine_to_coarse"]]
-    sections = [("summary", "Summary"), ("confusion", "Confusion"),
-                ("superclasses", "Superclasses"), ("pairs", "Most confused"),
-                ("misclassified", "Mistakes"), ("reliability", "Calibration"),
-                ("curves", "Training"), ("per-class", "Per class")]
+    sections = [
+        ("summary", "Summary"),
+        ("confusion", "Confusion"),
+        ("superclasses", "Superclasses"),
+        ("pairs", "Most confused"),
+        ("misclassified", "Mistakes"),
+        ("reliability", "Calibration"),
+        ("curves", "Training"),
+        ("per-class", "Per class"),
+    ]
     nav = "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in sections) + "</nav>"
     body = [
         f"<h1 id=summary>CIFAR-100 evaluation: {html.escape(report['title'])}</h1>",
-        _meta_line(report), nav, _cards(report), _figure("confusion", images),
+        _meta_line(report),
+        nav,
+        _cards(report),
+        _figure("confusion", images),
         '<h2 id="superclasses">Superclasses and confused pairs</h2><p class=muted>A fine '
         "prediction counts as right when it lands in the true superclass: accuracy "
         f"{pct(report['superclass_accuracy'])}.</p><div class=cols><div><h3>Superclass "
@@ -129,14 +158,17 @@ def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
         '</div><div id="pairs"><h3>Most confused pairs (fine classes)</h3>'
         f"{_pairs_table(report['most_confused'])}</div></div>",
         _figure("superclass_confusion", images, heading=False),
-        _figure("misclassified", images), _figure("reliability", images),
+        _figure("misclassified", images),
+        _figure("reliability", images),
         f"<p class=muted>{html.escape(scaling_note(report))}</p>"
-        if "temperature_scaling" in report else "",
+        if "temperature_scaling" in report
+        else "",
         _figure("curves", images),
         '<h2 id="per-class">Per-class report</h2>'
         + _report_table("class-report", report["classification_report"], groups),
     ]
-    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
-            f"<title>CIFAR-100 evaluation: {html.escape(report['title'])}</title>"
-            f"<style>{STYLE}</style></head><body><main>" + "\n".join(body)
-            + "</main></body></html>\n")
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>CIFAR-100 evaluation: {html.escape(report['title'])}</title>"
+        f"<style>{STYLE}</style></head><body><main>" + "\n".join(body) + "</main></body></html>\n"
+    )

@@ -11,20 +11,38 @@ import torch
 from cifar100.plotting import png_bytes, pyplot
 
 INK, MUTED, ACCENT, WRONG = "#1f2937", "#6b7280", "#2563eb", "#dc2626"
-RC = {"font.size": 9, "axes.edgecolor": MUTED, "axes.labelcolor": INK, "xtick.color": INK,
-      "ytick.color": INK, "axes.spines.top": False, "axes.spines.right": False}
+RC = {
+    "font.size": 9,
+    "axes.edgecolor": MUTED,
+    "axes.labelcolor": INK,
+    "xtick.color": INK,
+    "ytick.color": INK,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
 
 # (file stem, section title, what the figure shows)
 FIGURES = {
-    "confusion": ("Confusion matrix", "Row-normalised: each row is one true class and sums to "
-                  "100%. Classes are grouped by superclass; the square-root colour scale keeps "
-                  "small confusions visible."),
-    "superclass_confusion": ("Superclass confusion", "A fine prediction mapped to its "
-                             "superclass, against the true superclass."),
-    "misclassified": ("Misclassified test images", "The most confident mistakes, one per "
-                      "true class: true class, then → predicted class (confidence)."),
-    "reliability": ("Calibration", "Accuracy against confidence in equal-width bins; bars "
-                    "below the diagonal mean over-confidence."),
+    "confusion": (
+        "Confusion matrix",
+        "Row-normalised: each row is one true class and sums to "
+        "100%. Classes are grouped by superclass; the square-root colour scale keeps "
+        "small confusions visible.",
+    ),
+    "superclass_confusion": (
+        "Superclass confusion",
+        "A fine prediction mapped to its superclass, against the true superclass.",
+    ),
+    "misclassified": (
+        "Misclassified test images",
+        "The most confident mistakes, one per "
+        "true class: true class, then → predicted class (confidence).",
+    ),
+    "reliability": (
+        "Calibration",
+        "Accuracy against confidence in equal-width bins; bars "
+        "below the diagonal mean over-confidence.",
+    ),
     "curves": ("Training curves", "From the run's metrics.jsonl."),
 }
 
@@ -63,9 +81,15 @@ def fine_confusion_png(report: dict[str, Any]) -> bytes:
     fig = plt.figure(figsize=(width, height))
     ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
     cmap = LinearSegmentedColormap.from_list(
-        "white_blue", ["#ffffff", "#bfdbfe", "#3b82f6", "#1e3a8a", "#0b1026"])
-    image = ax.imshow(matrix, cmap=cmap, norm=PowerNorm(0.5, vmin=0, vmax=1),
-                      interpolation="nearest", aspect="auto")
+        "white_blue", ["#ffffff", "#bfdbfe", "#3b82f6", "#1e3a8a", "#0b1026"]
+    )
+    image = ax.imshow(
+        matrix,
+        cmap=cmap,
+        norm=PowerNorm(0.5, vmin=0, vmax=1),
+        interpolation="nearest",
+        aspect="auto",
+    )
     ax.set_xticks(range(n), names, rotation=90, fontsize=7)
     ax.set_yticks(range(n), names, fontsize=7)
     ax.tick_params(length=0, pad=2)
@@ -74,8 +98,9 @@ def fine_confusion_png(report: dict[str, Any]) -> bytes:
         ax.axvline(first - 0.5, color="#cbd5e1", lw=0.6)
     _label_superclasses(ax, groups, report["superclass_names"])
     ax.set_xlabel("predicted class", labelpad=6)
-    bar_ax = fig.add_axes(((left + side + 0.15) / width, bottom / height, 0.18 / width,
-                           side / height))
+    bar_ax = fig.add_axes(
+        ((left + side + 0.15) / width, bottom / height, 0.18 / width, side / height)
+    )
     bar = fig.colorbar(image, cax=bar_ax, ticks=[0, 0.01, 0.05, 0.1, 0.25, 0.5, 1])
     bar.ax.set_yticklabels(["0", "1%", "5%", "10%", "25%", "50%", "100%"])
     bar.set_label("share of the true class (row)")
@@ -88,10 +113,19 @@ def _label_superclasses(ax, groups: list[int], superclass_names: list[str]) -> N
 
     for k, (group, first, last) in enumerate(_group_spans(groups)):
         name = textwrap.fill(superclass_names[group].replace("_", " "), 16)
-        ax.annotate(name, xy=(0, (first + last) / 2), xycoords=("axes fraction", "data"),
-                    xytext=(-60, 0), textcoords="offset points", ha="right", va="center",
-                    fontsize=7.5, linespacing=1.0, color=INK if k % 2 == 0 else ACCENT,
-                    annotation_clip=False)
+        ax.annotate(
+            name,
+            xy=(0, (first + last) / 2),
+            xycoords=("axes fraction", "data"),
+            xytext=(-60, 0),
+            textcoords="offset points",
+            ha="right",
+            va="center",
+            fontsize=7.5,
+            linespacing=1.0,
+            color=INK if k % 2 == 0 else ACCENT,
+            annotation_clip=False,
+        )
 
 
 def superclass_confusion_png(report: dict[str, Any]) -> bytes:
@@ -106,8 +140,15 @@ def superclass_confusion_png(report: dict[str, Any]) -> bytes:
     for i in range(n):
         for j in range(n):
             if counts[i, j]:
-                ax.text(j, i, f"{100 * matrix[i, j]:.0f}", ha="center", va="center",
-                        fontsize=6.5, color="white" if matrix[i, j] > 0.5 else INK)
+                ax.text(
+                    j,
+                    i,
+                    f"{100 * matrix[i, j]:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                    color="white" if matrix[i, j] > 0.5 else INK,
+                )
     ax.set_xticks(range(n), names, rotation=60, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(n), names)
     ax.tick_params(length=0)
@@ -129,17 +170,27 @@ def reliability_png(calibration: dict[str, Any]) -> bytes:
     counts = np.array([b["count"] for b in bins])
     used = counts > 0  # an empty bin has no accuracy to draw
     centres_used, acc, conf = centres[used], acc[used], conf[used]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.6, 6), height_ratios=(3, 1),
-                                      sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.6, 6), height_ratios=(3, 1), sharex=True)
     top.bar(centres_used, acc, width=width * 0.95, color=ACCENT, label="accuracy")
     gap_base = np.minimum(acc, conf)
-    top.bar(centres_used, np.abs(conf - acc), bottom=gap_base, width=width * 0.95,
-            facecolor="none", hatch="///", edgecolor=WRONG, lw=0.8, label="gap to confidence")
+    top.bar(
+        centres_used,
+        np.abs(conf - acc),
+        bottom=gap_base,
+        width=width * 0.95,
+        facecolor="none",
+        hatch="///",
+        edgecolor=WRONG,
+        lw=0.8,
+        label="gap to confidence",
+    )
     top.plot([0, 1], [0, 1], "--", color=MUTED, lw=1, label="perfect calibration")
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
-    top.set_title(f"reliability: ECE {100 * calibration['ece']:.2f}% "
-                  f"({calibration['num_bins']} bins)", color=INK)
+    top.set_title(
+        f"reliability: ECE {100 * calibration['ece']:.2f}% ({calibration['num_bins']} bins)",
+        color=INK,
+    )
     top.legend(loc="upper left", frameon=False)
     bottom.bar(centres, counts, width=width * 0.95, color=MUTED)
     bottom.set_xlim(0, 1)
@@ -149,8 +200,9 @@ def reliability_png(calibration: dict[str, Any]) -> bytes:
     return png_bytes(fig)
 
 
-def misclassified_png(images: torch.Tensor, mistakes: list[dict[str, Any]],
-                      columns: int = 8) -> bytes:
+def misclassified_png(
+    images: torch.Tensor, mistakes: list[dict[str, Any]], columns: int = 8
+) -> bytes:
     """Grid of wrongly classified test images, each titled true -> predicted (confidence).
 
     ``images`` is the test split (N, 3, 32, 32) uint8; each mistake has ``index``, ``true``,
@@ -158,13 +210,16 @@ def misclassified_png(images: torch.Tensor, mistakes: list[dict[str, Any]],
     """
     plt = pyplot(RC)
     rows = max(1, -(-len(mistakes) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 2.05),
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 2.05), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, mistake in zip(axes.flat, mistakes, strict=False):
         ax.imshow(images[mistake["index"]].permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(f"{mistake['true']}\n→ {mistake['predicted']} "
-                     f"({100 * mistake['confidence']:.0f}%)", fontsize=8.5, color=INK, pad=3)
+        ax.set_title(
+            f"{mistake['true']}\n→ {mistake['predicted']} ({100 * mistake['confidence']:.0f}%)",
+            fontsize=8.5,
+            color=INK,
+            pad=3,
+        )
     fig.subplots_adjust(left=0.01, right=0.99, top=0.93, bottom=0.01, hspace=0.55, wspace=0.1)
     return png_bytes(fig)

@@ -44,8 +44,7 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     """(C, C) counts: row = true class, column = predicted class."""
     flat = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(preds, dtype=np.int64)
-    return np.bincount(flat, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes)
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -62,19 +61,27 @@ def classification_report(matrix: np.ndarray, names: list[str]) -> dict[str, Any
     precision = _safe_divide(tp, predicted.astype(np.float64))
     recall = _safe_divide(tp, support.astype(np.float64))
     f1 = _safe_divide(2 * precision * recall, precision + recall)
-    classes = [{"name": name, "precision": float(p), "recall": float(r), "f1": float(f),
-                "support": int(s)}
-               for name, p, r, f, s in zip(names, precision, recall, f1, support, strict=True)]
+    classes = [
+        {"name": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for name, p, r, f, s in zip(names, precision, recall, f1, support, strict=True)
+    ]
     total = int(support.sum())
     weights = support / max(total, 1)
     return {
         "classes": classes,
         "accuracy": float(tp.sum() / max(total, 1)),
-        "macro_avg": {"precision": float(precision.mean()), "recall": float(recall.mean()),
-                      "f1": float(f1.mean()), "support": total},
-        "weighted_avg": {"precision": float(weights @ precision),
-                         "recall": float(weights @ recall), "f1": float(weights @ f1),
-                         "support": total},
+        "macro_avg": {
+            "precision": float(precision.mean()),
+            "recall": float(recall.mean()),
+            "f1": float(f1.mean()),
+            "support": total,
+        },
+        "weighted_avg": {
+            "precision": float(weights @ precision),
+            "recall": float(weights @ recall),
+            "f1": float(weights @ f1),
+            "support": total,
+        },
     }
 
 
@@ -96,10 +103,21 @@ def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> 
         acc = float(correct[members].mean()) if count else 0.0
         conf = float(confidence[members].mean()) if count else 0.0
         ece += count / len(labels) * abs(acc - conf)
-        rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": count,
-                     "accuracy": acc, "confidence": conf})
-    return {"ece": float(ece), "num_bins": bins, "bins": rows,
-            "mean_confidence": float(confidence.mean())}
+        rows.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "count": count,
+                "accuracy": acc,
+                "confidence": conf,
+            }
+        )
+    return {
+        "ece": float(ece),
+        "num_bins": bins,
+        "bins": rows,
+        "mean_confidence": float(confidence.mean()),
+    }
 
 
 def class_order(fine_to_coarse: list[int]) -> list[int]:
@@ -118,14 +136,25 @@ def most_confused(matrix: np.ndarray, names: list[str], top: int = 20) -> list[d
         count = int(off[true, pred])
         if count == 0:
             break
-        pairs.append({"true": names[true], "predicted": names[pred], "count": count,
-                      "share": count / int(support[true])})
+        pairs.append(
+            {
+                "true": names[true],
+                "predicted": names[pred],
+                "count": count,
+                "share": count / int(support[true]),
+            }
+        )
     return pairs
 
 
-def build_report(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
-                 superclass_names: list[str], fine_to_coarse: list[int],
-                 top_pairs: int = 20) -> dict[str, Any]:
+def build_report(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    superclass_names: list[str],
+    fine_to_coarse: list[int],
+    top_pairs: int = 20,
+) -> dict[str, Any]:
     """Every number of the evaluation report, JSON-ready."""
     labels = np.asarray(labels, dtype=np.int64)
     preds = probs.argmax(axis=1)
@@ -156,8 +185,9 @@ def build_report(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
     }
 
 
-def misclassified(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
-                  count: int = 32) -> list[dict[str, Any]]:
+def misclassified(
+    probs: np.ndarray, labels: np.ndarray, class_names: list[str], count: int = 32
+) -> list[dict[str, Any]]:
     """The most confident mistakes, at most one per true class so the grid shows variety."""
     preds = probs.argmax(axis=1)
     confidence = probs.max(axis=1)
@@ -167,9 +197,14 @@ def misclassified(probs: np.ndarray, labels: np.ndarray, class_names: list[str],
         if int(labels[index]) in seen:
             continue
         seen.add(int(labels[index]))
-        chosen.append({"index": int(index), "true": class_names[labels[index]],
-                       "predicted": class_names[preds[index]],
-                       "confidence": float(confidence[index])})
+        chosen.append(
+            {
+                "index": int(index),
+                "true": class_names[labels[index]],
+                "predicted": class_names[preds[index]],
+                "confidence": float(confidence[index]),
+            }
+        )
         if len(chosen) == count:
             break
     return chosen

@@ -32,8 +32,15 @@ LOCK = ".lock"
 # Files that mark a folder as a run (any one of them), and everything a run writes there:
 # what --overwrite deletes. Other files in the folder are left alone.
 RUN_MARKERS = ("config.yaml", "run.json", "metrics.jsonl", "results.json", "checkpoints")
-RUN_OUTPUTS = (*RUN_MARKERS, "curves.png", "calibration.json", "report", "report-ensemble",
-               "model.onnx", "model.safetensors")
+RUN_OUTPUTS = (
+    *RUN_MARKERS,
+    "curves.png",
+    "calibration.json",
+    "report",
+    "report-ensemble",
+    "model.onnx",
+    "model.safetensors",
+)
 
 
 class RunDirError(UserError):
@@ -56,8 +63,9 @@ def locked(run_dir: Path) -> Iterator[None]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise RunDirError(f"{run_dir}: cannot create the run folder "
-                          f"({error.strerror or error})") from None
+        raise RunDirError(
+            f"{run_dir}: cannot create the run folder ({error.strerror or error})"
+        ) from None
     path = run_dir / LOCK
     fd = _acquire(path, run_dir)
     try:
@@ -74,14 +82,16 @@ def _acquire(path: Path, run_dir: Path) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
-            raise RunDirError(f"{run_dir}: cannot write the lock file ({error.strerror})"
-                              ) from None
+            raise RunDirError(f"{run_dir}: cannot write the lock file ({error.strerror})") from None
         if not _lock(fd, path, run_dir):
             continue
         previous = _read_owner(fd)
         if previous:
-            print(f"note: {path} was left by process {previous}, which no longer holds it "
-                  "(it ended or was killed): taking over", file=sys.stderr)
+            print(
+                f"note: {path} was left by process {previous}, which no longer holds it "
+                "(it ended or was killed): taking over",
+                file=sys.stderr,
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
         return fd
@@ -112,8 +122,10 @@ def _lock(fd: int, path: Path, run_dir: Path) -> bool:
 def _busy(fd: int, run_dir: Path) -> None:
     owner = _read_owner(fd) or "unknown pid"
     os.close(fd)
-    raise RunDirError(f"{run_dir}: another process ({owner}) is writing this run; wait for it "
-                      "to end or choose another --run-dir")
+    raise RunDirError(
+        f"{run_dir}: another process ({owner}) is writing this run; wait for it "
+        "to end or choose another --run-dir"
+    )
 
 
 def _read_owner(fd: int) -> str:
@@ -153,15 +165,21 @@ def claim_fresh(run_dir: Path, overwrite: bool) -> None:
     if not entries:
         return
     if not holds_run(run_dir):
-        raise RunDirError(f"{run_dir}: the folder is not empty and holds no run; choose a new "
-                          "or empty --run-dir (--overwrite only ever replaces a run)")
+        raise RunDirError(
+            f"{run_dir}: the folder is not empty and holds no run; choose a new "
+            "or empty --run-dir (--overwrite only ever replaces a run)"
+        )
     if not overwrite and not (run_dir / "checkpoints" / "last.pt").is_file():
-        raise RunDirError(f"{run_dir}: holds a run that saved no checkpoint (it failed or was "
-                          f"stopped before its first); start it again with 'cifar100 train "
-                          f"--resume {run_dir}', or replace it with --overwrite")
+        raise RunDirError(
+            f"{run_dir}: holds a run that saved no checkpoint (it failed or was "
+            f"stopped before its first); start it again with 'cifar100 train "
+            f"--resume {run_dir}', or replace it with --overwrite"
+        )
     if not overwrite:
-        raise RunDirError(f"{run_dir}: holds {describe(run_dir)}; continue it with "
-                          f"'cifar100 train --resume {run_dir}', or replace it with --overwrite")
+        raise RunDirError(
+            f"{run_dir}: holds {describe(run_dir)}; continue it with "
+            f"'cifar100 train --resume {run_dir}', or replace it with --overwrite"
+        )
     for name in RUN_OUTPUTS:
         target = run_dir / name
         if target.is_dir() and not target.is_symlink():

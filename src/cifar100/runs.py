@@ -27,10 +27,16 @@ from cifar100.config import Config, ConfigError, from_saved, read_yaml, save_con
 def git_commit() -> str | None:
     root = Path(__file__).resolve().parents[2]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -39,11 +45,17 @@ def git_commit() -> str | None:
 
 
 def hardware(device: torch.device) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "device": str(device), "python": platform.python_version(),
-            "torch": torch.__version__, "allocator": tune_allocator(),
-            "load_average": round(os.getloadavg()[0], 2)}  # > threads: the machine was shared
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "allocator": tune_allocator(),
+        "load_average": round(os.getloadavg()[0], 2),
+    }  # > threads: the machine was shared
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -69,32 +81,41 @@ def new_run_dir(root: str | Path, model_name: str) -> Path:
     return path
 
 
-def start_run(run_dir: Path, config: Config, device: torch.device,
-              command: list[str] | None = None) -> None:
+def start_run(
+    run_dir: Path, config: Config, device: torch.device, command: list[str] | None = None
+) -> None:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    info = {"commit": git_commit(), "command": command or sys.argv, "started": _now(),
-            "hardware": hardware(device)}
+    info = {
+        "commit": git_commit(),
+        "command": command or sys.argv,
+        "started": _now(),
+        "hardware": hardware(device),
+    }
     write_json(run_dir / "run.json", info)
 
 
-def resume_run(run_dir: Path, config: Config, device: torch.device,
-               command: list[str] | None = None) -> None:
+def resume_run(
+    run_dir: Path, config: Config, device: torch.device, command: list[str] | None = None
+) -> None:
     """Record a resume: the config as it now stands (--epochs, --device, --data-dir may
     have changed it) and, in run.json, the command and when."""
     save_config(config, run_dir / "config.yaml")
     path = run_dir / "run.json"
     info = read_json(path) if path.is_file() else {}
-    info.setdefault("resumed", []).append({"command": command or sys.argv, "at": _now(),
-                                           "device": str(device)})
+    info.setdefault("resumed", []).append(
+        {"command": command or sys.argv, "at": _now(), "device": str(device)}
+    )
     write_json(path, info)
 
 
 def results_summary(results: dict[str, Any]) -> str:
     """A run's final metrics in one line, as ``cifar100 train`` ends."""
-    return (f"{results['model']}: test top-1 {results['test_top1']:.2%}, top-5 "
-            f"{results['test_top5']:.2%} (best epoch {results['best_epoch']}, "
-            f"{results['train_minutes']:.1f} min)")
+    return (
+        f"{results['model']}: test top-1 {results['test_top1']:.2%}, top-5 "
+        f"{results['test_top5']:.2%} (best epoch {results['best_epoch']}, "
+        f"{results['train_minutes']:.1f} min)"
+    )
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -103,8 +124,9 @@ def load_run_config(run_dir: Path) -> Config:
         return from_saved(read_yaml(path))
     except ConfigError as error:
         message = str(error)
-        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}"
-                          ) from None
+        raise ConfigError(
+            message if message.startswith(str(path)) else f"{path}: {message}"
+        ) from None
 
 
 def _now() -> str:
@@ -142,8 +164,12 @@ def truncate_metrics(run_dir: Path, keep_through_epoch: int, stage: str) -> None
             stages.append(row.get("stage"))
     order = {s: i for i, s in enumerate(stages)}
     current = order.get(stage, len(stages))
-    kept = [r for r in rows if order[r.get("stage")] < current or
-            (r.get("stage") == stage and r["epoch"] <= keep_through_epoch)]
+    kept = [
+        r
+        for r in rows
+        if order[r.get("stage")] < current
+        or (r.get("stage") == stage and r["epoch"] <= keep_through_epoch)
+    ]
     text = "".join(json.dumps(r) + "\n" for r in kept)
     (run_dir / "metrics.jsonl").write_text(text)
 

@@ -49,6 +49,8 @@ def compile_model(model: nn.Module) -> nn.Module:
         torch._dynamo.config.suppress_errors = True  # compiler errors: eager, with a warning
         return torch.compile(model)
     except Exception as error:  # torch built without dynamo, an old Python
-        print(f"torch.compile unavailable ({type(error).__name__}: {error}); training eagerly",
-              file=sys.stderr)
+        print(
+            f"torch.compile unavailable ({type(error).__name__}: {error}); training eagerly",
+            file=sys.stderr,
+        )
         return model

@@ -36,7 +36,6 @@ class Interrupted(KeyboardInterrupt):  # noqa: N818  (reads as what happened, li
         return signal.Signals(self.signum).name
 
 
-
 def interrupted(stop: KeyboardInterrupt, detail: str) -> Interrupted:
     """``stop`` (ours, or Python's own Ctrl-C in a notebook) with what was saved and how to
     continue."""
@@ -60,8 +59,12 @@ def _handle(signum: int, frame) -> None:
         _state["signum"] = signum
         raise Interrupted(signum)
     _state["signum"] = signum
-    print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a "
-          "checkpoint (send it again to stop at once)...", file=sys.stderr, flush=True)
+    print(
+        f"\n{signal.Signals(signum).name}: stopping after this step and saving a "
+        "checkpoint (send it again to stop at once)...",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def requested() -> int | None:

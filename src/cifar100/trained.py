@@ -19,8 +19,14 @@ from cifar100.models import build_model
 from cifar100.preprocess import Preprocess
 
 # What every checkpoint written by cifar100.training holds besides the weights.
-REQUIRED_KEYS = ("model", "config", "class_names", "superclass_names", "fine_to_coarse",
-                 "preprocess")
+REQUIRED_KEYS = (
+    "model",
+    "config",
+    "class_names",
+    "superclass_names",
+    "fine_to_coarse",
+    "preprocess",
+)
 
 
 @dataclass
@@ -47,13 +53,16 @@ def checkpoint_path(run_or_file: str | Path) -> Path:
     if path.is_dir():
         path = path / "checkpoints" / "best.pt"
     if not path.is_file():
-        raise CheckpointError(f"{path}: no trained model here (expected a run directory "
-                              "holding checkpoints/best.pt, or a .pt file)")
+        raise CheckpointError(
+            f"{path}: no trained model here (expected a run directory "
+            "holding checkpoints/best.pt, or a .pt file)"
+        )
     return path
 
 
-def load_trained(run_or_file: str | Path, device: str | torch.device = "cpu",
-                 calibrated: bool = False) -> TrainedModel:
+def load_trained(
+    run_or_file: str | Path, device: str | torch.device = "cpu", calibrated: bool = False
+) -> TrainedModel:
     """The best checkpoint of a run (or a .pt file) in eval mode on ``device``.
 
     ``calibrated=True`` divides its logits by the temperature that ``cifar100 evaluate``
@@ -82,5 +91,12 @@ def load_trained(run_or_file: str | Path, device: str | torch.device = "cpu",
         from cifar100.calibration import load_temperature
 
         temperature = load_temperature(path)
-    return TrainedModel(model, preprocess, state["class_names"], state["superclass_names"],
-                        state["fine_to_coarse"], metadata, temperature)
+    return TrainedModel(
+        model,
+        preprocess,
+        state["class_names"],
+        state["superclass_names"],
+        state["fine_to_coarse"],
+        metadata,
+        temperature,
+    )

@@ -32,8 +32,9 @@ from cifar100.runs import resume_run, start_run, write_json
 from cifar100.speed import speed_up
 
 
-def prepare_run(config: Config, run_dir: Path, resume: bool,
-                command: list[str] | None = None) -> Run:
+def prepare_run(
+    config: Config, run_dir: Path, resume: bool, command: list[str] | None = None
+) -> Run:
     """The ``Run`` every stage shares: device, data, splits, preprocessing, run directory,
     and the interrupted run's ``last.pt`` when resuming."""
     cfg = config.train
@@ -42,11 +43,13 @@ def prepare_run(config: Config, run_dir: Path, resume: bool,
     device = distributed.init(select_device(cfg.device))  # under torchrun: cuda:LOCAL_RANK
     speed_up(device)  # CUDA only: cuDNN autotuning, TF32
     dataset = load_cifar100(config.data.data_dir)
-    splits = make_splits(dataset, config.data.val_fraction, config.data.split_seed,
-                         config.data.train_subset)
+    splits = make_splits(
+        dataset, config.data.val_fraction, config.data.split_seed, config.data.train_subset
+    )
     spec = model_spec(config.model.name)
-    preprocess = Preprocess(input_size(config.model), spec.mean, spec.std,
-                            config.data.standardize).to(device)
+    preprocess = Preprocess(
+        input_size(config.model), spec.mean, spec.std, config.data.standardize
+    ).to(device)
     last = run_dir / "checkpoints" / "last.pt"
     # A run stopped before its first checkpoint (e.g. while extracting features) resumes
     # from the start, with its recorded config.
@@ -68,19 +71,42 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
     model.load_state_dict(best["model"])
     cfg = run.config.train
     if test_set:
-        print(f"testing the best checkpoint ({best['stage']} epoch {best['epoch']}) on "
-              f"{len(run.splits.test):,} test images", file=sys.stderr, flush=True)
-    test = evaluate(model, ImageBatches(run.splits.test, run.preprocess, run.device),
-                    cfg.eval_batch_size, cfg.tta_flip, run.autocast) if test_set else None
-    results = {"model": run.config.model.name, "run_dir": str(run.run_dir),
-               "best_stage": best["stage"], "best_epoch": best["epoch"],
-               "val_top1": best["val"]["top1"], "val_top5": best["val"]["top5"],
-               **({"test_top1": test["top1"], "test_top5": test["top5"],
-                   "test_loss": test["loss"]} if test else {}),
-               "tta_flip": cfg.tta_flip, "split_seed": run.config.data.split_seed,
-               "train_minutes": round(run.elapsed / 60, 2),
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "train_images": len(run.splits.train), "process": process_usage()}
+        print(
+            f"testing the best checkpoint ({best['stage']} epoch {best['epoch']}) on "
+            f"{len(run.splits.test):,} test images",
+            file=sys.stderr,
+            flush=True,
+        )
+    test = (
+        evaluate(
+            model,
+            ImageBatches(run.splits.test, run.preprocess, run.device),
+            cfg.eval_batch_size,
+            cfg.tta_flip,
+            run.autocast,
+        )
+        if test_set
+        else None
+    )
+    results = {
+        "model": run.config.model.name,
+        "run_dir": str(run.run_dir),
+        "best_stage": best["stage"],
+        "best_epoch": best["epoch"],
+        "val_top1": best["val"]["top1"],
+        "val_top5": best["val"]["top5"],
+        **(
+            {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"]}
+            if test
+            else {}
+        ),
+        "tta_flip": cfg.tta_flip,
+        "split_seed": run.config.data.split_seed,
+        "train_minutes": round(run.elapsed / 60, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_images": len(run.splits.train),
+        "process": process_usage(),
+    }
     write_json(run.run_dir / "results.json", results)
     return results
 
@@ -93,14 +119,22 @@ def process_usage() -> dict[str, float]:
     except ImportError:
         return {}
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"user_s": round(usage.ru_utime, 1), "system_s": round(usage.ru_stime, 1),
-            "minor_faults": usage.ru_minflt}
+    return {
+        "user_s": round(usage.ru_utime, 1),
+        "system_s": round(usage.ru_stime, 1),
+        "minor_faults": usage.ru_minflt,
+    }
 
 
-def train(config: Config, run_dir: str | Path, resume: bool = False,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          test_set: bool = True, command: list[str] | None = None,
-          overwrite: bool = False) -> dict[str, Any]:
+def train(
+    config: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    test_set: bool = True,
+    command: list[str] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train as ``config`` says; return the final metrics (also in ``results.json``).
 
     ``on_epoch(row)`` sees each epoch's metrics row (what ``metrics.jsonl`` gets) and may
@@ -123,26 +157,32 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
         return _train(config, run_dir, resume, on_epoch, test_set, command)
 
 
-def _train(config: Config, run_dir: Path, resume: bool, on_epoch, test_set: bool,
-           command: list[str] | None) -> dict[str, Any]:
+def _train(
+    config: Config, run_dir: Path, resume: bool, on_epoch, test_set: bool, command: list[str] | None
+) -> dict[str, Any]:
     tune_allocator()  # the CLI already did; Python API users get the same speed
     run = prepare_run(config, run_dir, resume, command)
     run.on_epoch = on_epoch
     try:
         model = _train_stages(run)
     except TrainingInterrupted as stop:
-        raise TrainingInterrupted(f"{stop.detail}; state saved, resume with: cifar100 train "
-                                  f"--resume {run_dir}") from None
+        raise TrainingInterrupted(
+            f"{stop.detail}; state saved, resume with: cifar100 train --resume {run_dir}"
+        ) from None
     except KeyboardInterrupt as stop:  # between stages: e.g. extracting features
         detail = getattr(stop, "detail", "stopped before training")
-        raise stopping.interrupted(stop, f"{detail}; resume with: cifar100 train --resume "
-                                   f"{run_dir}") from None
+        raise stopping.interrupted(
+            stop, f"{detail}; resume with: cifar100 train --resume {run_dir}"
+        ) from None
     try:
         results = final_results(run, model, test_set) if distributed.is_main() else None
     except KeyboardInterrupt as stop:
-        raise stopping.interrupted(stop, "stopped during the test-set evaluation; training "
-                                   f"is finished and saved: cifar100 train --resume {run_dir} "
-                                   "evaluates it") from None
+        raise stopping.interrupted(
+            stop,
+            "stopped during the test-set evaluation; training "
+            f"is finished and saved: cifar100 train --resume {run_dir} "
+            "evaluates it",
+        ) from None
     return distributed.share(results)
 
 

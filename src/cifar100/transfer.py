@@ -56,8 +56,13 @@ def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> FeatureC
     if distributed.is_main():
         cache = open_cache(path, len(dataset), channels)
         compile_allowed = run.config.transfer.compile and run.device.type == "cpu"
-        fill_cache(cache, backbone_runner(model.features, compile_allowed),
-                   ImageBatches(dataset, run.preprocess, run.device), wanted, size)
+        fill_cache(
+            cache,
+            backbone_runner(model.features, compile_allowed),
+            ImageBatches(dataset, run.preprocess, run.device),
+            wanted,
+            size,
+        )
     distributed.barrier()
     return cache if distributed.is_main() else open_cache(path, len(dataset), channels)
 
@@ -82,16 +87,28 @@ def frozen_stage(run: Run, model: nn.Module, weights_sha256: str) -> Stage:
         run.elapsed += time.perf_counter() - started
         train_idx, val_idx = run.splits.train_index, run.splits.val_index
         mirrored = cache.features["mirrored"][train_idx] if run.config.augment.flip else None
-        train = FeatureBatches(cache.features["plain"][train_idx], mirrored, labels[train_idx],
-                               run.device)
+        train = FeatureBatches(
+            cache.features["plain"][train_idx], mirrored, labels[train_idx], run.device
+        )
         val = FeatureBatches(cache.features["plain"][val_idx], None, labels[val_idx], run.device)
         trained, augment = model.classifier, None
     else:
         train = ImageBatches(run.splits.train, run.preprocess, run.device, run.config.augment)
         val = ImageBatches(run.splits.val, run.preprocess, run.device)
         trained, augment = model, run.config.augment
-    return _stage(run, "frozen", trained, model, cfg.stage1_epochs, cfg.stage1_batch_size,
-                  cfg.stage1_lr, 0.0, train, val, augment)
+    return _stage(
+        run,
+        "frozen",
+        trained,
+        model,
+        cfg.stage1_epochs,
+        cfg.stage1_batch_size,
+        cfg.stage1_lr,
+        0.0,
+        train,
+        val,
+        augment,
+    )
 
 
 def finetune_stage(run: Run, model: nn.Module, best_top1: float) -> Stage:
@@ -101,8 +118,19 @@ def finetune_stage(run: Run, model: nn.Module, best_top1: float) -> Stage:
     unfreeze(model, cfg.stage2_unfreeze)
     train = ImageBatches(run.splits.train, run.preprocess, run.device, run.config.augment)
     val = ImageBatches(run.splits.val, run.preprocess, run.device)
-    stage = _stage(run, "finetune", model, model, cfg.stage2_epochs, run.config.train.batch_size,
-                   cfg.stage2_lr, cfg.stage2_warmup_epochs, train, val, run.config.augment)
+    stage = _stage(
+        run,
+        "finetune",
+        model,
+        model,
+        cfg.stage2_epochs,
+        run.config.train.batch_size,
+        cfg.stage2_lr,
+        cfg.stage2_warmup_epochs,
+        train,
+        val,
+        run.config.augment,
+    )
     stage.best_top1 = best_top1  # best.pt is replaced only by a better fine-tuned model
     return stage
 
@@ -111,13 +139,30 @@ def _stage(run, name, trained, full, epochs, batch_size, lr, warmup, train, val,
     config = run.config
     params = trainable_parameters(trained)
     optimizer = make_optimizer(params, config.optim, lr=lr)
-    scheduler, per_step = make_scheduler(optimizer, config.optim, epochs,
-                                         max(len(train) // batch_size, 1), warmup)
-    ctx = StepContext(optimizer, scheduler if per_step else None, len(run.dataset.class_names),
-                      config.optim.label_smoothing, augment, config.optim.grad_clip, None,
-                      run.autocast)
-    return Stage(name, trained, epochs, batch_size, train, val, ctx,
-                 plateau=None if per_step else scheduler, full_model=full)
+    scheduler, per_step = make_scheduler(
+        optimizer, config.optim, epochs, max(len(train) // batch_size, 1), warmup
+    )
+    ctx = StepContext(
+        optimizer,
+        scheduler if per_step else None,
+        len(run.dataset.class_names),
+        config.optim.label_smoothing,
+        augment,
+        config.optim.grad_clip,
+        None,
+        run.autocast,
+    )
+    return Stage(
+        name,
+        trained,
+        epochs,
+        batch_size,
+        train,
+        val,
+        ctx,
+        plateau=None if per_step else scheduler,
+        full_model=full,
+    )
 
 
 def record_weights(run_dir: Path, weights: Path, sha256: str) -> None:
@@ -133,8 +178,7 @@ def pretrained_model(run: Run) -> tuple[nn.Module, str]:
     """The network with its ImageNet weights loaded, and the sha256 of the weights file."""
     torch.manual_seed(run.config.train.seed)
     model = build_model(run.config.model).to(run.device, memory_format=torch.channels_last)
-    weights = resolve_weights(run.config.model.weights,
-                              source=weight_source(run.config.model.name))
+    weights = resolve_weights(run.config.model.weights, source=weight_source(run.config.model.name))
     load_pretrained(model, weights)
     weights_sha256 = file_digest(weights)  # names the feature cache and goes into run.json
     record_weights(run.run_dir, weights, weights_sha256)
@@ -153,6 +197,5 @@ def transfer_stages(run: Run) -> Iterator[Stage]:
         best_top1 = stage.best_top1
     if run.config.transfer.stage2_epochs > 0:
         if resumed_stage != "finetune":  # fine-tune from the best head, not the last
-            model.load_state_dict(load_checkpoint(
-                run.run_dir / "checkpoints" / "best.pt")["model"])
+            model.load_state_dict(load_checkpoint(run.run_dir / "checkpoints" / "best.pt")["model"])
         yield finetune_stage(run, model, best_top1)

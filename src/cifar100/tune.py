@@ -39,8 +39,10 @@ except ImportError:  # an optional dependency: cifar100[tune]
     optuna = None
 
 STUDY_NAME = "cifar100"
-DEFAULT_WIDTHS = {"cnn-seed": tuple(w for w, *_ in SeedCNN.STAGES),
-                  "cnn-fast": tuple(w for w, *_ in FastCNN.STAGES)}
+DEFAULT_WIDTHS = {
+    "cnn-seed": tuple(w for w, *_ in SeedCNN.STAGES),
+    "cnn-fast": tuple(w for w, *_ in FastCNN.STAGES),
+}
 # Augmentation strength 1.0: the coursework recipe's rotation/zoom/contrast plus a 4 px
 # random crop. A trial scales all four together, so one number says "how much".
 AUGMENT_AT_1 = {"translate": 4, "rotation": 15.0, "zoom": 0.1, "contrast": 0.1}
@@ -78,28 +80,33 @@ def sample_params(trial, base: Config) -> dict[str, float]:
 
 def apply_params(base: Config, params: dict[str, float]) -> Config:
     """The trial's config: ``base`` with the sampled values written in."""
-    optim = dataclasses.replace(base.optim, weight_decay=params["weight_decay"],
-                                label_smoothing=params["label_smoothing"])
+    optim = dataclasses.replace(
+        base.optim, weight_decay=params["weight_decay"], label_smoothing=params["label_smoothing"]
+    )
     transfer, model = base.transfer, dataclasses.replace(base.model, dropout=params["dropout"])
     if model_spec(base.model.name).pretrained:  # both stages keep their lr ratio
         factor = params["lr"] / base.transfer.stage1_lr
-        transfer = dataclasses.replace(transfer, stage1_lr=params["lr"],
-                                       stage2_lr=base.transfer.stage2_lr * factor)
+        transfer = dataclasses.replace(
+            transfer, stage1_lr=params["lr"], stage2_lr=base.transfer.stage2_lr * factor
+        )
     else:
         optim = dataclasses.replace(optim, lr=params["lr"])
     if "width" in params:
         widths = base.model.widths or DEFAULT_WIDTHS[base.model.name]
-        model = dataclasses.replace(model, widths=tuple(
-            max(4, round(w * params["width"] / 4) * 4) for w in widths))  # multiples of 4
+        model = dataclasses.replace(
+            model, widths=tuple(max(4, round(w * params["width"] / 4) * 4) for w in widths)
+        )  # multiples of 4
     augment = base.augment
     if "augment" in params:
         s = params["augment"]
-        augment = dataclasses.replace(augment, translate=round(AUGMENT_AT_1["translate"] * s),
-                                      rotation=AUGMENT_AT_1["rotation"] * s,
-                                      zoom=AUGMENT_AT_1["zoom"] * s,
-                                      contrast=AUGMENT_AT_1["contrast"] * s)
-    return dataclasses.replace(base, optim=optim, model=model, augment=augment,
-                               transfer=transfer)
+        augment = dataclasses.replace(
+            augment,
+            translate=round(AUGMENT_AT_1["translate"] * s),
+            rotation=AUGMENT_AT_1["rotation"] * s,
+            zoom=AUGMENT_AT_1["zoom"] * s,
+            contrast=AUGMENT_AT_1["contrast"] * s,
+        )
+    return dataclasses.replace(base, optim=optim, model=model, augment=augment, transfer=transfer)
 
 
 def objective(trial, base: Config, study_dir: Path) -> float:
@@ -134,8 +141,11 @@ class _NoInterruptTracebacks(logging.Filter):
     what happened instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and record.exc_info[0]
-                    and issubclass(record.exc_info[0], KeyboardInterrupt))
+        return not (
+            record.exc_info
+            and record.exc_info[0]
+            and issubclass(record.exc_info[0], KeyboardInterrupt)
+        )
 
 
 def quiet_interrupts() -> None:
@@ -152,25 +162,30 @@ def open_study(study_dir: Path, base: Config, seed: int = 0):
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise TuneError(f"{study_dir}: cannot create the study folder ({error.strerror})"
-                        ) from None
+        raise TuneError(f"{study_dir}: cannot create the study folder ({error.strerror})") from None
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
     try:
         # Heartbeats let a restarted or parallel worker mark a killed one's trials FAIL.
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's terms
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir / 'study.db'}",
-                                                 heartbeat_interval=60, grace_period=180)
-        study = optuna.create_study(study_name=STUDY_NAME, storage=storage,
-                                    direction="maximize", pruner=pruner, load_if_exists=True)
+            storage = optuna.storages.RDBStorage(
+                f"sqlite:///{study_dir / 'study.db'}", heartbeat_interval=60, grace_period=180
+            )
+        study = optuna.create_study(
+            study_name=STUDY_NAME,
+            storage=storage,
+            direction="maximize",
+            pruner=pruner,
+            load_if_exists=True,
+        )
     except Exception as error:  # SQLAlchemy raises many kinds for a file that is no study
-        raise TuneError(f"{study_dir / 'study.db'}: not a readable Optuna study "
-                        f"({type(error).__name__})") from None
+        raise TuneError(
+            f"{study_dir / 'study.db'}: not a readable Optuna study ({type(error).__name__})"
+        ) from None
     _check_base(study, base, study_dir)
     # Seeded, and shifted by the trials already there: a restarted worker does not
     # repeat the first worker's random start-up points.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials),
-                                               n_startup_trials=5)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=5)
     return study
 
 
@@ -186,12 +201,13 @@ def _check_base(study, base: Config, study_dir: Path) -> None:
         study.set_user_attr("base_config", _comparable(base))
         return
     mine = _comparable(base)
-    changed = [f"{s}.{k}" for s in mine for k in mine[s]
-               if stored.get(s, {}).get(k) != mine[s][k]]
+    changed = [f"{s}.{k}" for s in mine for k in mine[s] if stored.get(s, {}).get(k) != mine[s][k]]
     if changed:
-        raise TuneError(f"{study_dir / 'study.db'}: this study was started with another base "
-                        f"recipe (differs in {', '.join(changed)}); use the same options or "
-                        "another --study-dir")
+        raise TuneError(
+            f"{study_dir / 'study.db'}: this study was started with another base "
+            f"recipe (differs in {', '.join(changed)}); use the same options or "
+            "another --study-dir"
+        )
 
 
 def finished(study) -> int:
@@ -199,8 +215,14 @@ def finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def run_study(study_dir: Path, base: Config, trials: int, timeout_minutes: float | None = None,
-              seed: int = 0, on_trial=None):
+def run_study(
+    study_dir: Path,
+    base: Config,
+    trials: int,
+    timeout_minutes: float | None = None,
+    seed: int = 0,
+    on_trial=None,
+):
     """Run trials until the study holds ``trials`` finished ones (or the timeout)."""
     study = open_study(study_dir, base, seed)
 
@@ -214,12 +236,19 @@ def run_study(study_dir: Path, base: Config, trials: int, timeout_minutes: float
     remaining = trials - finished(study)
     if remaining > 0:
         try:
-            study.optimize(lambda t: objective(t, base, study_dir), n_trials=remaining,
-                           timeout=timeout_minutes * 60 if timeout_minutes else None,
-                           callbacks=[after_trial], gc_after_trial=True)
+            study.optimize(
+                lambda t: objective(t, base, study_dir),
+                n_trials=remaining,
+                timeout=timeout_minutes * 60 if timeout_minutes else None,
+                callbacks=[after_trial],
+                gc_after_trial=True,
+            )
         except KeyboardInterrupt as stop:  # SIGINT/SIGTERM, in a trial or between trials
-            raise stopping.interrupted(stop, f"{study_dir / 'study.db'} keeps the finished "
-                                       "trials: rerun the same command to continue") from None
+            raise stopping.interrupted(
+                stop,
+                f"{study_dir / 'study.db'} keeps the finished "
+                "trials: rerun the same command to continue",
+            ) from None
     write_report(study, study_dir)
     return study
 
@@ -241,19 +270,27 @@ def trial_line(trial) -> str:
     """A finished trial in one line: state, validation top-1, parameters."""
     value = trial_value(trial)
     params = ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
-    return (f"trial {trial.number} {trial.state.name.lower()}: validation top-1 "
-            f"{float('nan') if value is None else value:.2%} ({params})")
+    return (
+        f"trial {trial.number} {trial.state.name.lower()}: validation top-1 "
+        f"{float('nan') if value is None else value:.2%} ({params})"
+    )
 
 
 def trial_rows(study) -> list[dict[str, Any]]:
     """One row per trial: its state, validation top-1 (a pruned one's last), params."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"trial": t.number, "state": t.state.name.lower(),
-                     "val_top1": trial_value(t), "epochs": len(t.intermediate_values),
-                     "minutes": round(t.duration.total_seconds() / 60, 2)
-                     if t.duration else None, **{p: t.params.get(p) for p in PARAMS},
-                     "run_dir": t.user_attrs.get("run_dir")})
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name.lower(),
+                "val_top1": trial_value(t),
+                "epochs": len(t.intermediate_values),
+                "minutes": round(t.duration.total_seconds() / 60, 2) if t.duration else None,
+                **{p: t.params.get(p) for p in PARAMS},
+                "run_dir": t.user_attrs.get("run_dir"),
+            }
+        )
     return rows
 
 
@@ -285,8 +322,9 @@ def write_report(study, study_dir: Path) -> None:
         _plot_importances(importances, study_dir / "importances.png")
     config = best_config(study)
     if config is not None:
-        _atomic(study_dir / "best.yaml", lambda p: p.write_text(_best_yaml(study, config,
-                                                                             study_dir)))
+        _atomic(
+            study_dir / "best.yaml", lambda p: p.write_text(_best_yaml(study, config, study_dir))
+        )
 
 
 def _markdown(study, rows: list[dict], importances: dict | None) -> str:
@@ -294,22 +332,30 @@ def _markdown(study, rows: list[dict], importances: dict | None) -> str:
     lines = [f"# Study `{STUDY_NAME}`: {len(rows)} trials, {finished(study)} finished", ""]
     if best_config(study) is not None:
         best = study.best_trial
-        lines += [f"Best: trial {best.number}, validation top-1 {best.value:.4f}. "
-                  "Train it: `cifar100 train --config best.yaml`.", ""]
+        lines += [
+            f"Best: trial {best.number}, validation top-1 {best.value:.4f}. "
+            "Train it: `cifar100 train --config best.yaml`.",
+            "",
+        ]
     lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
     if importances:
-        lines += ["", "Parameter importances (validation top-1): " + ", ".join(
-            f"{name} {value:.2f}" for name, value in importances.items())]
+        lines += [
+            "",
+            "Parameter importances (validation top-1): "
+            + ", ".join(f"{name} {value:.2f}" for name, value in importances.items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def _best_yaml(study, config: Config, study_dir: Path) -> str:
     best = study.best_trial
-    header = (f"# Best trial {best.number} of the study in {study_dir}: validation top-1 "
-              f"{best.value:.4f}.\n# Its tuning budget is kept (epochs, "
-              "data.train_subset): raise them for a final run, e.g.\n#   cifar100 train "
-              "--config best.yaml --epochs 30 --set data.train_subset=none\n")
+    header = (
+        f"# Best trial {best.number} of the study in {study_dir}: validation top-1 "
+        f"{best.value:.4f}.\n# Its tuning budget is kept (epochs, "
+        "data.train_subset): raise them for a final run, e.g.\n#   cifar100 train "
+        "--config best.yaml --epochs 30 --set data.train_subset=none\n"
+    )
     return header + yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
@@ -327,8 +373,11 @@ def _plot_history(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for state, colour in (("complete", "tab:blue"), ("pruned", "tab:orange")):
-        points = [(r["trial"], r["val_top1"]) for r in rows
-                  if r["state"] == state and r["val_top1"] is not None]
+        points = [
+            (r["trial"], r["val_top1"])
+            for r in rows
+            if r["state"] == state and r["val_top1"] is not None
+        ]
         if points:
             ax.scatter(*zip(*points, strict=True), color=colour, label=state, zorder=3)
     best, xs, ys = None, [], []

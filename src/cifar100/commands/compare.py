@@ -27,20 +27,37 @@ from cifar100.records import (
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("compare", help="results table from runs or run records",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", type=Path, metavar="RUN_DIR_OR_RECORD",
-                   help="run directories (results.json, run.json, config.yaml) or run "
-                   "record JSON files, one table row each, in this order")
+    p = subparsers.add_parser(
+        "compare",
+        help="results table from runs or run records",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        type=Path,
+        metavar="RUN_DIR_OR_RECORD",
+        help="run directories (results.json, run.json, config.yaml) or run "
+        "record JSON files, one table row each, in this order",
+    )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--out", type=Path, metavar="FILE", help="also write the table to FILE")
-    p.add_argument("--readme", type=Path, metavar="FILE",
-                   help=f"replace the text between {START} and {END} in FILE with the table")
-    p.add_argument("--record", type=Path, metavar="RUN_DIR",
-                   help="write a run record of RUN_DIR (needs --to) instead of a table")
-    p.add_argument("--to", type=Path, metavar="FILE", help="where --record writes, e.g. "
-                   "results/cnn-seed.json")
+    p.add_argument(
+        "--readme",
+        type=Path,
+        metavar="FILE",
+        help=f"replace the text between {START} and {END} in FILE with the table",
+    )
+    p.add_argument(
+        "--record",
+        type=Path,
+        metavar="RUN_DIR",
+        help="write a run record of RUN_DIR (needs --to) instead of a table",
+    )
+    p.add_argument(
+        "--to", type=Path, metavar="FILE", help="where --record writes, e.g. results/cnn-seed.json"
+    )
     p.add_argument("--name", help="the record's name in the table (default: --to's stem)")
     p.set_defaults(func=run)
 
@@ -50,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.to:
             raise UserError("compare --record RUN_DIR needs --to FILE (e.g. results/NAME.json)")
         record = write_record(args.record, args.to, args.name)
-        print(f"record of {args.record} ({record['model']}, test top-1 "
-              f"{record['test_top1']:.2%}) -> {args.to}")
+        print(
+            f"record of {args.record} ({record['model']}, test top-1 "
+            f"{record['test_top1']:.2%}) -> {args.to}"
+        )
         return 0
     if not args.inputs:
         raise UserError("compare: give at least one run directory or run record")

@@ -16,16 +16,32 @@ def register(subparsers) -> None:
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     info = actions.add_parser("info", help="counts, class names, split sizes, sample grid")
     info.add_argument("--data-dir", help="folder holding cifar-100-python/ (or $CIFAR100_DATA)")
-    info.add_argument("--seed", type=seed, default=0, help="seed of the train/validation "
-                      "split, as data.split_seed in a run (default 0)")
-    info.add_argument("--val-fraction", type=fraction, default=0.2,
-                      help="share of the training images set aside for validation")
-    info.add_argument("--grid", type=Path, default=Path("runs/data-samples.png"),
-                      help="where to write the PNG grid of samples (one row per class)")
-    info.add_argument("--per-class", type=positive_int, default=8,
-                      help="images per class in the grid")
-    info.add_argument("--augmented", action="store_true",
-                      help="show augmented views (the cnn-seed recipe's augmentation)")
+    info.add_argument(
+        "--seed",
+        type=seed,
+        default=0,
+        help="seed of the train/validation split, as data.split_seed in a run (default 0)",
+    )
+    info.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=0.2,
+        help="share of the training images set aside for validation",
+    )
+    info.add_argument(
+        "--grid",
+        type=Path,
+        default=Path("runs/data-samples.png"),
+        help="where to write the PNG grid of samples (one row per class)",
+    )
+    info.add_argument(
+        "--per-class", type=positive_int, default=8, help="images per class in the grid"
+    )
+    info.add_argument(
+        "--augmented",
+        action="store_true",
+        help="show augmented views (the cnn-seed recipe's augmentation)",
+    )
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(func=run_info)
 
@@ -34,7 +50,8 @@ def run_info(args: argparse.Namespace) -> int:
     dataset = load_cifar100(args.data_dir)
     summary = summarize(dataset, args.seed, args.val_fraction)
     if args.grid:
-        summary["grid"] = str(sample_grid(dataset, args.grid, args.per_class, args.augmented,
-                                          args.seed))
+        summary["grid"] = str(
+            sample_grid(dataset, args.grid, args.per_class, args.augmented, args.seed)
+        )
     print(json.dumps(summary, indent=2) if args.json else describe(summary, dataset))
     return 0

@@ -16,34 +16,66 @@ from cifar100.evaluation import HEADLINE, default_out, evaluate, summary
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="test-set report: metrics, confusion, calibration",
-                              description=__doc__)
-    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                   help="trained run folder(s); several are evaluated as an ensemble "
-                   "(their softmax probabilities averaged)")
+    p = subparsers.add_parser(
+        "evaluate", help="test-set report: metrics, confusion, calibration", description=__doc__
+    )
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="trained run folder(s); several are evaluated as an ensemble "
+        "(their softmax probabilities averaged)",
+    )
     p.add_argument("--data-dir", help="folder holding cifar-100-python/ (or $CIFAR100_DATA)")
-    p.add_argument("--tta", action="store_true",
-                   help="flip test-time augmentation: average with the mirrored image")
-    p.add_argument("--out", type=Path, help="report folder (default: RUN_DIR/report, or "
-                   "FIRST_RUN_DIR/report-ensemble for several runs)")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="flip test-time augmentation: average with the mirrored image",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="report folder (default: RUN_DIR/report, or "
+        "FIRST_RUN_DIR/report-ensemble for several runs)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--batch-size", type=positive_int, default=500,
-                   help="images per inference batch")
-    p.add_argument("--no-calibration", action="store_true",
-                   help="skip temperature scaling (fitted on each run's validation split, "
-                   "never the test set; costs one pass over it)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=500, help="images per inference batch"
+    )
+    p.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="skip temperature scaling (fitted on each run's validation split, "
+        "never the test set; costs one pass over it)",
+    )
     p.add_argument("--json", action="store_true", help="print the headline metrics as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     out = args.out or default_out(args.run_dirs)
-    report = evaluate(args.run_dirs, args.data_dir, args.tta, out, args.device,
-                      args.batch_size, not args.no_calibration, shlex.join(args.argv))
+    report = evaluate(
+        args.run_dirs,
+        args.data_dir,
+        args.tta,
+        out,
+        args.device,
+        args.batch_size,
+        not args.no_calibration,
+        shlex.join(args.argv),
+    )
     paths = {kind: out / name for kind, name in report["files"].items()}
     if args.json:
-        print(json.dumps({**{k: report[k] for k in HEADLINE if k in report},
-                          "report": {k: str(p) for k, p in paths.items()}}, indent=2))
+        print(
+            json.dumps(
+                {
+                    **{k: report[k] for k in HEADLINE if k in report},
+                    "report": {k: str(p) for k, p in paths.items()},
+                },
+                indent=2,
+            )
+        )
         return 0
     print(summary(report))
     print(f"report: {paths['html']}")

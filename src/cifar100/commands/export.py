@@ -16,28 +16,48 @@ from cifar100.exports import export_run, summary
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a trained run to ONNX / safetensors",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "export", help="export a trained run to ONNX / safetensors", description=__doc__
+    )
     p.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory or .pt checkpoint")
-    p.add_argument("--format", choices=["onnx", "safetensors", "all"], default="onnx",
-                   help="onnx: preprocessing + network; safetensors: weights; all: both "
-                   "(default: onnx)")
-    p.add_argument("--out", type=Path, metavar="FILE",
-                   help="output file (with --format all, its suffix is replaced per format); "
-                   "default: RUN_DIR/model.onnx, RUN_DIR/model.safetensors")
-    p.add_argument("--data-dir", help="folder holding cifar-100-python/ for the check "
-                   "(default: the run's, else $CIFAR100_DATA, the cache or a download)")
-    p.add_argument("--check-images", type=positive_int, default=1000, metavar="N",
-                   help="compare with PyTorch on the first N test images (default: 1000)")
-    p.add_argument("--calibrated", action="store_true",
-                   help="divide the logits by the temperature 'cifar100 evaluate' fitted on "
-                   "the validation split (RUN/calibration.json)")
+    p.add_argument(
+        "--format",
+        choices=["onnx", "safetensors", "all"],
+        default="onnx",
+        help="onnx: preprocessing + network; safetensors: weights; all: both (default: onnx)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="output file (with --format all, its suffix is replaced per format); "
+        "default: RUN_DIR/model.onnx, RUN_DIR/model.safetensors",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="folder holding cifar-100-python/ for the check "
+        "(default: the run's, else $CIFAR100_DATA, the cache or a download)",
+    )
+    p.add_argument(
+        "--check-images",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="compare with PyTorch on the first N test images (default: 1000)",
+    )
+    p.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="divide the logits by the temperature 'cifar100 evaluate' fitted on "
+        "the validation split (RUN/calibration.json)",
+    )
     p.add_argument("--json", action="store_true", help="print the files and checks as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = export_run(args.run, args.format, args.out, args.data_dir, args.check_images,
-                        args.calibrated)
+    report = export_run(
+        args.run, args.format, args.out, args.data_dir, args.check_images, args.calibrated
+    )
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0

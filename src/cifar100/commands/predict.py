@@ -17,21 +17,43 @@ from cifar100.commands.argtypes import positive_int
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="top-K classes of any image file",
-                              description=__doc__)
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
-                   help="PNG, JPEG, BMP, WebP, ... of any size and colour mode")
-    p.add_argument("--model", required=True, type=Path, metavar="RUN_DIR|FILE",
-                   help="run directory (or .pt checkpoint), or a file from 'cifar100 export' "
-                   "(.onnx, .safetensors)")
-    p.add_argument("--top", type=positive_int, default=5, metavar="K",
-                   help="how many classes to list per image (default: 5)")
-    p.add_argument("--calibrated", action="store_true",
-                   help="temperature-scaled probabilities (the temperature 'cifar100 evaluate' "
-                   "fitted on the validation split; run directories and checkpoints only: an "
-                   "exported file carries its own)")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON list of {image, top: [{class, probability}], error?}")
+    p = subparsers.add_parser(
+        "predict", help="top-K classes of any image file", description=__doc__
+    )
+    p.add_argument(
+        "images",
+        nargs="+",
+        type=Path,
+        metavar="IMAGE",
+        help="PNG, JPEG, BMP, WebP, ... of any size and colour mode",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        metavar="RUN_DIR|FILE",
+        help="run directory (or .pt checkpoint), or a file from 'cifar100 export' "
+        "(.onnx, .safetensors)",
+    )
+    p.add_argument(
+        "--top",
+        type=positive_int,
+        default=5,
+        metavar="K",
+        help="how many classes to list per image (default: 5)",
+    )
+    p.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="temperature-scaled probabilities (the temperature 'cifar100 evaluate' "
+        "fitted on the validation split; run directories and checkpoints only: an "
+        "exported file carries its own)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list of {image, top: [{class, probability}], error?}",
+    )
     p.set_defaults(func=run)
 
 
@@ -39,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.calibrated)
     results = []
     for start in range(0, len(args.images), CHUNK):  # answers appear as they are ready
-        chunk = model.predict(args.images[start:start + CHUNK], args.top)
+        chunk = model.predict(args.images[start : start + CHUNK], args.top)
         for prediction in chunk:
             if prediction.error is not None:
                 print(f"cifar100: error: {prediction.error}", file=sys.stderr)

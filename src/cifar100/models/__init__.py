@@ -76,8 +76,9 @@ def count_flops(model: nn.Module, size: int) -> int:
     def hook(module: nn.Module, inputs, output) -> None:
         nonlocal total
         if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * \
-                module.kernel_size[1]
+            per_output = (
+                module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            )
             total += 2 * per_output * output[0].numel()
         elif isinstance(module, nn.Linear):
             total += 2 * module.in_features * module.out_features
@@ -97,20 +98,66 @@ def count_flops(model: nn.Module, size: int) -> int:
 def _register_builtin() -> None:
     from cifar100.models import cnn, efficientnet_lite, mobilenetv2, resnet
 
-    register(ModelSpec("cnn-seed", cnn.build_seed_cnn, 32, CIFAR_MEAN, CIFAR_STD, False,
-                       "the coursework CNN: Conv-BN-ReLU stacks, MaxPool, Dropout, GAP",
-                       plan="scratch"))
-    register(ModelSpec("cnn-fast", cnn.build_fast_cnn, 32, CIFAR_MEAN, CIFAR_STD, False,
-                       "residual CNN tuned for accuracy per CPU-minute", plan="scratch"))
-    register(ModelSpec("resnet18", resnet.build_resnet18, 32, CIFAR_MEAN, CIFAR_STD, False,
-                       "ResNet-18 with a 3x3 stem for 32 px: the GPU recipe's network",
-                       plan="scratch"))
-    register(ModelSpec("mobilenetv2", mobilenetv2.build_mobilenetv2, 128, IMAGENET_MEAN,
-                       IMAGENET_STD, True, "ImageNet MobileNetV2, frozen then fine-tuned",
-                       plan="transfer"))
-    register(ModelSpec("efficientnet-lite0", efficientnet_lite.build_efficientnet_lite0, 128,
-                       LITE_MEAN, LITE_STD, True,
-                       "ImageNet EfficientNet-Lite0, frozen then fine-tuned", plan="transfer"))
+    register(
+        ModelSpec(
+            "cnn-seed",
+            cnn.build_seed_cnn,
+            32,
+            CIFAR_MEAN,
+            CIFAR_STD,
+            False,
+            "the coursework CNN: Conv-BN-ReLU stacks, MaxPool, Dropout, GAP",
+            plan="scratch",
+        )
+    )
+    register(
+        ModelSpec(
+            "cnn-fast",
+            cnn.build_fast_cnn,
+            32,
+            CIFAR_MEAN,
+            CIFAR_STD,
+            False,
+            "residual CNN tuned for accuracy per CPU-minute",
+            plan="scratch",
+        )
+    )
+    register(
+        ModelSpec(
+            "resnet18",
+            resnet.build_resnet18,
+            32,
+            CIFAR_MEAN,
+            CIFAR_STD,
+            False,
+            "ResNet-18 with a 3x3 stem for 32 px: the GPU recipe's network",
+            plan="scratch",
+        )
+    )
+    register(
+        ModelSpec(
+            "mobilenetv2",
+            mobilenetv2.build_mobilenetv2,
+            128,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            True,
+            "ImageNet MobileNetV2, frozen then fine-tuned",
+            plan="transfer",
+        )
+    )
+    register(
+        ModelSpec(
+            "efficientnet-lite0",
+            efficientnet_lite.build_efficientnet_lite0,
+            128,
+            LITE_MEAN,
+            LITE_STD,
+            True,
+            "ImageNet EfficientNet-Lite0, frozen then fine-tuned",
+            plan="transfer",
+        )
+    )
 
 
 _register_builtin()

@@ -11,11 +11,18 @@ def describe() -> list[dict]:
     rows = []
     for name, spec in sorted(REGISTRY.items()):
         model = build_model(ModelConfig(name=name))
-        rows.append({"name": name, "input_size": spec.input_size,
-                     "parameters": count_parameters(model),
-                     "mflops_per_image": round(count_flops(model, spec.input_size) / 1e6, 1),
-                     "mean": spec.mean, "std": spec.std, "pretrained": spec.pretrained,
-                     "description": spec.description})
+        rows.append(
+            {
+                "name": name,
+                "input_size": spec.input_size,
+                "parameters": count_parameters(model),
+                "mflops_per_image": round(count_flops(model, spec.input_size) / 1e6, 1),
+                "mean": spec.mean,
+                "std": spec.std,
+                "pretrained": spec.pretrained,
+                "description": spec.description,
+            }
+        )
     return rows
 
 
@@ -23,6 +30,9 @@ def table(rows: list[dict]) -> str:
     """``describe()``'s rows as an aligned text table."""
     width = max(len("model"), *(len(row["name"]) for row in rows))
     lines = [f"{'model':<{width}} {'input':>5} {'params':>11} {'MFLOPs/img':>10}  description"]
-    lines += [f"{row['name']:<{width}} {row['input_size']:>5} {row['parameters']:>11,} "
-              f"{row['mflops_per_image']:>10}  {row['description']}" for row in rows]
+    lines += [
+        f"{row['name']:<{width}} {row['input_size']:>5} {row['parameters']:>11,} "
+        f"{row['mflops_per_image']:>10}  {row['description']}"
+        for row in rows
+    ]
     return "\n".join(lines)

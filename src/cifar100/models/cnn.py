@@ -9,8 +9,11 @@ from cifar100.config import ModelConfig
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class SeedCNN(nn.Module):
@@ -21,8 +24,11 @@ class SeedCNN(nn.Module):
 
     def __init__(self, num_classes: int = 100, widths=None, head_dropout: float = 0.5):
         super().__init__()
-        stages = self.STAGES if widths is None else [
-            (w, n, d) for w, (_, n, d) in zip(widths, self.STAGES, strict=True)]
+        stages = (
+            self.STAGES
+            if widths is None
+            else [(w, n, d) for w, (_, n, d) in zip(widths, self.STAGES, strict=True)]
+        )
         layers, c_in = [], 3
         for width, n_convs, dropout in stages:
             for _ in range(n_convs):
@@ -59,8 +65,11 @@ class FastCNN(nn.Module):
 
     def __init__(self, num_classes: int = 100, widths=None, dropout: float = 0.0):
         super().__init__()
-        stages = self.STAGES if widths is None else [
-            (w, r) for w, (_, r) in zip(widths, self.STAGES, strict=False)]
+        stages = (
+            self.STAGES
+            if widths is None
+            else [(w, r) for w, (_, r) in zip(widths, self.STAGES, strict=False)]
+        )
         stem_width = stages[0][0] // 2
         layers = conv_bn_relu(3, stem_width)  # (B, 32, 32, 32)
         c_in = stem_width

@@ -69,10 +69,19 @@ class SameConv2d(nn.Conv2d):
 class ConvBN(nn.Sequential):
     """SameConv2d -> BatchNorm (TF eps and momentum) -> ReLU6 unless ``act`` is False."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1,
-                 groups: int = 1, act: bool = True):
-        layers: list[nn.Module] = [SameConv2d(in_ch, out_ch, kernel, stride, groups),
-                                   nn.BatchNorm2d(out_ch, eps=BN_EPS, momentum=BN_MOMENTUM)]
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        act: bool = True,
+    ):
+        layers: list[nn.Module] = [
+            SameConv2d(in_ch, out_ch, kernel, stride, groups),
+            nn.BatchNorm2d(out_ch, eps=BN_EPS, momentum=BN_MOMENTUM),
+        ]
         if act:
             layers.append(nn.ReLU6(inplace=True))
         super().__init__(*layers)
@@ -96,8 +105,12 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(Backbone):
-    def __init__(self, num_classes: int = 1000, dropout: float = DEFAULT_DROPOUT,
-                 head_hidden: int | None = None):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        dropout: float = DEFAULT_DROPOUT,
+        head_hidden: int | None = None,
+    ):
         super().__init__()
         features: list[nn.Module] = [ConvBN(3, STEM_CHANNELS, 3, stride=2)]
         in_ch = STEM_CHANNELS
@@ -115,18 +128,30 @@ class EfficientNetLite(Backbone):
 def build_efficientnet_lite0(config: ModelConfig, num_classes: int) -> nn.Module:
     """Registry builder: ``config.dropout`` (None: 0.2) and ``config.head_hidden``."""
     if config.width_mult != 1.0:  # the ImageNet weights exist for the one width only
-        raise ConfigError(f"efficientnet-lite0 has no width multiplier "
-                          f"(model.width_mult={config.width_mult}); leave it at 1.0")
+        raise ConfigError(
+            f"efficientnet-lite0 has no width multiplier "
+            f"(model.width_mult={config.width_mult}); leave it at 1.0"
+        )
     dropout = DEFAULT_DROPOUT if config.dropout is None else config.dropout
     return EfficientNetLite(num_classes, dropout=dropout, head_hidden=config.head_hidden)
 
 
 # lukemelas names -> this module's, per part: stem/head (features.0 / features.17), blocks.
-_OUTER = {"_conv_stem": "features.0.0", "_bn0": "features.0.1",
-          "_conv_head": f"features.{HEAD_INDEX}.0", "_bn1": f"features.{HEAD_INDEX}.1",
-          "_fc": "classifier.1"}
-_BLOCK = {"_expand_conv": "expand.0", "_bn0": "expand.1", "_depthwise_conv": "depthwise.0",
-          "_bn1": "depthwise.1", "_project_conv": "project.0", "_bn2": "project.1"}
+_OUTER = {
+    "_conv_stem": "features.0.0",
+    "_bn0": "features.0.1",
+    "_conv_head": f"features.{HEAD_INDEX}.0",
+    "_bn1": f"features.{HEAD_INDEX}.1",
+    "_fc": "classifier.1",
+}
+_BLOCK = {
+    "_expand_conv": "expand.0",
+    "_bn0": "expand.1",
+    "_depthwise_conv": "depthwise.0",
+    "_bn1": "depthwise.1",
+    "_project_conv": "project.0",
+    "_bn2": "project.1",
+}
 _BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(\w+)$")
 _OUTER_KEY = re.compile(r"^(_\w+)\.(\w+)$")
 

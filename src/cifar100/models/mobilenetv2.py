@@ -27,9 +27,17 @@ from cifar100.models.backbone import (
     unfreeze,
 )
 
-__all__ = ["MobileNetV2", "build_head", "build_mobilenetv2", "extract_features",
-           "freeze_backbone", "from_classic_layout", "set_frozen_blocks",
-           "trainable_parameters", "unfreeze"]
+__all__ = [
+    "MobileNetV2",
+    "build_head",
+    "build_mobilenetv2",
+    "extract_features",
+    "freeze_backbone",
+    "from_classic_layout",
+    "set_frozen_blocks",
+    "trainable_parameters",
+    "unfreeze",
+]
 
 # t: expansion factor, c: output channels, n: repeats, s: stride of the first repeat
 INVERTED_RESIDUAL_SETTING = [
@@ -116,8 +124,9 @@ class MobileNetV2(Backbone):
 def build_mobilenetv2(config: ModelConfig, num_classes: int) -> nn.Module:
     """Registry builder: ``config.width_mult`` and ``config.dropout`` (None: 0.2)."""
     dropout = DEFAULT_DROPOUT if config.dropout is None else config.dropout
-    return MobileNetV2(num_classes, width_mult=config.width_mult, dropout=dropout,
-                       head_hidden=config.head_hidden)
+    return MobileNetV2(
+        num_classes, width_mult=config.width_mult, dropout=dropout, head_hidden=config.head_hidden
+    )
 
 
 # The classic pytorch-mobilenet-v2 port numbers a block's layers flat (ReLU6 included);

@@ -15,8 +15,10 @@ from cifar100.config import ModelConfig
 
 
 def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False),
-            nn.BatchNorm2d(c_out)]
+    return [
+        nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(c_out),
+    ]
 
 
 class BasicBlock(nn.Module):
@@ -24,8 +26,9 @@ class BasicBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
-        self.body = nn.Sequential(*conv_bn(c_in, c_out, 3, stride), nn.ReLU(inplace=True),
-                                  *conv_bn(c_out, c_out))
+        self.body = nn.Sequential(
+            *conv_bn(c_in, c_out, 3, stride), nn.ReLU(inplace=True), *conv_bn(c_out, c_out)
+        )
         # The block starts as the identity (last BN scale 0): deep nets then train from
         # the first step at a large learning rate (Goyal et al., 2017).
         nn.init.zeros_(self.body[-1].weight)
@@ -42,8 +45,11 @@ class ResNet(nn.Module):
 
     def __init__(self, num_classes: int = 100, widths=None, dropout: float = 0.0):
         super().__init__()
-        stages = self.STAGES if widths is None else [
-            (w, n, s) for w, (_, n, s) in zip(widths, self.STAGES, strict=True)]
+        stages = (
+            self.STAGES
+            if widths is None
+            else [(w, n, s) for w, (_, n, s) in zip(widths, self.STAGES, strict=True)]
+        )
         c_in = stages[0][0]
         layers = [*conv_bn(3, c_in), nn.ReLU(inplace=True)]  # (B, 64, 32, 32)
         for width, blocks, stride in stages:  # 32 -> 32 -> 16 -> 8 -> 4
