@@ -84,6 +84,7 @@ class TrainConfig:
     seed: int = 0  # initialisation, shuffling, augmentation (the split has data.split_seed)
     device: str = "auto"  # auto | cpu | cuda | mps
     ema_decay: float | None = None  # exponential moving average of weights
+    ema_warmup: str | None = None  # tf | timm: the decay rises from ~0 (cifar100.ema)
     tta_flip: bool = False  # average logits with the mirrored image at evaluation
     checkpoint_minutes: float = 10.0  # also save mid-epoch this often (long epochs)
     threads: int | None = None  # CPU threads; None: all cores

@@ -11,7 +11,12 @@ from typing import Any, NamedTuple
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
-CHOICES = {"optim.optimizer": OPTIMIZERS, "optim.schedule": SCHEDULES}
+EMA_WARMUPS = ("tf", "timm")  # see cifar100.ema; None: a fixed decay
+CHOICES = {
+    "optim.optimizer": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
+    "train.ema_warmup": EMA_WARMUPS,
+}
 SEED_MAX = 2**32 - 1
 MOBILENETV2_BLOCKS = 19  # feature blocks that transfer.stage2_unfreeze counts
 

@@ -142,6 +142,7 @@ def checkpoint_state(run: Run, stage: Stage, epoch_state: EpochState | None, gen
         if (stage.ctx.scheduler or stage.plateau)
         else None,
         "ema": stage.ctx.ema.model.state_dict() if stage.ctx.ema else None,
+        "ema_updates": stage.ctx.ema.updates if stage.ctx.ema else None,
         "epoch_state": progress,
         "best_top1": stage.best_top1,
         "bad_epochs": stage.bad_epochs,
@@ -160,6 +161,8 @@ def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState 
         restore_scheduler(scheduler, state["scheduler"], stage.ctx.optimizer)
     if stage.ctx.ema is not None:
         stage.ctx.ema.model.load_state_dict(state["ema"])
+        # Checkpoints from before the EMA warm-up have no count: they never used one.
+        stage.ctx.ema.updates = state.get("ema_updates") or 0
     stage.epoch, stage.best_top1, stage.bad_epochs = (
         state["epoch"],
         state["best_top1"],

@@ -37,7 +37,11 @@ def build_cnn_stage(run: Run) -> Stage:
     steps = len(train_batches) // config.train.batch_size
     optimizer = make_optimizer(model.parameters(), config.optim)
     scheduler, per_step = make_scheduler(optimizer, config.optim, config.train.epochs, steps)
-    ema = ModelEma(model, config.train.ema_decay) if config.train.ema_decay else None
+    ema = (
+        ModelEma(model, config.train.ema_decay, config.train.ema_warmup)
+        if config.train.ema_decay
+        else None
+    )
     ctx = StepContext(
         optimizer,
         scheduler if per_step else None,

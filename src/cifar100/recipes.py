@@ -166,6 +166,11 @@ def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
         ),
         (o.schedule == "constant", ("optim.min_lr",), "a constant schedule never decays"),
         (
+            config.train.ema_decay is None,
+            ("train.ema_warmup",),
+            "it warms up the weight average, and train.ema_decay is off",
+        ),
+        (
             o.optimizer != "sgd",
             ("optim.momentum", "optim.nesterov"),
             f"they apply to sgd, and optim.optimizer is '{o.optimizer}'",
@@ -196,7 +201,7 @@ def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
         ),
         (
             config.train.ema_decay is not None,
-            ("train.ema_decay",),
+            ("train.ema_decay", "train.ema_warmup"),
             "the transfer stages keep no moving average of the weights",
         ),
         (True, ("model.widths",), f"{name}'s widths follow model.width_mult"),
