@@ -22,7 +22,7 @@ from cifar100.engine import StepContext
 from cifar100.loop import Run, Stage
 from cifar100.models import build_model
 from cifar100.optim import make_optimizer, make_scheduler
-from cifar100.transfer import transfer_stages
+from cifar100.transfer import transfer_stages, validation_batches
 
 StagePlan = Callable[[Run], Iterator[Stage]]
 
@@ -33,7 +33,7 @@ def build_cnn_stage(run: Run) -> Stage:
     torch.manual_seed(config.train.seed)  # initialisation
     model = build_model(config.model).to(device, memory_format=torch.channels_last)
     train_batches = ImageBatches(run.splits.train, run.preprocess, device, config.augment)
-    val_batches = ImageBatches(run.splits.val, run.preprocess, device)
+    val_batches = validation_batches(run)  # None in a refit
     steps = len(train_batches) // config.train.batch_size
     optimizer = make_optimizer(model.parameters(), config.optim)
     scheduler, per_step = make_scheduler(optimizer, config.optim, config.train.epochs, steps)

@@ -81,6 +81,7 @@ def from_flags(
     train_subset: int | None = None,
     data_dir: str | None = None,
     device: str | None = None,
+    refit: bool | None = None,
 ) -> Config:
     """The checked config of a new run from the flags of ``train`` and ``tune`` (None: not
     given); the preset is ``choose_preset(preset, model)``."""
@@ -90,6 +91,7 @@ def from_flags(
         "data.train_subset": train_subset,
         "data.data_dir": data_dir,
         "train.device": device,
+        "train.refit": refit,
     }
     return resolve(choose_preset(preset, model), files, sets, flags, epochs)
 
@@ -166,6 +168,11 @@ def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
         ),
         (o.schedule == "constant", ("optim.min_lr",), "a constant schedule never decays"),
         (
+            config.train.refit,
+            ("train.early_stopping", "data.val_fraction"),
+            "a refit (train.refit) trains on every training image: no validation split",
+        ),
+        (
             config.train.ema_decay is None,
             ("train.ema_warmup",),
             "it warms up the weight average, and train.ema_decay is off",
@@ -236,6 +243,15 @@ def check_settings(config: Config, explicit: set[str]) -> None:
         )
     _check_widths(config)
     _check_subset(config)
+    _check_refit(config)
+
+
+def _check_refit(config: Config) -> None:
+    if config.train.refit and config.optim.schedule == "plateau":
+        raise ConfigError(
+            "train.refit: the plateau schedule steps on the validation loss, and a refit "
+            "has no validation split; choose optim.schedule cosine, onecycle or constant"
+        )
 
 
 def _check_widths(config: Config) -> None:

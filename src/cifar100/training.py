@@ -44,7 +44,11 @@ def prepare_run(
     speed_up(device)  # CUDA only: cuDNN autotuning, TF32
     dataset = load_cifar100(config.data.data_dir)
     splits = make_splits(
-        dataset, config.data.val_fraction, config.data.split_seed, config.data.train_subset
+        dataset,
+        config.data.val_fraction,
+        config.data.split_seed,
+        config.data.train_subset,
+        cfg.refit,
     )
     spec = model_spec(config.model.name)
     preprocess = Preprocess(
@@ -63,7 +67,8 @@ def prepare_run(
 
 
 def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str, Any]:
-    """Load the best checkpoint (chosen on validation) and measure it once on the test set.
+    """Load the best checkpoint (chosen on validation; a refit's last) and measure it once
+    on the test set.
 
     ``test_set=False`` (hyperparameter tuning) never touches the test split.
     """
@@ -93,8 +98,9 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
         "run_dir": str(run.run_dir),
         "best_stage": best["stage"],
         "best_epoch": best["epoch"],
-        "val_top1": best["val"]["top1"],
-        "val_top5": best["val"]["top5"],
+        "val_top1": best["val"]["top1"] if best["val"] else None,  # None: a refit
+        "val_top5": best["val"]["top5"] if best["val"] else None,
+        "refit": cfg.refit,
         **(
             {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"]}
             if test

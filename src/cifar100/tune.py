@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from cifar100 import stopping
-from cifar100.config import Config, from_saved, to_dict
+from cifar100.config import Config, ConfigError, from_saved, to_dict
 from cifar100.engine import TrainingDiverged
 from cifar100.errors import UserError
 from cifar100.models import model_spec
@@ -224,6 +224,11 @@ def run_study(
     on_trial=None,
 ):
     """Run trials until the study holds ``trials`` finished ones (or the timeout)."""
+    if base.train.refit:
+        raise ConfigError(
+            "train.refit: tuning selects on the validation split, and a refit has none "
+            "(refit the recipe the study found, with cifar100 train --refit)"
+        )
     study = open_study(study_dir, base, seed)
 
     def after_trial(study, trial) -> None:

@@ -80,6 +80,13 @@ def register(subparsers) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override any setting, e.g. --set optim.lr=0.01",
     )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        default=None,
+        help="train on all 50,000 training images (a recipe already validated): no "
+        "validation split, the last epoch is the best; the record says refit",
+    )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     p.set_defaults(func=run)
 
@@ -96,6 +103,7 @@ def resolve_config(args: argparse.Namespace):
         train_subset=args.train_subset,
         data_dir=args.data_dir,
         device=args.device,
+        refit=args.refit,
     )
 
 
@@ -112,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 "--run-dir": args.run_dir,
                 "--overwrite": args.overwrite,
                 "--set": args.set,
+                "--refit": args.refit,
             },
         )
         run_dir = args.resume
