@@ -36,6 +36,7 @@ from cifar100.device import select_device
 from cifar100.models import model_spec
 from cifar100.runlock import claim_resume
 from cifar100.runs import load_run_config, read_json
+from cifar100.teachers import check_teachers
 from cifar100.weights import ENV_VAR as WEIGHTS_ENV
 from cifar100.weights import resolve_weights
 
@@ -82,6 +83,9 @@ def from_flags(
     data_dir: str | None = None,
     device: str | None = None,
     refit: bool | None = None,
+    teachers: list[str] | None = None,
+    kd_temperature: float | None = None,
+    kd_weight: float | None = None,
 ) -> Config:
     """The checked config of a new run from the flags of ``train`` and ``tune`` (None: not
     given); the preset is ``choose_preset(preset, model)``."""
@@ -92,6 +96,9 @@ def from_flags(
         "data.data_dir": data_dir,
         "train.device": device,
         "train.refit": refit,
+        "distill.teachers": teachers,
+        "distill.temperature": kd_temperature,
+        "distill.weight": kd_weight,
     }
     return resolve(choose_preset(preset, model), files, sets, flags, epochs)
 
@@ -120,6 +127,7 @@ def resolve(
     config, stage_keys = with_epochs(config, epochs)
     check_settings(config, explicit | stage_keys)
     check_device(config.train.device)
+    check_teachers(config)  # before any folder is made: a bad teacher leaves nothing
     return config
 
 
@@ -153,8 +161,18 @@ def with_epochs(config: Config, epochs: int | None) -> tuple[Config, set[str]]:
 
 def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
     """(applies, keys, why they do nothing) for the resolved ``config``."""
-    o, t, name = config.optim, config.transfer, config.model.name
+    o, t, name, d = config.optim, config.transfer, config.model.name, config.distill
     rules = [
+        (
+            not d.teachers,
+            tuple(f"distill.{f.name}" for f in dataclasses.fields(d) if f.name != "teachers"),
+            "they steer knowledge distillation, and no teacher is given (--teacher RUN)",
+        ),
+        (
+            d.mode != "cached",
+            ("distill.views", "distill.view_seed"),
+            f"they draw the cached views, and distill.mode is '{d.mode}'",
+        ),
         (
             o.schedule != "plateau",
             ("optim.plateau_factor", "optim.plateau_patience"),
@@ -244,6 +262,16 @@ def check_settings(config: Config, explicit: set[str]) -> None:
     _check_widths(config)
     _check_subset(config)
     _check_refit(config)
+    _check_distill(config)
+
+
+def _check_distill(config: Config) -> None:
+    name = config.model.name
+    if config.distill.teachers and model_spec(name).pretrained:
+        raise ConfigError(
+            f"distill.teachers: distillation trains a model from scratch, and {name} "
+            "trains in transfer stages (choose a student such as cnn-fast)"
+        )
 
 
 def _check_refit(config: Config) -> None:

@@ -28,7 +28,7 @@ from cifar100.loop import Run, run_stages
 from cifar100.models import input_size, model_spec
 from cifar100.plans import stage_plan
 from cifar100.preprocess import Preprocess
-from cifar100.runs import resume_run, start_run, write_json
+from cifar100.runs import read_json, resume_run, start_run, write_json
 from cifar100.speed import speed_up
 
 
@@ -113,6 +113,8 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
         "train_images": len(run.splits.train),
         "process": process_usage(),
     }
+    if run.config.distill.teachers:  # which teachers, their checkpoints and their cost
+        results["distill"] = read_json(run.run_dir / "run.json").get("distill")
     write_json(run.run_dir / "results.json", results)
     return results
 
