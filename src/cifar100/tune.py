@@ -12,6 +12,7 @@ the folder) can work on one study at once. ``--trials N`` is the number of finis
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -200,6 +201,10 @@ def _check_base(study, base: Config, study_dir: Path) -> None:
     if stored is None:
         study.set_user_attr("base_config", _comparable(base))
         return
+    # Settings added since the study began count as their defaults (a stored config that
+    # no longer loads is compared as it is: whatever differs is named below).
+    with contextlib.suppress(ConfigError):
+        stored = _comparable(from_saved(stored))
     mine = _comparable(base)
     changed = [f"{s}.{k}" for s in mine for k in mine[s] if stored.get(s, {}).get(k) != mine[s][k]]
     if changed:
