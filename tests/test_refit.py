@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from cifar100 import data, distributed
+from cifar100 import data, distributed, evaluation
 from cifar100.checkpoint import load_checkpoint
 from cifar100.cli import main
 from cifar100.config import ConfigError
@@ -47,6 +47,11 @@ def test_a_refit_never_reads_validation_and_keeps_the_last_epoch(
     assert json.loads((run_dir / "run.json").read_text())["refit"] is True
     record = make_record(run_dir)
     assert record["refit"] is True and "refit" in table_row(record)[1]
+    # Calibration would fit on the "validation" images a refit trained on: it is skipped.
+    monkeypatch.setattr(evaluation, "make_figures", lambda *args: {})  # not what is tested
+    report = evaluation.evaluate([run_dir], fake_data_dir, out=tmp_path / "report")
+    assert "temperature_scaling" not in report
+    assert not (run_dir / "calibration.json").exists()
 
 
 def test_a_refit_split_has_every_training_image_and_no_validation(fake_data_dir):
