@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from cifar100.augment import (
+    apply_augment,
     augment_batch,
+    draw_augment,
     mix_batch,
     one_hot,
     random_affine,
@@ -193,3 +195,15 @@ def test_one_hot_with_smoothing():
     assert math.isclose(float(targets[0, 0]), 0.01, rel_tol=1e-6)
     assert torch.allclose(targets.sum(1), torch.ones(2))
     assert torch.equal(one_hot(torch.tensor([2]), 4), torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_stored_draws_repeat_an_augmentation_image_by_image(images, name):
+    """What the distillation cache relies on: draws kept for the whole set, then indexed,
+    give each image exactly the augmentation ``augment_batch`` gave it."""
+    config = RECIPES[name]
+    params = draw_augment(len(images), config, gen(3))
+    expected = augment_batch(images, config, gen(3))
+    rows = torch.tensor([5, 0, 63, 17])
+    picked = apply_augment(images[rows], config, params.map(lambda draws: draws[rows]))
+    assert torch.equal(picked, expected[rows])

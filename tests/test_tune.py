@@ -194,3 +194,25 @@ def test_search_space_maps_onto_the_config():
     assert (config.augment.translate, config.augment.rotation) == (2, 7.5)
     assert (config.augment.zoom, config.augment.contrast) == (0.05, 0.05)
     assert config.train == base.train and config.data == base.data  # nothing else moves
+
+
+class _Study:
+    """What ``_check_base`` reads and writes of an Optuna study."""
+
+    def __init__(self, base: dict):
+        self.user_attrs = {"base_config": base}
+
+
+def test_a_study_begun_before_newer_settings_still_matches_its_base(tmp_path):
+    """A study's stored base lacks settings added later (distill.*, train.refit, ...):
+    they count as their defaults, so the study goes on; a real difference is named."""
+    import dataclasses
+
+    from cifar100.tune import TuneError, _check_base, _comparable
+
+    old = _comparable(Config())
+    del old["distill"], old["train"]["refit"], old["train"]["ema_warmup"]
+    _check_base(_Study(old), Config(), tmp_path)
+    refit = dataclasses.replace(Config(), train=dataclasses.replace(Config().train, refit=True))
+    with pytest.raises(TuneError, match=r"differs in train\.refit"):
+        _check_base(_Study(old), refit, tmp_path)

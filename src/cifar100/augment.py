@@ -8,7 +8,9 @@ saved generator state, on resume) fixes it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,17 +28,81 @@ def _uniform(n: int, low: float, high: float, generator, device) -> torch.Tensor
     return torch.rand(n, generator=generator, device=device) * (high - low) + low
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
+@dataclass(frozen=True)
+class AugmentParams:
+    """Every image's random draws (None: that op is off). Applying the same draws again
+    repeats an augmentation exactly: the distillation cache stores a teacher's logits for
+    views drawn once (``cifar100.teacher_cache``) and shows the student those views."""
+
+    flip: torch.Tensor | None = None  # (B,) bool
+    angle: torch.Tensor | None = None  # (B,) radians
+    scale: torch.Tensor | None = None  # (B,) >1 zooms out
+    dy: torch.Tensor | None = None  # (B,) int64 in [0, 2 * translate]
+    dx: torch.Tensor | None = None
+    contrast: torch.Tensor | None = None  # (B,) factor
+
+    def map(self, fn) -> AugmentParams:
+        """``fn`` applied to every draw that is there (index, stack, move)."""
+        return AugmentParams(
+            **{f.name: _maybe(fn, getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
+
+
+def _maybe(fn, value):
+    return None if value is None else fn(value)
+
+
+def draw_augment(
+    n: int, config: AugmentConfig, generator: torch.Generator, device=None
+) -> AugmentParams:
+    """The draws of ``augment_batch`` for ``n`` images, in its order (the same seed gives
+    the same images as before the draws were separated from their use)."""
+    device = device if device is not None else generator.device
+    flip = angle = scale = dy = dx = contrast = None
+    if config.flip:
+        flip = torch.rand(n, generator=generator, device=device) < 0.5
+    if config.rotation > 0 or config.zoom > 0:
+        angle = _uniform(n, -config.rotation, config.rotation, generator, device) * (math.pi / 180)
+        scale = 1.0 / _uniform(n, 1 - config.zoom, 1 + config.zoom, generator, device)
+    if config.translate > 0:
+        dy = torch.randint(0, 2 * config.translate + 1, (n,), generator=generator, device=device)
+        dx = torch.randint(0, 2 * config.translate + 1, (n,), generator=generator, device=device)
+    if config.contrast > 0:
+        contrast = _uniform(n, 1 - config.contrast, 1 + config.contrast, generator, device)
+    return AugmentParams(flip, angle, scale, dy, dx, contrast)
+
+
+def apply_augment(
+    images: torch.Tensor, config: AugmentConfig, params: AugmentParams
+) -> torch.Tensor:
+    """float [0, 1] (B, 3, H, W) -> the images augmented with ``params``' draws."""
+    if params.flip is not None:
+        images = flip_where(images, params.flip)
+    if params.angle is not None:
+        images = affine_by(images, params.angle, params.scale)
+    if params.dy is not None:
+        images = translate_by(images, config.translate, params.dy, params.dx)
+    if params.contrast is not None:
+        images = contrast_by(images, params.contrast)
+    return images
+
+
+def flip_where(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
-def random_translate(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Reflect-pad by ``pad`` and crop back at a random offset per image (a random crop)."""
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return flip_where(
+        images, torch.rand(len(images), generator=generator, device=images.device) < 0.5
+    )
+
+
+def translate_by(
+    images: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor
+) -> torch.Tensor:
+    """Reflect-pad by ``pad`` and crop back at offsets ``dy``, ``dx`` (B,) per image."""
     B, C, H, W = images.shape
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")  # (B, C, H+2p, W+2p)
-    dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=images.device)
-    dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=images.device)
     rows = dy[:, None] + torch.arange(H, device=images.device)  # (B, H)
     cols = dx[:, None] + torch.arange(W, device=images.device)  # (B, W)
     flat = rows[:, :, None] * (W + 2 * pad) + cols[:, None, :]  # (B, H, W)
@@ -44,13 +110,17 @@ def random_translate(images: torch.Tensor, pad: int, generator: torch.Generator)
     return padded.flatten(2).gather(2, index).view(B, C, H, W)
 
 
-def random_affine(
-    images: torch.Tensor, rotation: float, zoom: float, generator: torch.Generator
-) -> torch.Tensor:
-    """Rotate by up to +-``rotation`` degrees and zoom by up to +-``zoom``, reflecting edges."""
+def random_translate(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Reflect-pad by ``pad`` and crop back at a random offset per image (a random crop)."""
+    B, device = len(images), images.device
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=device)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=generator, device=device)
+    return translate_by(images, pad, dy, dx)
+
+
+def affine_by(images: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Rotate by ``angle`` (radians) and scale by ``scale`` per image, reflecting edges."""
     B = len(images)
-    angle = _uniform(B, -rotation, rotation, generator, images.device) * (math.pi / 180)
-    scale = 1.0 / _uniform(B, 1 - zoom, 1 + zoom, generator, images.device)  # >1 zooms out
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     zeros = torch.zeros_like(cos)
     theta = torch.stack([cos, -sin, zeros, sin, cos, zeros], dim=1).view(B, 2, 3)
@@ -60,26 +130,34 @@ def random_affine(
     )
 
 
+def random_affine(
+    images: torch.Tensor, rotation: float, zoom: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Rotate by up to +-``rotation`` degrees and zoom by up to +-``zoom``, reflecting edges."""
+    B = len(images)
+    angle = _uniform(B, -rotation, rotation, generator, images.device) * (math.pi / 180)
+    scale = 1.0 / _uniform(B, 1 - zoom, 1 + zoom, generator, images.device)  # >1 zooms out
+    return affine_by(images, angle, scale)
+
+
+def contrast_by(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Keras-style RandomContrast: scale each image's deviation from its channel means."""
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    return ((images - mean) * factor[:, None, None, None] + mean).clamp_(0.0, 1.0)
+
+
 def random_contrast(images: torch.Tensor, amount: float, generator: torch.Generator):
     """Keras-style RandomContrast: scale each image's deviation from its channel means."""
     factor = _uniform(len(images), 1 - amount, 1 + amount, generator, images.device)
-    mean = images.mean(dim=(2, 3), keepdim=True)
-    return ((images - mean) * factor[:, None, None, None] + mean).clamp_(0.0, 1.0)
+    return contrast_by(images, factor)
 
 
 def augment_batch(
     images: torch.Tensor, config: AugmentConfig, generator: torch.Generator
 ) -> torch.Tensor:
     """float [0, 1] (B, 3, H, W) -> augmented float [0, 1] (B, 3, H, W)."""
-    if config.flip:
-        images = random_flip(images, generator)
-    if config.rotation > 0 or config.zoom > 0:
-        images = random_affine(images, config.rotation, config.zoom, generator)
-    if config.translate > 0:
-        images = random_translate(images, config.translate, generator)
-    if config.contrast > 0:
-        images = random_contrast(images, config.contrast, generator)
-    return images
+    params = draw_augment(len(images), config, generator, images.device)
+    return apply_augment(images, config, params)
 
 
 def mix_batch(

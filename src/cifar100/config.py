@@ -84,6 +84,7 @@ class TrainConfig:
     seed: int = 0  # initialisation, shuffling, augmentation (the split has data.split_seed)
     device: str = "auto"  # auto | cpu | cuda | mps
     ema_decay: float | None = None  # exponential moving average of weights
+    ema_warmup: str | None = None  # tf | timm: the decay rises from ~0 (cifar100.ema)
     tta_flip: bool = False  # average logits with the mirrored image at evaluation
     checkpoint_minutes: float = 10.0  # also save mid-epoch this often (long epochs)
     threads: int | None = None  # CPU threads; None: all cores
@@ -91,6 +92,9 @@ class TrainConfig:
     sync_every: int | None = None  # steps between host read-backs / rank votes; None: 1 on
     # CPU, 20 on a GPU (reading a GPU value makes the host wait for the device)
     compile: bool = False  # torch.compile the training forward/backward (falls back to eager)
+    # Train on all 50,000 training images, for a recipe already validated: no validation
+    # split exists, so nothing selects an epoch (the best checkpoint is the last one).
+    refit: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,25 @@ class TransferConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (``cifar100.distill``): the student also learns the softened
+    probabilities of trained runs, the teachers."""
+
+    teachers: tuple[str, ...] = ()  # run folders or .pt files; several: an ensemble; (): off
+    temperature: float = 4.0  # softens teacher and student alike (Hinton et al., 2015)
+    weight: float = 0.9  # of the distillation term; the labels' term gets 1 - weight
+    # online: the teachers run on every (augmented, mixed) batch; cached: their logits for
+    # ``views`` augmented views of each image are computed once and reused by every run.
+    mode: str = "online"
+    views: int = 8  # cached: views per training image (drawn from the augment settings)
+    view_seed: int = 0  # cached: draws the views (part of the cache's key)
+    # Standardise each row of logits (teacher's and student's) before the temperature
+    # (logit standardisation, Sun et al., CVPR 2024): matches their shapes, not their scales.
+    standardize: bool = False
+    compile: bool = True  # torch.compile a teacher on CPU that will see 20,000+ images
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -116,6 +139,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -186,9 +210,12 @@ def _is_union(hint: Any) -> bool:
 
 
 def _coerce_one(raw: Any, kind: Any) -> Any:
-    if typing.get_origin(kind) is tuple:
-        items = raw.split(",") if isinstance(raw, str) else list(raw)
-        return tuple(int(i) for i in items)
+    if typing.get_origin(kind) is tuple:  # tuple[int, ...] or tuple[str, ...]
+        item = typing.get_args(kind)[0]
+        items = [i for i in raw.split(",") if i] if isinstance(raw, str) else list(raw)
+        if item is str and not all(isinstance(i, str) for i in items):
+            raise ValueError(raw)
+        return tuple(item(i) for i in items)
     if kind is bool:
         if isinstance(raw, bool):
             return raw

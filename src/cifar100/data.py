@@ -275,10 +275,22 @@ class Splits:
 
 
 def make_splits(
-    dataset: Cifar100, val_fraction: float = 0.2, seed: int = 0, train_subset: int | None = None
+    dataset: Cifar100,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    train_subset: int | None = None,
+    refit: bool = False,
 ) -> Splits:
-    """80/20 train/validation from the training images; the test set stays untouched."""
-    train_idx, val_idx = stratified_split(dataset.train.labels, val_fraction, seed)
+    """80/20 train/validation from the training images; the test set stays untouched.
+
+    ``refit``: every training image trains and the validation split is empty (it is not
+    even drawn), so nothing can select on it.
+    """
+    if refit:
+        train_idx = torch.arange(len(dataset.train))
+        val_idx = torch.zeros(0, dtype=torch.int64)
+    else:
+        train_idx, val_idx = stratified_split(dataset.train.labels, val_fraction, seed)
     if train_subset:
         train_idx = train_idx[balanced_subset(dataset.train.labels[train_idx], train_subset, seed)]
     return Splits(

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,20 @@ def is_sync_step(step: int, steps: int, every: int) -> bool:
     return step % every == 0 or step == steps
 
 
+class SoftTargets(Protocol):
+    """A teacher's part in a step (``cifar100.distill``): the engine calls it, knowing no
+    model. Targets are (B, C) probabilities; ``loss`` gets them after the label targets,
+    as one (B, 2C) tensor."""
+
+    # True: ``targets`` runs on the mixed batch (the online teacher); False: its targets
+    # belong to the unmixed images and are mixed as the labels are (the cached logits).
+    sees_mixed_images: bool
+
+    def targets(self, inputs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor: ...
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class StepContext:
     """Everything one training step needs besides the model and the batch."""
@@ -125,21 +140,41 @@ class StepContext:
     grad_clip: float | None = None
     ema: ModelEma | None = None
     autocast: torch.dtype | None = None  # bf16 on CUDA; fp32 on CPU (bf16 is emulated there)
+    teacher: SoftTargets | None = None  # knowledge distillation: soft targets and their loss
+
+
+def mixed_batch(
+    inputs, labels, indices, ctx: StepContext, generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's inputs and targets: labels (smoothed), MixUp/CutMix, and a teacher's
+    targets, either mixed like the labels or computed on the mixed images."""
+    targets = one_hot(labels, ctx.num_classes, ctx.label_smoothing)
+    teacher = ctx.teacher
+    if teacher is not None and not teacher.sees_mixed_images:
+        targets = torch.cat([targets, teacher.targets(inputs, indices)], dim=1)
+    if ctx.augment is not None:
+        inputs, targets = mix_batch(inputs, targets, ctx.augment, generator)
+    if teacher is not None and teacher.sees_mixed_images:
+        targets = torch.cat([targets, teacher.targets(inputs, indices)], dim=1)
+    return inputs, targets
 
 
 def train_step(
-    model, inputs, labels, ctx: StepContext, generator
+    model, inputs, labels, ctx: StepContext, generator, indices: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step. Returns the loss and the logits, detached and unread: reading
-    them here would make the host wait for the GPU at every step (see ``RunningSums``)."""
-    targets = one_hot(labels, ctx.num_classes, ctx.label_smoothing)
-    if ctx.augment is not None:
-        inputs, targets = mix_batch(inputs, targets, ctx.augment, generator)
+    them here would make the host wait for the GPU at every step (see ``RunningSums``).
+    ``indices``: the batch's positions in its split (a cached teacher looks them up)."""
+    inputs, targets = mixed_batch(inputs, labels, indices, ctx, generator)
     with torch.autocast(
         inputs.device.type, dtype=ctx.autocast or torch.float32, enabled=ctx.autocast is not None
     ):
         logits = model(inputs)
-    loss = soft_cross_entropy(logits, targets)
+    loss = (
+        soft_cross_entropy(logits, targets)
+        if ctx.teacher is None
+        else ctx.teacher.loss(logits, targets)
+    )
     ctx.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if ctx.grad_clip:
@@ -190,7 +225,7 @@ def train_one_epoch(
             indices = order[state.step * batch_size : (state.step + 1) * batch_size]
             inputs = batches.get(indices, generator)
             labels = batches.labels[indices].to(inputs.device, non_blocking=True)
-            loss, logits = train_step(model, inputs, labels, ctx, generator)
+            loss, logits = train_step(model, inputs, labels, ctx, generator, indices)
             sums.add(loss, logits, labels)
             state.step += 1
             if is_sync_step(state.step, steps, sync_every):

@@ -86,6 +86,14 @@ def evaluate(
             raise UserError(f"{run_dir}: not a trained run directory (no checkpoints/best.pt)")
     target = select_device(check_device(device))
     models = [load_trained(run_dir, target) for run_dir in run_dirs]  # before the data
+    refits = [str(r) for r, m in zip(run_dirs, models, strict=True) if _is_refit(m)]
+    if calibrate and refits:
+        print(
+            f"{', '.join(refits)}: trained on every training image (refit), so no held-out "
+            "validation images are left to fit a temperature on; calibration skipped",
+            file=sys.stderr,
+        )
+        calibrate = False
     dataset = load_cifar100(data_dir)
     report, probs = evaluate_runs(run_dirs, dataset, tta, device, batch_size, calibrate, models)
     if command is not None:
@@ -97,6 +105,10 @@ def evaluate(
 
 def default_out(run_dirs: list[Path]) -> Path:
     return run_dirs[0] / ("report" if len(run_dirs) == 1 else "report-ensemble")
+
+
+def _is_refit(trained: TrainedModel) -> bool:
+    return trained.metadata["config_obj"].train.refit
 
 
 def _check_classes(trained: TrainedModel, run_dir: Path, dataset: Cifar100) -> None:

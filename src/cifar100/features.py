@@ -240,7 +240,7 @@ class CompiledOrEager(nn.Module):
 
 def _warn_eager(error: Exception) -> None:
     print(
-        f"warning: torch.compile failed ({type(error).__name__}); extracting features "
+        f"warning: torch.compile failed ({type(error).__name__}); running the network "
         "without it (slower, same results)",
         file=sys.stderr,
         flush=True,

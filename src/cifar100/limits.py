@@ -11,7 +11,14 @@ from typing import Any, NamedTuple
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
-CHOICES = {"optim.optimizer": OPTIMIZERS, "optim.schedule": SCHEDULES}
+DISTILL_MODES = ("online", "cached")
+EMA_WARMUPS = ("tf", "timm")  # see cifar100.ema; None: a fixed decay
+CHOICES = {
+    "optim.optimizer": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
+    "train.ema_warmup": EMA_WARMUPS,
+    "distill.mode": DISTILL_MODES,
+}
 SEED_MAX = 2**32 - 1
 MOBILENETV2_BLOCKS = 19  # feature blocks that transfer.stage2_unfreeze counts
 
@@ -80,6 +87,10 @@ RANGES = {
     "transfer.stage2_lr": ABOVE_ZERO,
     "transfer.stage2_unfreeze": Range(0, MOBILENETV2_BLOCKS),
     "transfer.stage2_warmup_epochs": NON_NEGATIVE,
+    "distill.temperature": Range(0, 100, low_open=True),
+    "distill.weight": Range(0, 1),
+    "distill.views": Range(1, 64),
+    "distill.view_seed": SEED,
 }
 
 

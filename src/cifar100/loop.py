@@ -81,7 +81,7 @@ class Stage:
     epochs: int
     batch_size: int
     train_batches: Any  # ImageBatches or a feature cache with the same get()/labels
-    val_batches: Any
+    val_batches: Any | None  # None: a refit (train.refit), which validates nothing
     ctx: StepContext
     plateau: Any | None = None  # ReduceLROnPlateau, stepped on validation loss
     full_model: nn.Module | None = None  # saved in checkpoints when ``model`` is only a part
@@ -142,6 +142,7 @@ def checkpoint_state(run: Run, stage: Stage, epoch_state: EpochState | None, gen
         if (stage.ctx.scheduler or stage.plateau)
         else None,
         "ema": stage.ctx.ema.model.state_dict() if stage.ctx.ema else None,
+        "ema_updates": stage.ctx.ema.updates if stage.ctx.ema else None,
         "epoch_state": progress,
         "best_top1": stage.best_top1,
         "bad_epochs": stage.bad_epochs,
@@ -160,6 +161,8 @@ def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState 
         restore_scheduler(scheduler, state["scheduler"], stage.ctx.optimizer)
     if stage.ctx.ema is not None:
         stage.ctx.ema.model.load_state_dict(state["ema"])
+        # Checkpoints from before the EMA warm-up have no count: they never used one.
+        stage.ctx.ema.updates = state.get("ema_updates") or 0
     stage.epoch, stage.best_top1, stage.bad_epochs = (
         state["epoch"],
         state["best_top1"],
@@ -246,7 +249,9 @@ def _run_epochs(run: Run, stage: Stage) -> None:
             run.on_epoch(row)  # may raise (a tuning trial pruned): last.pt is already saved
 
 
-def _validate(run: Run, stage: Stage, state: EpochState, generator, started: float) -> dict:
+def _validate(run: Run, stage: Stage, state: EpochState, generator, started: float) -> dict | None:
+    if stage.val_batches is None:
+        return None  # a refit: every training image is trained on, none validates
     try:
         return distributed.evaluate_sharded(
             evaluate,
@@ -270,13 +275,14 @@ def _early_stop(stage: Stage, patience: int | None) -> bool:
     return patience is not None and stage.bad_epochs >= patience
 
 
-def _end_epoch(run: Run, stage: Stage, train: dict, val: dict, generator) -> dict:
+def _end_epoch(run: Run, stage: Stage, train: dict, val: dict | None, generator) -> dict:
     if stage.plateau is not None:
-        stage.plateau.step(val["loss"])
+        stage.plateau.step(val["loss"])  # a refit with a plateau schedule is refused before
     stage.epoch += 1
     ckpt_dir = run.run_dir / "checkpoints"
-    if val["top1"] > stage.best_top1:
-        stage.best_top1, stage.bad_epochs = val["top1"], 0
+    # Without validation (a refit) nothing can choose an epoch: the best is the last.
+    if val is None or val["top1"] > stage.best_top1:
+        stage.best_top1, stage.bad_epochs = (val["top1"] if val else -1.0), 0
         best = {
             "stage": stage.name,
             "epoch": stage.epoch,
@@ -295,17 +301,21 @@ def _end_epoch(run: Run, stage: Stage, train: dict, val: dict, generator) -> dic
         "lr": lr,
         "elapsed_s": round(run.elapsed, 1),
         **{f"train_{k}": v for k, v in train.items()},
-        **{f"val_{k}": v for k, v in val.items()},
+        **{f"val_{k}": v for k, v in (val or {}).items()},
     }
     last = checkpoint_state(run, stage, None, generator)  # a collective under torchrun
     if distributed.is_main():  # the only rank that writes files (and prints)
         append_metrics(run.run_dir, row)
         save_checkpoint(last, ckpt_dir / "last.pt")
         plot_curves(run.run_dir)
+        validated = (
+            f"val loss {val['loss']:.3f} top1 {val['top1']:.3f} top5 {val['top5']:.3f}"
+            if val
+            else "refit: no validation"
+        )
         print(
             f"[{stage.name}] epoch {stage.epoch}/{stage.epochs}  train loss "
-            f"{train['loss']:.3f} top1 {train['top1']:.3f} | val loss {val['loss']:.3f} top1 "
-            f"{val['top1']:.3f} top5 {val['top5']:.3f} | lr {lr:.2e} | "
+            f"{train['loss']:.3f} top1 {train['top1']:.3f} | {validated} | lr {lr:.2e} | "
             f"{run.elapsed / 60:.1f} min",
             file=sys.stderr,
             flush=True,

@@ -12,17 +12,22 @@ training code that imports the registry (a cycle), and keep file I/O out of ``mo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from cifar100.batches import ImageBatches
 from cifar100.config import ConfigError
+from cifar100.distill import OnlineTeacher
 from cifar100.ema import ModelEma
-from cifar100.engine import StepContext
+from cifar100.engine import SoftTargets, StepContext
+from cifar100.features import COMPILE_MIN_IMAGES
 from cifar100.loop import Run, Stage
 from cifar100.models import build_model
 from cifar100.optim import make_optimizer, make_scheduler
-from cifar100.transfer import transfer_stages
+from cifar100.teacher_cache import cached_teacher
+from cifar100.teachers import TeacherRunner, load_teachers, record_teachers, refuse_changed
+from cifar100.transfer import transfer_stages, validation_batches
 
 StagePlan = Callable[[Run], Iterator[Stage]]
 
@@ -33,11 +38,16 @@ def build_cnn_stage(run: Run) -> Stage:
     torch.manual_seed(config.train.seed)  # initialisation
     model = build_model(config.model).to(device, memory_format=torch.channels_last)
     train_batches = ImageBatches(run.splits.train, run.preprocess, device, config.augment)
-    val_batches = ImageBatches(run.splits.val, run.preprocess, device)
+    train_batches, teacher = distillation(run, train_batches)
+    val_batches = validation_batches(run)  # None in a refit
     steps = len(train_batches) // config.train.batch_size
     optimizer = make_optimizer(model.parameters(), config.optim)
     scheduler, per_step = make_scheduler(optimizer, config.optim, config.train.epochs, steps)
-    ema = ModelEma(model, config.train.ema_decay) if config.train.ema_decay else None
+    ema = (
+        ModelEma(model, config.train.ema_decay, config.train.ema_warmup)
+        if config.train.ema_decay
+        else None
+    )
     ctx = StepContext(
         optimizer,
         scheduler if per_step else None,
@@ -47,6 +57,7 @@ def build_cnn_stage(run: Run) -> Stage:
         config.optim.grad_clip,
         ema,
         run.autocast,
+        teacher,
     )
     return Stage(
         "main",
@@ -58,6 +69,30 @@ def build_cnn_stage(run: Run) -> Stage:
         ctx,
         plateau=None if per_step else scheduler,
     )
+
+
+def distillation(run: Run, batches: ImageBatches) -> tuple[Any, SoftTargets | None]:
+    """The training batches and the teacher of a distilled run (``distill.teachers``),
+    ``batches`` and None otherwise; the teachers go into run.json (and the record)."""
+    config = run.config
+    if not config.distill.teachers:
+        return batches, None
+    teachers = load_teachers(config, run.device, run.dataset.class_names)
+    refuse_changed(run.run_dir, teachers)  # before any work: a resume keeps its teachers
+    if config.distill.mode == "cached":
+        batches, teacher, extra = cached_teacher(run, teachers)
+    else:
+        seen = config.train.epochs * len(batches)  # images each teacher will run on
+        compiled = config.distill.compile and run.device.type == "cpu"
+        compiled = compiled and seen >= COMPILE_MIN_IMAGES
+        nets = [
+            TeacherRunner(t.trained, config.train.batch_size, run.autocast, compiled)
+            for t in teachers
+        ]
+        teacher = OnlineTeacher(config.distill, len(run.dataset.class_names), nets, run.preprocess)
+        extra = {}
+    record_teachers(run.run_dir, config, teachers, extra)
+    return batches, teacher
 
 
 def scratch_stages(run: Run) -> Iterator[Stage]:

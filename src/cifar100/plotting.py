@@ -45,7 +45,8 @@ def curves_figure(rows: list[dict[str, Any]]):
         axes[:3], ("loss", "top1", "top5"), ("loss", "top-1", "top-5"), strict=True
     ):
         ax.plot(x, [r[f"train_{key}"] for r in rows], marker=".", label="train")
-        ax.plot(x, [r[f"val_{key}"] for r in rows], marker=".", label="validation")
+        if any(f"val_{key}" in r for r in rows):  # a refit validates nothing
+            ax.plot(x, [r.get(f"val_{key}") for r in rows], marker=".", label="validation")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.legend()

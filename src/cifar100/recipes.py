@@ -36,6 +36,7 @@ from cifar100.device import select_device
 from cifar100.models import model_spec
 from cifar100.runlock import claim_resume
 from cifar100.runs import load_run_config, read_json
+from cifar100.teachers import check_teachers
 from cifar100.weights import ENV_VAR as WEIGHTS_ENV
 from cifar100.weights import resolve_weights
 
@@ -81,6 +82,10 @@ def from_flags(
     train_subset: int | None = None,
     data_dir: str | None = None,
     device: str | None = None,
+    refit: bool | None = None,
+    teachers: list[str] | None = None,
+    kd_temperature: float | None = None,
+    kd_weight: float | None = None,
 ) -> Config:
     """The checked config of a new run from the flags of ``train`` and ``tune`` (None: not
     given); the preset is ``choose_preset(preset, model)``."""
@@ -90,6 +95,10 @@ def from_flags(
         "data.train_subset": train_subset,
         "data.data_dir": data_dir,
         "train.device": device,
+        "train.refit": refit,
+        "distill.teachers": teachers,
+        "distill.temperature": kd_temperature,
+        "distill.weight": kd_weight,
     }
     return resolve(choose_preset(preset, model), files, sets, flags, epochs)
 
@@ -118,6 +127,7 @@ def resolve(
     config, stage_keys = with_epochs(config, epochs)
     check_settings(config, explicit | stage_keys)
     check_device(config.train.device)
+    check_teachers(config)  # before any folder is made: a bad teacher leaves nothing
     return config
 
 
@@ -151,8 +161,18 @@ def with_epochs(config: Config, epochs: int | None) -> tuple[Config, set[str]]:
 
 def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
     """(applies, keys, why they do nothing) for the resolved ``config``."""
-    o, t, name = config.optim, config.transfer, config.model.name
+    o, t, name, d = config.optim, config.transfer, config.model.name, config.distill
     rules = [
+        (
+            not d.teachers,
+            tuple(f"distill.{f.name}" for f in dataclasses.fields(d) if f.name != "teachers"),
+            "they steer knowledge distillation, and no teacher is given (--teacher RUN)",
+        ),
+        (
+            d.mode != "cached",
+            ("distill.views", "distill.view_seed"),
+            f"they draw the cached views, and distill.mode is '{d.mode}'",
+        ),
         (
             o.schedule != "plateau",
             ("optim.plateau_factor", "optim.plateau_patience"),
@@ -165,6 +185,16 @@ def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
             "warm-up (choose optim.schedule cosine, onecycle or constant)",
         ),
         (o.schedule == "constant", ("optim.min_lr",), "a constant schedule never decays"),
+        (
+            config.train.refit,
+            ("train.early_stopping", "data.val_fraction"),
+            "a refit (train.refit) trains on every training image: no validation split",
+        ),
+        (
+            config.train.ema_decay is None,
+            ("train.ema_warmup",),
+            "it warms up the weight average, and train.ema_decay is off",
+        ),
         (
             o.optimizer != "sgd",
             ("optim.momentum", "optim.nesterov"),
@@ -196,7 +226,7 @@ def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
         ),
         (
             config.train.ema_decay is not None,
-            ("train.ema_decay",),
+            ("train.ema_decay", "train.ema_warmup"),
             "the transfer stages keep no moving average of the weights",
         ),
         (True, ("model.widths",), f"{name}'s widths follow model.width_mult"),
@@ -231,6 +261,25 @@ def check_settings(config: Config, explicit: set[str]) -> None:
         )
     _check_widths(config)
     _check_subset(config)
+    _check_refit(config)
+    _check_distill(config)
+
+
+def _check_distill(config: Config) -> None:
+    name = config.model.name
+    if config.distill.teachers and model_spec(name).pretrained:
+        raise ConfigError(
+            f"distill.teachers: distillation trains a model from scratch, and {name} "
+            "trains in transfer stages (choose a student such as cnn-fast)"
+        )
+
+
+def _check_refit(config: Config) -> None:
+    if config.train.refit and config.optim.schedule == "plateau":
+        raise ConfigError(
+            "train.refit: the plateau schedule steps on the validation loss, and a refit "
+            "has no validation split; choose optim.schedule cosine, onecycle or constant"
+        )
 
 
 def _check_widths(config: Config) -> None:

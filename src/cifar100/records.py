@@ -49,6 +49,8 @@ RESULT_KEYS = [
     "best_stage",
     "best_epoch",
     "split_seed",
+    "refit",
+    "distill",
     "process",
 ]
 EVALUATION_KEYS = [
@@ -201,15 +203,26 @@ def _duration(minutes: float | None) -> str:
     return f"{int(minutes // 60)} h {round(minutes % 60):02d} min"
 
 
+def _teacher_cost(record: dict[str, Any]) -> str:
+    """A distilled run's teachers' own training time, beside the student's."""
+    teachers = (record.get("distill") or {}).get("teachers") or []
+    if not teachers:
+        return ""
+    minutes = [t.get("train_minutes") for t in teachers]
+    if None in minutes:
+        return " + teacher (time unknown)"
+    return f" + {_duration(sum(minutes))} teacher{'s' * (len(minutes) > 1)}"
+
+
 def table_row(record: dict[str, Any]) -> list[str]:
-    tta = " (flip TTA)" if record.get("tta_flip") else ""
+    notes = ["flip TTA"] * bool(record.get("tta_flip")) + ["refit"] * bool(record.get("refit"))
     params = record.get("parameters")
     return [
         str(record.get("name") or record["model"]),
-        f"{100 * record['test_top1']:.2f}%{tta}",
+        f"{100 * record['test_top1']:.2f}%" + (f" ({', '.join(notes)})" if notes else ""),
         f"{100 * record['test_top5']:.2f}%",
         f"{params / 1e6:.2f} M" if params else "",
-        _duration(record.get("train_minutes")),
+        _duration(record.get("train_minutes")) + _teacher_cost(record),
         _hardware(record.get("hardware") or {}),
         str(record.get("started") or "")[:10],
         record.get("command") or "",

@@ -92,6 +92,8 @@ def start_run(
         "started": _now(),
         "hardware": hardware(device),
     }
+    if config.train.refit:  # trained on every training image: its record says so
+        info["refit"] = True
     write_json(run_dir / "run.json", info)
 
 

@@ -28,7 +28,7 @@ from cifar100.loop import Run, run_stages
 from cifar100.models import input_size, model_spec
 from cifar100.plans import stage_plan
 from cifar100.preprocess import Preprocess
-from cifar100.runs import resume_run, start_run, write_json
+from cifar100.runs import read_json, resume_run, start_run, write_json
 from cifar100.speed import speed_up
 
 
@@ -44,7 +44,11 @@ def prepare_run(
     speed_up(device)  # CUDA only: cuDNN autotuning, TF32
     dataset = load_cifar100(config.data.data_dir)
     splits = make_splits(
-        dataset, config.data.val_fraction, config.data.split_seed, config.data.train_subset
+        dataset,
+        config.data.val_fraction,
+        config.data.split_seed,
+        config.data.train_subset,
+        cfg.refit,
     )
     spec = model_spec(config.model.name)
     preprocess = Preprocess(
@@ -63,7 +67,8 @@ def prepare_run(
 
 
 def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str, Any]:
-    """Load the best checkpoint (chosen on validation) and measure it once on the test set.
+    """Load the best checkpoint (chosen on validation; a refit's last) and measure it once
+    on the test set.
 
     ``test_set=False`` (hyperparameter tuning) never touches the test split.
     """
@@ -93,8 +98,9 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
         "run_dir": str(run.run_dir),
         "best_stage": best["stage"],
         "best_epoch": best["epoch"],
-        "val_top1": best["val"]["top1"],
-        "val_top5": best["val"]["top5"],
+        "val_top1": best["val"]["top1"] if best["val"] else None,  # None: a refit
+        "val_top5": best["val"]["top5"] if best["val"] else None,
+        "refit": cfg.refit,
         **(
             {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"]}
             if test
@@ -107,6 +113,8 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
         "train_images": len(run.splits.train),
         "process": process_usage(),
     }
+    if run.config.distill.teachers:  # which teachers, their checkpoints and their cost
+        results["distill"] = read_json(run.run_dir / "run.json").get("distill")
     write_json(run.run_dir / "results.json", results)
     return results
 

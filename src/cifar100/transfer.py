@@ -77,6 +77,13 @@ def feature_channels(features: nn.Module, size: int, device: torch.device) -> in
     return channels
 
 
+def validation_batches(run: Run) -> ImageBatches | None:
+    """The validation images; None in a refit (``train.refit``), which validates nothing."""
+    if run.config.train.refit:
+        return None
+    return ImageBatches(run.splits.val, run.preprocess, run.device)
+
+
 def frozen_stage(run: Run, model: nn.Module, weights_sha256: str) -> Stage:
     cfg = run.config.transfer
     freeze_backbone(model)
@@ -90,11 +97,15 @@ def frozen_stage(run: Run, model: nn.Module, weights_sha256: str) -> Stage:
         train = FeatureBatches(
             cache.features["plain"][train_idx], mirrored, labels[train_idx], run.device
         )
-        val = FeatureBatches(cache.features["plain"][val_idx], None, labels[val_idx], run.device)
+        val = (
+            None  # a refit validates nothing
+            if run.config.train.refit
+            else FeatureBatches(cache.features["plain"][val_idx], None, labels[val_idx], run.device)
+        )
         trained, augment = model.classifier, None
     else:
         train = ImageBatches(run.splits.train, run.preprocess, run.device, run.config.augment)
-        val = ImageBatches(run.splits.val, run.preprocess, run.device)
+        val = validation_batches(run)
         trained, augment = model, run.config.augment
     return _stage(
         run,
@@ -117,7 +128,7 @@ def finetune_stage(run: Run, model: nn.Module, best_top1: float) -> Stage:
     cfg = run.config.transfer
     unfreeze(model, cfg.stage2_unfreeze)
     train = ImageBatches(run.splits.train, run.preprocess, run.device, run.config.augment)
-    val = ImageBatches(run.splits.val, run.preprocess, run.device)
+    val = validation_batches(run)
     stage = _stage(
         run,
         "finetune",

@@ -12,6 +12,7 @@ the folder) can work on one study at once. ``--trials N`` is the number of finis
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -25,7 +26,7 @@ from typing import Any
 import yaml
 
 from cifar100 import stopping
-from cifar100.config import Config, from_saved, to_dict
+from cifar100.config import Config, ConfigError, from_saved, to_dict
 from cifar100.engine import TrainingDiverged
 from cifar100.errors import UserError
 from cifar100.models import model_spec
@@ -200,6 +201,10 @@ def _check_base(study, base: Config, study_dir: Path) -> None:
     if stored is None:
         study.set_user_attr("base_config", _comparable(base))
         return
+    # Settings added since the study began count as their defaults (a stored config that
+    # no longer loads is compared as it is: whatever differs is named below).
+    with contextlib.suppress(ConfigError):
+        stored = _comparable(from_saved(stored))
     mine = _comparable(base)
     changed = [f"{s}.{k}" for s in mine for k in mine[s] if stored.get(s, {}).get(k) != mine[s][k]]
     if changed:
@@ -224,6 +229,11 @@ def run_study(
     on_trial=None,
 ):
     """Run trials until the study holds ``trials`` finished ones (or the timeout)."""
+    if base.train.refit:
+        raise ConfigError(
+            "train.refit: tuning selects on the validation split, and a refit has none "
+            "(refit the recipe the study found, with cifar100 train --refit)"
+        )
     study = open_study(study_dir, base, seed)
 
     def after_trial(study, trial) -> None:

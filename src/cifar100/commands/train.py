@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cifar100.commands.argtypes import positive_int, seed
+from cifar100.commands.argtypes import positive_float, positive_int, seed
 from cifar100.config import preset_names
 from cifar100.models import REGISTRY
 from cifar100.recipes import RESUME_FLAGS, from_flags, refuse_on_resume, resume_config
@@ -80,6 +80,34 @@ def register(subparsers) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override any setting, e.g. --set optim.lr=0.01",
     )
+    p.add_argument(
+        "--teacher",
+        nargs="+",
+        metavar="RUN",
+        help="knowledge distillation: learn the softened probabilities of these trained "
+        "runs (or .pt checkpoints; several: an ensemble) besides the labels "
+        "(distill.teachers; distill.mode online | cached: see docs/distillation.md)",
+    )
+    p.add_argument(
+        "--kd-temperature",
+        type=positive_float,
+        metavar="T",
+        help="distillation temperature (distill.temperature, default 4)",
+    )
+    p.add_argument(
+        "--kd-weight",
+        type=float,
+        metavar="W",
+        help="weight of the distillation term in [0, 1]; the labels get 1 - W "
+        "(distill.weight, default 0.9)",
+    )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        default=None,
+        help="train on all 50,000 training images (a recipe already validated): no "
+        "validation split, the last epoch is the best; the record says refit",
+    )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     p.set_defaults(func=run)
 
@@ -96,6 +124,10 @@ def resolve_config(args: argparse.Namespace):
         train_subset=args.train_subset,
         data_dir=args.data_dir,
         device=args.device,
+        refit=args.refit,
+        teachers=args.teacher,
+        kd_temperature=args.kd_temperature,
+        kd_weight=args.kd_weight,
     )
 
 
@@ -112,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
                 "--run-dir": args.run_dir,
                 "--overwrite": args.overwrite,
                 "--set": args.set,
+                "--refit": args.refit,
+                "--teacher": args.teacher,
+                "--kd-temperature": args.kd_temperature,
+                "--kd-weight": args.kd_weight,
             },
         )
         run_dir = args.resume
