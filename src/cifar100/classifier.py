@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,6 +62,8 @@ class Classifier:
         trained: the PyTorch model with its checkpoint's metadata; None for an ONNX file.
         superclass_names: the 20 superclass names (empty when the source does not say).
         fine_to_coarse: each class's superclass index, in ``class_names`` order.
+        metadata: what the source says about the model: the checkpoint's metadata (config,
+            stage, epoch, validation metrics), or an exported file's metadata strings.
     """
 
     class_names: list[str]
@@ -69,6 +72,7 @@ class Classifier:
     trained: TrainedModel | None = None
     superclass_names: list[str] = field(default_factory=list)
     fine_to_coarse: list[int] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def superclass(self, class_name: str) -> str | None:
         """The superclass of ``class_name`` (None when the source does not say): CIFAR-100
@@ -162,6 +166,7 @@ def load_model(path: str | Path, calibrated: bool = False) -> Classifier:
         trained,
         trained.superclass_names,
         trained.fine_to_coarse,
+        trained.metadata,
     )
 
 
@@ -174,5 +179,11 @@ def _load_onnx(path: Path) -> Classifier:
     superclasses = json.loads(meta.get("superclass_names", "[]"))
     fine_to_coarse = json.loads(meta.get("fine_to_coarse", "[]"))
     return Classifier(
-        onnx_model.class_names, onnx_model.logits, str(path), None, superclasses, fine_to_coarse
+        onnx_model.class_names,
+        onnx_model.logits,
+        str(path),
+        None,
+        superclasses,
+        fine_to_coarse,
+        dict(meta),
     )
