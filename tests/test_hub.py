@@ -13,6 +13,7 @@ from cifar100.classifier import load_model
 from cifar100.cli import main
 from cifar100.errors import UserError
 from cifar100.hub import CARD, CONFIG, WEIGHTS, HubError, load_hub
+from cifar100.serving import header
 
 SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 
@@ -98,3 +99,10 @@ def test_bad_folders_and_flags_are_one_line_errors(hub_folder, tmp_path):
     (broken / CONFIG).write_text(json.dumps({"format": "someone-else/2"}))
     with pytest.raises(HubError, match="not a cifar100 model folder"):
         load_model(broken)
+
+
+def test_serve_shows_the_folders_own_metrics(hub_folder):
+    config = json.loads((hub_folder / CONFIG).read_text())
+    text = header(hub_folder, load_model(hub_folder))
+    assert f"Test accuracy **{100 * config['metrics']['top1']:.2f}%**" in text
+    assert "flip TTA" not in text and "cifar100 train --preset quick" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -126,3 +127,17 @@ def test_page_handlers_answer_and_keep_going(classifier, shared_dir, tmp_path):
     table, gallery = demo.show_many(classifier, [str(photo), str(broken)])
     assert table.count("\n") == 3 and f"**{best}**" in table and "cannot classify" in table
     assert len(gallery) == 1 and gallery[0][1].startswith("bird.png: ")
+
+
+def test_a_bad_model_or_a_taken_port_is_one_line(tiny_run, tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "nope")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("cifar100: error: ")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(tiny_run), "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1] == f"cifar100: error: cannot serve on 127.0.0.1:{port} (in use); try another --port"
+    )

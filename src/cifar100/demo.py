@@ -178,4 +178,5 @@ def _launch(page: gr.Blocks, host: str, port: int, examples: str) -> None:
             enable_monitoring=False,
         )
     except OSError as error:  # gradio's "Cannot find empty port", a bad host name, ...
-        raise UserError(f"cannot serve on {host}:{port} ({error}); try another --port") from None
+        reason = "in use" if "empty port" in str(error) else str(error).splitlines()[0]
+        raise UserError(f"cannot serve on {host}:{port} ({reason}); try another --port") from None
