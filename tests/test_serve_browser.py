@@ -8,10 +8,12 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
@@ -84,8 +86,20 @@ def bad_files(folder: Path) -> dict[str, Path]:
     empty = folder / "empty.png"
     empty.write_bytes(b"")
     huge = folder / "huge.png"
-    Image.new("L", (10_000, 10_000)).save(huge)  # 100 million pixels in a 100 KB file
+    huge.write_bytes(png_header(40_000, 40_000))  # 1.6 billion pixels, as the header claims
     return {"not an image Pillow can read": text, "not an image": empty, "too many pixels": huge}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels and holds none: the server must refuse
+    it from the header alone (the browser, too, gives up on it at once)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 def top1_of_predict(capsys, model: Path, photo: Path) -> str:

@@ -38,6 +38,12 @@ MAX_UPLOAD = "50mb"  # Gradio refuses bigger uploads on the page, with its own m
 FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # the system's, fetched from nowhere
 MONO_FONTS = ["ui-monospace", "monospace"]
 VIEW_BUTTONS = ["download", "fullscreen"]  # not "share": it posts to Hugging Face
+# A small photo (a 32x32 example) fills the box like a large one, and images scaled up stay
+# pixel-sharp: what the model sees, without the browser's smoothing.
+CSS = """
+#photo img { width: 100%; height: 100%; object-fit: contain; }
+#photo img, #seen img, #gallery img, .gallery-item img { image-rendering: pixelated; }
+"""
 TABLE_HEADER = f"| Photo | Top class | Probability | Superclass | Next {TOP - 1} |"
 
 
@@ -95,6 +101,7 @@ def build_page(classifier, title: str, examples: list[Path]) -> gr.Blocks:
                         type="filepath",
                         sources=["upload", "clipboard"],
                         label="Photo: upload, paste or drop (any format)",
+                        height=300,  # a small photo is scaled up to it, a large one down
                         buttons=["fullscreen"],
                         elem_id="photo",
                     )
@@ -170,6 +177,7 @@ def _launch(page: gr.Blocks, host: str, port: int, examples: str) -> None:
             max_file_size=MAX_UPLOAD,
             allowed_paths=[examples],
             theme=theme,
+            css=CSS,
             footer_links=["api"],
             ssr_mode=False,
             mcp_server=False,

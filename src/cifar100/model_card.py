@@ -182,26 +182,37 @@ def _hardware(config: dict[str, Any]) -> str:
     device = hw.get("gpu") or f"{hw.get('cpu', 'CPU')}, {hw.get('threads', '?')} threads"
     minutes = t.get("train_minutes")
     took = f"{minutes:.1f} minutes" if minutes is not None else "an unrecorded time"
+    load, threads = hw.get("load_average"), hw.get("threads")
+    shared = (
+        f" The machine was shared with other work (load average {load} on {threads} threads "
+        "at the start), so the recipe alone needs less time."
+        if load is not None and threads and load > threads
+        else ""
+    )
     return (
         "## Hardware and training time\n\n"
         f"Trained in {took} on {device} ({hw.get('device', 'cpu')}; PyTorch "
         f"{hw.get('torch', '?')}, Python {hw.get('python', '?')}), started "
-        f"{t.get('started', 'at an unrecorded time')}.\n"
+        f"{t.get('started', 'at an unrecorded time')}.{shared}\n"
     )
 
 
 def _limitations(config: dict[str, Any]) -> str:
     size = config["preprocessing"]["resize"]["size"]
     model_size = config["preprocessing"]["model_input_size"]
-    inside = f" (then enlarged to {model_size} px inside the model)" if model_size != size else ""
+    inside = (
+        f" (then enlarged to {model_size} px inside the model, which adds no detail back)"
+        if model_size != size
+        else ""
+    )
     return (
         "## Limitations\n\n"
         f"- **{size}x{size} inputs.** Every photo is cut to its largest centred square and "
         f"shrunk to {size}x{size} pixels before the model sees it{inside}: small objects, "
-        "off-centre subjects and fine detail are lost, and enlarging adds none back.\n"
+        "off-centre subjects and fine detail are lost.\n"
         "- **CIFAR-100 classes only.** The model always answers with one of its 100 classes; "
-        "it has no 'none of these'. A photo of anything else gets a confident-looking wrong "
-        "answer.\n"
+        "it has no 'none of these'. A photo of anything else (a cat: CIFAR-100 has none) "
+        "still gets one of those names.\n"
         "- **The data's world.** CIFAR-100 images are small web photos collected around "
         "2008; accuracy on other kinds of images (drawings, phone photos, other regions) is "
         "not measured here; nor is bias in the classes that show people (baby, boy, girl, "
