@@ -3,10 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The HTML report test drives a real headless Chromium (Debian package `chromium`).
+# The HTML report and demo page tests drive a real headless Chromium (Debian package
+# `chromium`; the page test through Playwright, which uses this browser, never downloads one).
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
-    || echo "warning: could not install chromium; the HTML report test will fail" >&2
+    || echo "warning: could not install chromium; the browser tests will fail" >&2
 fi
 export CIFAR100_SHARED="${CIFAR100_SHARED:-$(cd .. && pwd)/shared}"
 .venv/bin/ruff check src tests benchmarks

@@ -3,7 +3,7 @@ gives them all (``cifar100.train``, ``cifar100.load_model``, ...).
 
     config = cifar100.load_config("quick", epochs=1, overrides={"data": {"train_subset": 1000}})
     results = cifar100.train(config, "runs/first")
-    model = cifar100.load_model("runs/first")          # or a .pt, .onnx or .safetensors file
+    model = cifar100.load_model("runs/first")          # or .pt, .onnx, .safetensors, hub folder
     model.predict(["photo.jpg"])[0].top                # [(class name, probability), ...]
     report = cifar100.evaluate(["runs/first"])         # report.{json,md,html} in runs/first/report
     print(cifar100.compare(["runs/first", "results/quick.json"], markdown=True))
@@ -25,6 +25,7 @@ from cifar100.data import make_splits
 from cifar100.errors import UserError
 from cifar100.evaluation import evaluate as _evaluate
 from cifar100.exports import export_run
+from cifar100.hub import export_hub
 from cifar100.images import read_image
 from cifar100.recipes import resolve
 from cifar100.records import compare, load_record, make_record
@@ -119,5 +120,12 @@ def export(
 ) -> dict[str, Any]:
     """Export a run as 'onnx', 'safetensors' or 'all', each file checked against PyTorch on
     the first ``check_images`` test images, as ``cifar100 export``; returns the file paths
-    (``["files"]``) and the checks (``["checks"]``). ``cifar100.load_model`` reads them."""
+    (``["files"]``) and the checks (``["checks"]``). ``cifar100.load_model`` reads them.
+
+    'hub' writes a folder to upload to a model hub as it is (default RUN/hub):
+    model.safetensors, config.json and a README.md model card with metrics measured on the
+    test set; returns ``{"folder", "files", "metrics", "check"}``.
+    """
+    if format == "hub":
+        return export_hub(run, out, data_dir, check_images, calibrated)
     return export_run(run, format, out, data_dir, check_images, calibrated)

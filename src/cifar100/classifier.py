@@ -1,5 +1,6 @@
 """A trained classifier, loaded from whatever holds one: a run directory, a ``.pt``
-checkpoint, or a file ``cifar100 export`` wrote (``.onnx``, ``.safetensors``).
+checkpoint, a file ``cifar100 export`` wrote (``.onnx``, ``.safetensors``), or the model
+folder of ``cifar100 export --format hub``.
 
 ``load_model`` gives one ``Classifier`` for all of them: float [0, 1] (N, 3, 32, 32) images
 or image files in, class names and probabilities out. Files are read by
@@ -10,9 +11,11 @@ a run or checkpoint itself, with its preprocessing and metadata (for evaluation 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,12 +60,26 @@ class Classifier:
             preprocessing (and, when calibrated, its temperature) included.
         source: the path it was loaded from.
         trained: the PyTorch model with its checkpoint's metadata; None for an ONNX file.
+        superclass_names: the 20 superclass names (empty when the source does not say).
+        fine_to_coarse: each class's superclass index, in ``class_names`` order.
+        metadata: what the source says about the model: the checkpoint's metadata (config,
+            stage, epoch, validation metrics), or an exported file's metadata strings.
     """
 
     class_names: list[str]
     logits: Callable[[torch.Tensor], torch.Tensor]
     source: str
     trained: TrainedModel | None = None
+    superclass_names: list[str] = field(default_factory=list)
+    fine_to_coarse: list[int] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def superclass(self, class_name: str) -> str | None:
+        """The superclass of ``class_name`` (None when the source does not say): CIFAR-100
+        counts a fine prediction as superclass-right when it lands in the true superclass."""
+        if not self.fine_to_coarse:
+            return None
+        return self.superclass_names[self.fine_to_coarse[self.class_names.index(class_name)]]
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (N, classes) of float [0, 1] or uint8 (N, 3, 32, 32) images."""
@@ -116,27 +133,57 @@ class Classifier:
 
 def load_model(path: str | Path, calibrated: bool = False) -> Classifier:
     """The classifier in ``path``, on the CPU: a run directory or ``.pt`` checkpoint
-    (PyTorch), an ``.onnx`` file (onnxruntime) or a ``.safetensors`` file.
+    (PyTorch), an ``.onnx`` file (onnxruntime), a ``.safetensors`` file, or a model folder
+    from ``cifar100 export --format hub``.
 
     ``calibrated`` applies the run's fitted temperature (``cifar100 evaluate`` fits it); an
     exported file carries the temperature it was exported with, so it refuses the flag.
     """
+    from cifar100.hub import is_hub_folder, load_hub
+
     path = Path(path)
-    if calibrated and path.suffix in (".onnx", ".safetensors"):
+    exported = path.suffix in (".onnx", ".safetensors") or is_hub_folder(path)
+    if calibrated and exported:
         raise UserError(
             f"{path}: --calibrated applies to run directories and checkpoints; an "
-            "exported file keeps the temperature it was exported with "
+            "exported model keeps the temperature it was exported with "
             "('cifar100 export --calibrated')"
         )
     if path.suffix == ".onnx":
-        from cifar100.exports import OnnxClassifier
-
-        onnx_model = OnnxClassifier(path)
-        return Classifier(onnx_model.class_names, onnx_model.logits, str(path))
+        return _load_onnx(path)
     if path.suffix == ".safetensors":
         from cifar100.exports import load_safetensors
 
         trained = load_safetensors(path)
+    elif is_hub_folder(path):
+        trained = load_hub(path)
     else:
         trained = load_trained(path, calibrated=calibrated)
-    return Classifier(trained.class_names, trained.classifier(), str(path), trained)
+    return Classifier(
+        trained.class_names,
+        trained.classifier(),
+        str(path),
+        trained,
+        trained.superclass_names,
+        trained.fine_to_coarse,
+        trained.metadata,
+    )
+
+
+def _load_onnx(path: Path) -> Classifier:
+    from cifar100.exports import OnnxClassifier
+
+    onnx_model = OnnxClassifier(path)
+    meta = onnx_model.metadata
+    # cifar100 export always names them; a file edited elsewhere just shows no superclass.
+    superclasses = json.loads(meta.get("superclass_names", "[]"))
+    fine_to_coarse = json.loads(meta.get("fine_to_coarse", "[]"))
+    return Classifier(
+        onnx_model.class_names,
+        onnx_model.logits,
+        str(path),
+        None,
+        superclasses,
+        fine_to_coarse,
+        dict(meta),
+    )

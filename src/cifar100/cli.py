@@ -12,7 +12,7 @@ from cifar100.allocator import tune_allocator
 from cifar100.errors import UserError
 
 # Each module defines register(subparsers) and sets ``func`` on its parser.
-COMMANDS = ["data", "models", "train", "evaluate", "compare", "predict", "export", "tune"]
+COMMANDS = ["data", "models", "train", "evaluate", "compare", "predict", "export", "serve", "tune"]
 
 
 class Parser(argparse.ArgumentParser):

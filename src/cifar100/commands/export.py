@@ -1,8 +1,11 @@
-"""``cifar100 export``: a trained run as ONNX and/or safetensors, checked before it ships.
+"""``cifar100 export``: a trained run as ONNX, safetensors or a model-hub folder, checked
+before it ships.
 
 The ONNX file is run in onnxruntime on the first test images of CIFAR-100 and compared with
 PyTorch: the command fails unless top-1 predictions agree on at least 99.9% of them. The
-safetensors file is loaded back and must give the same logits.
+safetensors file is loaded back and must give the same logits. ``--format hub`` writes a
+folder to upload as it is (model.safetensors, config.json, README.md model card with metrics
+measured on the test set); ``predict`` and ``serve`` take it as ``--model``.
 """
 
 from __future__ import annotations
@@ -11,27 +14,31 @@ import argparse
 import json
 from pathlib import Path
 
+from cifar100 import exports, hub
 from cifar100.commands.argtypes import positive_int
-from cifar100.exports import export_run, summary
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="export a trained run to ONNX / safetensors", description=__doc__
+        "export",
+        help="export a trained run to ONNX / safetensors / a model-hub folder",
+        description=__doc__,
     )
     p.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory or .pt checkpoint")
     p.add_argument(
         "--format",
-        choices=["onnx", "safetensors", "all"],
+        choices=["onnx", "safetensors", "all", "hub"],
         default="onnx",
-        help="onnx: preprocessing + network; safetensors: weights; all: both (default: onnx)",
+        help="onnx: preprocessing + network; safetensors: weights; all: both; hub: a folder "
+        "with model.safetensors, config.json and a README.md model card (default: onnx)",
     )
     p.add_argument(
         "--out",
         type=Path,
-        metavar="FILE",
-        help="output file (with --format all, its suffix is replaced per format); "
-        "default: RUN_DIR/model.onnx, RUN_DIR/model.safetensors",
+        metavar="PATH",
+        help="output file (with --format all, its suffix is replaced per format), or "
+        "folder for --format hub; default: RUN_DIR/model.onnx, RUN_DIR/model.safetensors, "
+        "RUN_DIR/hub",
     )
     p.add_argument(
         "--data-dir",
@@ -56,8 +63,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = export_run(
+    if args.format == "hub":
+        report = hub.export_hub(
+            args.run, args.out, args.data_dir, args.check_images, args.calibrated
+        )
+        print(json.dumps(report, indent=2) if args.json else hub.summary(report))
+        return 0
+    report = exports.export_run(
         args.run, args.format, args.out, args.data_dir, args.check_images, args.calibrated
     )
-    print(json.dumps(report, indent=2) if args.json else summary(report))
+    print(json.dumps(report, indent=2) if args.json else exports.summary(report))
     return 0

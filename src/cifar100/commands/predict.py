@@ -31,9 +31,9 @@ def register(subparsers) -> None:
         "--model",
         required=True,
         type=Path,
-        metavar="RUN_DIR|FILE",
-        help="run directory (or .pt checkpoint), or a file from 'cifar100 export' "
-        "(.onnx, .safetensors)",
+        metavar="RUN_DIR|FILE|FOLDER",
+        help="run directory (or .pt checkpoint), or what 'cifar100 export' wrote "
+        "(.onnx, .safetensors, or the --format hub folder)",
     )
     p.add_argument(
         "--top",

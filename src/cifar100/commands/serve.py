@@ -1,0 +1,56 @@
+"""``cifar100 serve``: the demo page in the browser for any trained model.
+
+Drop, paste or upload a photo (or several), or click a CIFAR-100 test image: the page shows
+the top-5 classes with probabilities, the superclass, and the 32x32 image the model sees.
+Without --model it serves the run under runs/ with the best validation top-1. Needs the
+demo extra (pip install -e '.[demo]'); works offline, nothing is shared or reported.
+Stop it with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cifar100.commands.argtypes import positive_int
+from cifar100.serving import choose_model
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="the demo page: drop a photo, see the top-5", description=__doc__
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        metavar="RUN_DIR|FILE|FOLDER",
+        help="run directory or .pt checkpoint, or what 'cifar100 export' wrote (.onnx, "
+        ".safetensors, the --format hub folder); default: the best run under --runs-dir",
+    )
+    p.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("runs"),
+        metavar="DIR",
+        help="where to look for the best run without --model (default: runs)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: "
+        "every network the machine is on)",
+    )
+    p.add_argument(
+        "--port", type=positive_int, default=7860, help="port to listen on (default: 7860)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path, why = choose_model(args.model, args.runs_dir)  # before Gradio loads: answers at once
+    print(why, file=sys.stderr, flush=True)
+    from cifar100.demo import serve  # Gradio loads only here: the other commands never need it
+
+    serve(path, args.host, args.port)
+    return 0

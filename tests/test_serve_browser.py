@@ -1,0 +1,166 @@
+"""``cifar100 serve`` end to end: the real command on a free localhost port with a tiny run,
+driven in headless Chromium (Playwright, with the system's /usr/bin/chromium) and through
+Gradio's API (``gradio_client``), then stopped with SIGTERM like any service."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+import cifar100
+from cifar100.cli import main
+
+CHROMIUM = Path("/usr/bin/chromium")
+SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
+START_TIMEOUT_S = 300  # importing torch and Gradio on a busy 2-core CI machine
+ANSWER_TIMEOUT_MS = 120_000
+HOST = "127.0.0.1"
+MESSAGE = "#message [data-testid=markdown]"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"cifar100 serve exited with {server.returncode}: {server.stderr.read()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {START_TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    """The page at its URL; stopped with SIGTERM afterwards, which must end it cleanly."""
+    port = free_port()
+    # The server imports the cifar100 these tests import, whatever PYTHONPATH said.
+    source = str(Path(cifar100.__file__).resolve().parents[1])
+    path = os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cifar100", "serve", "--model", str(tiny_run), "--port", str(port)],
+        cwd=tmp_path_factory.mktemp("serve"),  # no runs/ here: only --model can be served
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://{HOST}:{port}/"
+    try:
+        wait_until_up(url, process)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)  # a no-op when it already exited
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert out.strip() == url.rstrip("/")  # the one result line: where the page was
+    assert err.strip().splitlines()[-1].startswith("cifar100: stopped by SIGTERM")
+
+
+def bad_files(folder: Path) -> dict[str, Path]:
+    text = folder / "notes.jpg"
+    text.write_text("a text file renamed .jpg")
+    empty = folder / "empty.png"
+    empty.write_bytes(b"")
+    huge = folder / "huge.png"
+    huge.write_bytes(png_header(40_000, 40_000))  # 1.6 billion pixels, as the header claims
+    return {"not an image Pillow can read": text, "not an image": empty, "too many pixels": huge}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` pixels and holds none: the server must refuse
+    it from the header alone (the browser, too, gives up on it at once)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def top1_of_predict(capsys, model: Path, photo: Path) -> str:
+    assert main(["predict", str(photo), "--model", str(model), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)[0]["top"][0]["class"]
+
+
+def test_the_page_in_chromium(server, tiny_run, shared_dir, tmp_path, capsys):
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: install it (apt-get install -y chromium)")
+    photo = shared_dir / "samples" / "imagenet" / "cat.png"
+    expected = top1_of_predict(capsys, tiny_run, photo)
+    requests: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(server, wait_until="networkidle")
+            assert "CIFAR-100 classifier: cnn-fast" in page.locator("#header").inner_text()
+            upload = page.locator("#photo input[type=file]")
+            upload.set_input_files(photo)
+            message = read_message(page, "superclass")
+            assert message.startswith(expected)  # the top class, as `cifar100 predict` says
+            assert expected in page.locator("#top").inner_text()
+            page.screenshot(path=tmp_path / "page.png", full_page=True)
+            for error, path in bad_files(tmp_path).items():
+                upload.set_input_files(path)
+                message = read_message(page, f"{path.name}: {error}")
+                assert message.startswith("Cannot classify this file.")
+                assert "Traceback" not in message and len(message.splitlines()) == 1
+            upload.set_input_files(photo)  # the server kept serving
+            assert read_message(page, "superclass").startswith(expected)
+        finally:
+            browser.close()
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+    outside = [url for url in requests if not url.startswith(server)]
+    assert not outside, f"the page fetched from outside 127.0.0.1: {outside}"
+
+
+def read_message(page, words: str) -> str:
+    """The message line once it holds ``words`` (the answer to the latest upload); its text
+    alone, without the progress timer Gradio shows over it while an answer is on its way."""
+    page.wait_for_function(
+        "([selector, words]) => (document.querySelector(selector)?.innerText || '')"
+        ".includes(words)",
+        arg=[MESSAGE, words],
+        timeout=ANSWER_TIMEOUT_MS,
+    )
+    return page.locator(MESSAGE).inner_text().strip()
+
+
+def test_gradio_client_predicts_as_the_predict_command(server, tiny_run, shared_dir, capsys):
+    client = Client(server, verbose=False)
+    photos = [shared_dir / "samples" / "imagenet" / name for name in SAMPLES]
+    for photo in photos:
+        label, message, seen = client.predict(handle_file(str(photo)), api_name="/classify")
+        expected = top1_of_predict(capsys, tiny_run, photo)
+        assert label["label"] == expected and message.startswith(f"**{expected}**")
+        assert len(label["confidences"]) == 5 and Image.open(seen).size == (256, 256)
+    table, gallery = client.predict(
+        [handle_file(str(p)) for p in photos], api_name="/classify_many"
+    )
+    assert len(gallery) == len(photos) and table.count("\n") == len(photos) + 1
