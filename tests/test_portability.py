@@ -9,6 +9,7 @@ a storage tagger registered ahead of torch's own labels every tensor ``cuda:0``.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -121,7 +122,10 @@ def test_a_gpu_checkpoint_resumes_on_cpu(fake_data_dir, tmp_path, monkeypatch, c
     assert load_checkpoint(last)["epoch_state"]["step"] == 3
     cuda_shaped(last)
     results = train(load_config(files=[run_dir / "config.yaml"]), run_dir, resume=True)
-    assert results["best_epoch"] == 2 and 0 <= results["test_top1"] <= 1
+    # Both epochs ran to the end; which one validates better on 200 fake images is noise.
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").open()]
+    assert epochs[-1] == 2 and results["best_epoch"] in (1, 2)
+    assert 0 <= results["test_top1"] <= 1
     assert "saved on another kind of device" in capfd.readouterr().err
 
 
