@@ -92,6 +92,9 @@ class TrainConfig:
     sync_every: int | None = None  # steps between host read-backs / rank votes; None: 1 on
     # CPU, 20 on a GPU (reading a GPU value makes the host wait for the device)
     compile: bool = False  # torch.compile the training forward/backward (falls back to eager)
+    # auto: bf16 autocast on CUDA, fp32 elsewhere. bf16: autocast on any device; on a CPU it
+    # pays only with native bf16 (AMX, AVX512-BF16), elsewhere it is emulated and slower.
+    precision: str = "auto"
     # Train on all 50,000 training images, for a recipe already validated: no validation
     # split exists, so nothing selects an epoch (the best checkpoint is the last one).
     refit: bool = False

@@ -13,10 +13,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
 DISTILL_MODES = ("online", "cached")
 EMA_WARMUPS = ("tf", "timm")  # see cifar100.ema; None: a fixed decay
+PRECISIONS = ("auto", "fp32", "bf16")  # see cifar100.speed.autocast_dtype
 CHOICES = {
     "optim.optimizer": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
     "train.ema_warmup": EMA_WARMUPS,
+    "train.precision": PRECISIONS,
     "distill.mode": DISTILL_MODES,
 }
 SEED_MAX = 2**32 - 1

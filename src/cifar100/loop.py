@@ -33,7 +33,7 @@ from cifar100.engine import (
 from cifar100.optim import load_optimizer_state, restore_scheduler
 from cifar100.preprocess import Preprocess
 from cifar100.runs import append_metrics, plot_curves, truncate_metrics
-from cifar100.speed import compile_model, sync_interval
+from cifar100.speed import autocast_dtype, compile_model, sync_interval
 
 
 @dataclass
@@ -52,8 +52,8 @@ class Run:
 
     @property
     def autocast(self) -> torch.dtype | None:
-        """bf16 on CUDA; fp32 elsewhere (bf16 is emulated on CPUs, slower than fp32)."""
-        return torch.bfloat16 if self.device.type == "cuda" else None
+        """What training and validation steps autocast to (``train.precision``)."""
+        return autocast_dtype(self.config.train.precision, self.device)
 
     def metadata(self) -> dict[str, Any]:
         """What a checkpoint needs so that evaluate/predict/export work from it alone."""

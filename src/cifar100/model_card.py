@@ -180,6 +180,8 @@ def _hardware(config: dict[str, Any]) -> str:
             "without its run folder).\n"
         )
     device = hw.get("gpu") or f"{hw.get('cpu', 'CPU')}, {hw.get('threads', '?')} threads"
+    if hw.get("precision") == "bf16":
+        device += ", bf16 autocast"
     minutes = t.get("train_minutes")
     took = f"{minutes:.1f} minutes" if minutes is not None else "an unrecorded time"
     load, threads = hw.get("load_average"), hw.get("threads")

@@ -86,6 +86,7 @@ def from_flags(
     teachers: list[str] | None = None,
     kd_temperature: float | None = None,
     kd_weight: float | None = None,
+    precision: str | None = None,
 ) -> Config:
     """The checked config of a new run from the flags of ``train`` and ``tune`` (None: not
     given); the preset is ``choose_preset(preset, model)``."""
@@ -99,6 +100,7 @@ def from_flags(
         "distill.teachers": teachers,
         "distill.temperature": kd_temperature,
         "distill.weight": kd_weight,
+        "train.precision": precision,
     }
     return resolve(choose_preset(preset, model), files, sets, flags, epochs)
 

@@ -192,7 +192,9 @@ def _hardware(info: dict[str, Any]) -> str:
     cpu = re.sub(r"\((R|TM)\)", "", str(info.get("cpu") or "CPU"))
     cpu = re.sub(r"\s+", " ", cpu.replace(" CPU", "")).strip()
     threads = info.get("threads") or info.get("cpu_count")
-    return f"{cpu}, {threads} threads" if threads else cpu
+    cpu = f"{cpu}, {threads} threads" if threads else cpu
+    # bf16 autocast on a CPU (AMX) is not what the other CPU rows ran: the row says so
+    return f"{cpu}, bf16" if info.get("precision") == "bf16" else cpu
 
 
 def _duration(minutes: float | None) -> str:

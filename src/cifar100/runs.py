@@ -22,6 +22,7 @@ import torch
 
 from cifar100.allocator import tune_allocator
 from cifar100.config import Config, ConfigError, from_saved, read_yaml, save_config
+from cifar100.speed import autocast_dtype
 
 
 def git_commit() -> str | None:
@@ -92,6 +93,8 @@ def start_run(
         "started": _now(),
         "hardware": hardware(device),
     }
+    autocast = autocast_dtype(config.train.precision, device)
+    info["hardware"]["precision"] = "fp32" if autocast is None else "bf16"
     if config.train.refit:  # trained on every training image: its record says so
         info["refit"] = True
     write_json(run_dir / "run.json", info)

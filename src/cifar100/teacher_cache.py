@@ -71,7 +71,12 @@ def view_draws(augment: AugmentConfig, views: int, seed: int, n: int) -> Augment
 
 
 def cache_key(
-    teacher_sha256: str, images: torch.Tensor, augment: AugmentConfig, views: int, seed: int
+    teacher_sha256: str,
+    images: torch.Tensor,
+    augment: AugmentConfig,
+    views: int,
+    seed: int,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Everything the stored logits depend on (the split is not: rows are per image)."""
     policy = dataclasses.asdict(view_policy(augment))
@@ -82,6 +87,7 @@ def cache_key(
         "policy": {k: v for k, v in policy.items() if k not in ("mixup_alpha", "cutmix_alpha")},
         "views": views,
         "view_seed": seed,
+        "precision": "fp32" if autocast is None else str(autocast).removeprefix("torch."),
     }
 
 
@@ -249,7 +255,7 @@ def cached_teacher(
     draws = view_draws(policy, cfg.views, cfg.view_seed, len(full))
     started, computed, logits, files = time.perf_counter(), 0, [], []
     for teacher in teachers:
-        key = cache_key(teacher.sha256, full.images, policy, cfg.views, cfg.view_seed)
+        key = cache_key(teacher.sha256, full.images, policy, cfg.views, cfg.view_seed, run.autocast)
         classes = len(teacher.trained.class_names)
         if distributed.is_main():
             cache = open_logits(key, len(full), classes)

@@ -29,7 +29,7 @@ from cifar100.models import input_size, model_spec
 from cifar100.plans import stage_plan
 from cifar100.preprocess import Preprocess
 from cifar100.runs import read_json, resume_run, start_run, write_json
-from cifar100.speed import speed_up
+from cifar100.speed import speed_up, warn_emulated_bf16
 
 
 def prepare_run(
@@ -42,6 +42,7 @@ def prepare_run(
         torch.set_num_threads(cfg.threads)
     device = distributed.init(select_device(cfg.device))  # under torchrun: cuda:LOCAL_RANK
     speed_up(device)  # CUDA only: cuDNN autotuning, TF32
+    warn_emulated_bf16(cfg.precision, device)
     dataset = load_cifar100(config.data.data_dir)
     splits = make_splits(
         dataset,
@@ -88,7 +89,7 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
             ImageBatches(run.splits.test, run.preprocess, run.device),
             cfg.eval_batch_size,
             cfg.tta_flip,
-            run.autocast,
+            None,  # fp32, as `cifar100 evaluate` measures it, whatever precision trained it
         )
         if test_set
         else None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cifar100.commands.argtypes import positive_float, positive_int, seed
 from cifar100.config import preset_names
+from cifar100.limits import PRECISIONS
 from cifar100.models import REGISTRY
 from cifar100.recipes import RESUME_FLAGS, from_flags, refuse_on_resume, resume_config
 from cifar100.runs import new_run_dir, results_summary
@@ -108,6 +109,12 @@ def register(subparsers) -> None:
         help="train on all 50,000 training images (a recipe already validated): no "
         "validation split, the last epoch is the best; the record says refit",
     )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="auto (default): bf16 autocast on CUDA, fp32 elsewhere; bf16 on a CPU pays "
+        "only with AMX or AVX512-BF16 (train.precision)",
+    )
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     p.set_defaults(func=run)
 
@@ -128,6 +135,7 @@ def resolve_config(args: argparse.Namespace):
         teachers=args.teacher,
         kd_temperature=args.kd_temperature,
         kd_weight=args.kd_weight,
+        precision=args.precision,
     )
 
 
@@ -148,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 "--teacher": args.teacher,
                 "--kd-temperature": args.kd_temperature,
                 "--kd-weight": args.kd_weight,
+                "--precision": args.precision,
             },
         )
         run_dir = args.resume
