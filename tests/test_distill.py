@@ -139,8 +139,8 @@ def test_cached_logits_belong_to_the_views_the_student_is_shown():
         preprocess,
         CPU,
         policy,
-        draws.map(lambda d: d[:, rows]),
-        [cache.logits[:, rows]],
+        draws=draws.map(lambda d: d[:, rows]),
+        logits=[cache.logits[:, rows]],
     )
     indices = torch.tensor([3, 0, 7, 9])
     inputs = batches.get(indices, torch.Generator().manual_seed(1))

@@ -57,9 +57,16 @@ class ImageBatches:
         self, indices: torch.Tensor, generator: torch.Generator | None = None, flip: bool = False
     ) -> torch.Tensor:
         images = to_float(self.split.images[indices])  # (B, 3, 32, 32) float on the device
-        if self.augment is not None and generator is not None:
-            images = augment_batch(images, self.augment, generator)
+        if generator is not None:
+            images = self.augmented(images, indices, generator)
         if flip:
             images = images.flip(3)
         images = self.preprocess(images)
         return images.contiguous(memory_format=torch.channels_last)
+
+    def augmented(
+        self, images: torch.Tensor, indices: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The training view of ``images`` (rows ``indices`` of the split): a fresh random
+        augmentation per batch here; cached teacher views in ``ViewBatches``."""
+        return images if self.augment is None else augment_batch(images, self.augment, generator)

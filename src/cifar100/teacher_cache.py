@@ -26,7 +26,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,13 @@ import torch
 
 from cifar100 import distributed
 from cifar100.augment import AugmentParams, apply_augment, draw_augment, to_float
+from cifar100.batches import ImageBatches
 from cifar100.checkpoint import save_checkpoint
 from cifar100.config import AugmentConfig
-from cifar100.data import Split, default_cache_dir
+from cifar100.data import default_cache_dir
 from cifar100.distill import Distiller
 from cifar100.features import COMPILE_MIN_IMAGES, Progress
 from cifar100.loop import Run
-from cifar100.preprocess import Preprocess
 from cifar100.stopping import interrupted
 from cifar100.teachers import Teacher, TeacherRunner
 
@@ -174,47 +174,27 @@ def fill_logits(
 
 
 @dataclass
-class ViewBatches:
-    """The training split served in its cached views, with ``ImageBatches``' interface.
+class ViewBatches(ImageBatches):
+    """The training split served in its cached views (``augment`` is their policy).
 
     Training batches (a generator given) show every image in one of its views, drawn by
     the generator; the teacher's targets for exactly those views are then looked up for
     the same batch (``teacher_logits``). Without a generator: the plain images.
     """
 
-    split: Split
-    preprocess: Preprocess
-    device: torch.device
-    policy: AugmentConfig
+    _: KW_ONLY
     draws: AugmentParams  # (views, N): this split's images' view draws, on the device
     logits: list[torch.Tensor]  # per teacher (views, N, classes) float16, on the device
     served: tuple[torch.Tensor, torch.Tensor] | None = None  # the last batch: indices, views
 
-    def __post_init__(self) -> None:
-        self.split = self.split.to(self.device)
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self.split.labels
-
-    def get(
-        self, indices: torch.Tensor, generator: torch.Generator | None = None, flip: bool = False
+    def augmented(
+        self, images: torch.Tensor, indices: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
-        images = to_float(self.split.images[indices])  # (B, 3, 32, 32)
-        if generator is not None:
-            count = len(self.logits[0])
-            views = torch.randint(
-                count, (len(indices),), generator=generator, device=generator.device
-            )
-            views = views.to(indices.device)
-            images = apply_augment(images, self.policy, self.draws.map(lambda d: d[views, indices]))
-            self.served = (indices, views)
-        if flip:
-            images = images.flip(3)
-        return self.preprocess(images).contiguous(memory_format=torch.channels_last)
+        count = len(self.logits[0])
+        views = torch.randint(count, (len(indices),), generator=generator, device=generator.device)
+        views = views.to(indices.device)
+        self.served = (indices, views)
+        return apply_augment(images, self.augment, self.draws.map(lambda d: d[views, indices]))
 
     def teacher_logits(self, indices: torch.Tensor) -> list[torch.Tensor]:
         """Each teacher's (B, classes) logits for the views of the batch just served."""
@@ -270,7 +250,9 @@ def cached_teacher(
     seconds = time.perf_counter() - started
     run.elapsed += seconds
     own_draws = draws.map(lambda d: d[:, rows].to(run.device))
-    batches = ViewBatches(run.splits.train, run.preprocess, run.device, policy, own_draws, logits)
+    batches = ViewBatches(
+        run.splits.train, run.preprocess, run.device, policy, draws=own_draws, logits=logits
+    )
     soft = CachedTeacher(cfg, len(run.dataset.class_names), batches)
     extra = {
         "views": cfg.views,
