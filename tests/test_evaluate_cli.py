@@ -296,3 +296,23 @@ def test_compare_minimal_record_prints_a_text_table(tmp_path, capsys):
     assert out[0].split()[:3] == ["Model", "Test", "accuracy"]
     assert out[1].split()[:4] == ["seed", "45.67%", "75.00%", "1"]
     assert "1 h 35 min" in out[1]
+
+
+def test_a_record_from_uncommitted_code_says_so_in_the_table(tmp_path, capsys):
+    rows = []
+    for name, commit in (("clean", "3cdd2e6"), ("dirty", "3cdd2e6-dirty")):
+        record = tmp_path / f"{name}.json"
+        record.write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "model": "cnn-fast",
+                    "test_top1": 0.5,
+                    "test_top5": 0.8,
+                    "commit": commit,
+                }
+            )
+        )
+        assert main(["compare", str(record), "--markdown"]) == 0
+        rows.append(capsys.readouterr().out.splitlines()[-1])
+    assert "uncommitted" not in rows[0] and "uncommitted code" in rows[1]

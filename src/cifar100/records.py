@@ -218,6 +218,8 @@ def _teacher_cost(record: dict[str, Any]) -> str:
 
 def table_row(record: dict[str, Any]) -> list[str]:
     notes = ["flip TTA"] * bool(record.get("tta_flip")) + ["refit"] * bool(record.get("refit"))
+    # A -dirty commit cannot be checked out again: the run cannot be reproduced exactly.
+    notes += ["uncommitted code"] * str(record.get("commit") or "").endswith("-dirty")
     params = record.get("parameters")
     return [
         str(record.get("name") or record["model"]),
