@@ -56,8 +56,11 @@ def test_the_temperature_is_fitted_on_the_validation_split(calibrated_run, fake_
     run_dir, seen = calibrated_run
     dataset = load_cifar100(fake_data_dir)
     val = make_splits(dataset, 0.2, 0).val
-    assert len(seen) == 1  # the fit's one pass (the test set goes through evaluate's own)
-    assert torch.equal(seen[0].images, val.images) and torch.equal(seen[0].labels, val.labels)
+    # The fit's passes, plain and with the report's TTA views (the test set goes through
+    # evaluate's own batches): every one of them over the validation split.
+    assert len(seen) == 2
+    for split in seen:
+        assert torch.equal(split.images, val.images) and torch.equal(split.labels, val.labels)
     values = json.loads((run_dir / "calibration.json").read_text())
     assert values["fitted_on"] == "validation split" and values["split_seed"] == 0
     assert values["val_images"] == len(val) and values["tta_flip"] is False

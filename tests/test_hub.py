@@ -104,5 +104,5 @@ def test_bad_folders_and_flags_are_one_line_errors(hub_folder, tmp_path):
 def test_serve_shows_the_folders_own_metrics(hub_folder):
     config = json.loads((hub_folder / CONFIG).read_text())
     text = header(hub_folder, load_model(hub_folder))
-    assert f"Test accuracy **{100 * config['metrics']['top1']:.2f}%**" in text
+    assert f"Test accuracy **{100 * config['metrics']['top1']:.2f}%" in text  # a note may follow
     assert "flip TTA" not in text and "cifar100 train --preset quick" in text

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from cifar100.augment import augment_batch, to_float
 from cifar100.config import AugmentConfig
@@ -27,6 +28,15 @@ MAX_BATCH_PIXELS = 250 * 160 * 160
 def capped_batch(batch_size: int, image_size: int) -> int:
     """``batch_size``, lowered so a batch holds at most ``MAX_BATCH_PIXELS`` input pixels."""
     return max(1, min(batch_size, MAX_BATCH_PIXELS // (image_size * image_size)))
+
+
+def shifted(images: torch.Tensor, shift: int) -> torch.Tensor:
+    """(B, C, H, W) images moved ``shift`` pixels down and right (negative: up and left),
+    the uncovered border filled by reflection, as the training translation does."""
+    n = abs(shift)
+    padded = F.pad(images, (n, n, n, n), mode="reflect")
+    start, (height, width) = n - shift, images.shape[-2:]
+    return padded[..., start : start + height, start : start + width]
 
 
 @dataclass
@@ -54,13 +64,21 @@ class ImageBatches:
         return self.split.labels  # on the device, like the images: index both there
 
     def get(
-        self, indices: torch.Tensor, generator: torch.Generator | None = None, flip: bool = False
+        self,
+        indices: torch.Tensor,
+        generator: torch.Generator | None = None,
+        flip: bool = False,
+        shift: int = 0,
     ) -> torch.Tensor:
+        """Model inputs for rows ``indices``: augmented when a generator is given (training),
+        else as stored, or mirrored (``flip``) or moved diagonally (``shift``) for TTA."""
         images = to_float(self.split.images[indices])  # (B, 3, 32, 32) float on the device
         if generator is not None:
             images = self.augmented(images, indices, generator)
         if flip:
             images = images.flip(3)
+        if shift:
+            images = shifted(images, shift)
         images = self.preprocess(images)
         return images.contiguous(memory_format=torch.channels_last)
 

@@ -111,23 +111,19 @@ def load_temperature(checkpoint: Path) -> float:
     return temperature
 
 
-@torch.no_grad()
-def _mirrored_logits(model: nn.Module, batches, batch_size: int) -> torch.Tensor:
-    model.eval()
-    outputs = []
-    for start in range(0, len(batches), batch_size):
-        indices = torch.arange(start, min(start + batch_size, len(batches)))
-        outputs.append(model(batches.get(indices, flip=True)).float().cpu())
-    return torch.cat(outputs)
-
-
 def fit_run(
-    trained, checkpoint: Path, dataset, tta: bool, device: torch.device, batch_size: int
+    trained,
+    checkpoint: Path,
+    dataset,
+    tta: bool,
+    device: torch.device,
+    batch_size: int,
+    tta_translate: int = 0,
 ) -> dict[str, Any]:
     """Fit T on the run's own validation split and write RUN/calibration.json.
 
     The file keeps the temperature of the plain logits (what predict and export compute);
-    the returned one fits the logits the report uses (flip TTA averaged when ``tta``).
+    the returned one fits the logits the report uses (their TTA views averaged).
     """
     from cifar100.batches import ImageBatches
     from cifar100.data import make_splits
@@ -138,14 +134,19 @@ def fit_run(
     val = make_splits(dataset, data.val_fraction, data.split_seed).val
     batches = ImageBatches(val, trained.preprocess, device)
     plain = predict_logits(trained.model, batches, batch_size)
-    viewed = (plain + _mirrored_logits(trained.model, batches, batch_size)) / 2 if tta else plain
+    augmented = tta or tta_translate
+    viewed = (
+        predict_logits(trained.model, batches, batch_size, tta, None, tta_translate)
+        if augmented
+        else plain
+    )
     labels = val.labels
 
     def ece(logits: torch.Tensor, temperature: float) -> float:
         return calibration(softmax(logits / temperature), labels.numpy())["ece"]
 
     t_plain = fit_temperature(plain, labels)
-    t_view = fit_temperature(viewed, labels) if tta else t_plain
+    t_view = fit_temperature(viewed, labels) if augmented else t_plain
     split = {
         "split_seed": data.split_seed,
         "val_fraction": data.val_fraction,

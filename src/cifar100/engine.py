@@ -240,6 +240,19 @@ def train_one_epoch(
     return state.summary()
 
 
+def tta_views(flip: bool, translate: int) -> list[tuple[bool, int]]:
+    """(mirrored, shift) of every view test-time augmentation averages; (False, 0) first."""
+    shifts = [0, -translate, translate] if translate else [0]
+    return [(mirror, shift) for shift in shifts for mirror in ([False, True] if flip else [False])]
+
+
+def _view(batches, indices: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
+    # Feature batches (transfer stage 1) serve mirrors but cannot shift: ask only when needed.
+    return (
+        batches.get(indices, flip=flip, shift=shift) if shift else batches.get(indices, flip=flip)
+    )
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
@@ -247,8 +260,15 @@ def predict_logits(
     batch_size: int,
     tta_flip: bool = False,
     autocast: torch.dtype | None = None,
+    tta_translate: int = 0,
 ) -> torch.Tensor:
-    """(N, classes) float32 logits on CPU, in the split's order (copied back once, at the end)."""
+    """(N, classes) float32 logits on CPU, in the split's order (copied back once, at the end).
+
+    Test-time augmentation averages the logits of several views of each image: its mirror
+    (``tta_flip``) and, with ``tta_translate`` N, the image moved N pixels up-left and
+    down-right (each mirrored too under ``tta_flip``): airbench's multi-crop TTA.
+    """
+    views = tta_views(tta_flip, tta_translate)
     model.eval()
     outputs = []
     where = batches.labels.device  # index where the data lives
@@ -261,10 +281,8 @@ def predict_logits(
         with torch.autocast(
             batches.device.type, dtype=autocast or torch.float32, enabled=autocast is not None
         ):
-            logits = model(batches.get(indices)).float()
-            if tta_flip:
-                logits = (logits + model(batches.get(indices, flip=True)).float()) / 2
-        outputs.append(logits)
+            logits = sum(model(_view(batches, indices, *view)).float() for view in views)
+        outputs.append(logits / len(views))
     return torch.cat(outputs).cpu()
 
 
@@ -274,8 +292,9 @@ def evaluate(
     batch_size: int,
     tta_flip: bool = False,
     autocast: torch.dtype | None = None,
+    tta_translate: int = 0,
 ) -> dict[str, float]:
-    logits = predict_logits(model, batches, batch_size, tta_flip, autocast)
+    logits = predict_logits(model, batches, batch_size, tta_flip, autocast, tta_translate)
     labels = batches.labels.cpu()
     top1, top5 = topk_correct(logits, labels)
     loss = F.cross_entropy(logits, labels).item()

@@ -34,6 +34,7 @@ from cifar100.reports import (
     nll,
     softmax,
     topk_accuracy,
+    tta_note,
 )
 from cifar100.runs import git_commit, read_metrics, write_json
 from cifar100.trained import TrainedModel, checkpoint_path, load_trained
@@ -62,6 +63,7 @@ def evaluate(
     batch_size: int = 500,
     calibrate: bool = True,
     command: str | None = None,
+    tta_translate: int = 0,
 ) -> dict[str, Any]:
     """Evaluate the runs on the test set and write the report files into ``out``.
 
@@ -76,6 +78,8 @@ def evaluate(
         calibrate: fit temperature scaling on each run's validation split (and write
             RUN/calibration.json).
         command: how the report was made, kept in it (an ensemble's record shows it).
+        tta_translate: also average over the images moved this many pixels up-left and
+            down-right (each mirrored too with ``tta``); 0: off.
 
     Returns:
         The report, as written to ``report.json``; ``report["files"]`` names its files.
@@ -95,7 +99,9 @@ def evaluate(
         )
         calibrate = False
     dataset = load_cifar100(data_dir)
-    report, probs = evaluate_runs(run_dirs, dataset, tta, device, batch_size, calibrate, models)
+    report, probs = evaluate_runs(
+        run_dirs, dataset, tta, device, batch_size, calibrate, models, tta_translate
+    )
     if command is not None:
         report["command"] = command
     figures = make_figures(report, probs, dataset, run_dirs[0])
@@ -126,6 +132,7 @@ def predict_runs(
     device: str = "auto",
     batch_size: int = 500,
     models: list[TrainedModel] | None = None,
+    tta_translate: int = 0,
 ) -> tuple[list[TrainedModel], list[np.ndarray]]:
     """Each run's test-set logits (N, 100), in the test split's order (``models``: the runs
     already loaded on ``device``)."""
@@ -137,11 +144,16 @@ def predict_runs(
         batches = ImageBatches(dataset.test, trained.preprocess, target)
         print(
             f"{run_dir}: predicting {len(batches):,} test images"
-            f"{' and their mirrors' if tta else ''}",
+            f"{' and their mirrors' if tta else ''}"
+            f"{f' and shifts by {tta_translate} px' if tta_translate else ''}",
             file=sys.stderr,
             flush=True,
         )
-        logits.append(predict_logits(trained.model, batches, batch_size, tta_flip=tta).numpy())
+        logits.append(
+            predict_logits(
+                trained.model, batches, batch_size, tta_flip=tta, tta_translate=tta_translate
+            ).numpy()
+        )
     return models, logits
 
 
@@ -153,13 +165,20 @@ def temperature_scaling(
     tta: bool,
     device: str,
     batch_size: int,
+    tta_translate: int = 0,
 ) -> dict[str, Any]:
     """Each member's T fitted on its validation split; the test set's ECE before and after."""
     labels = dataset.test.labels.numpy()
     members, scaled = [], []
     for trained, run_dir, member_logits in zip(models, run_dirs, logits, strict=True):
         fit = fit_run(
-            trained, checkpoint_path(run_dir), dataset, tta, select_device(device), batch_size
+            trained,
+            checkpoint_path(run_dir),
+            dataset,
+            tta,
+            select_device(device),
+            batch_size,
+            tta_translate,
         )
         members.append({"run": str(run_dir), **fit})
         scaled.append(member_logits / fit["temperature"])
@@ -182,13 +201,14 @@ def evaluate_runs(
     batch_size: int = 500,
     calibrate: bool = False,
     models: list[TrainedModel] | None = None,
+    tta_translate: int = 0,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """The report dict (as written to report.json) and the (N, 100) probabilities behind it.
 
     ``calibrate`` adds temperature scaling (``report["temperature_scaling"]``) and writes
     each run's fitted temperature to RUN/calibration.json.
     """
-    models, logits = predict_runs(run_dirs, dataset, tta, device, batch_size, models)
+    models, logits = predict_runs(run_dirs, dataset, tta, device, batch_size, models, tta_translate)
     probs = ensemble_probs(logits)
     labels = dataset.test.labels.numpy()
     first = models[0]
@@ -212,6 +232,7 @@ def evaluate_runs(
                 for name, m, lg in zip(names, models, logits, strict=True)
             ],
             "tta_flip": tta,
+            "tta_translate": tta_translate,
             "data": str(dataset.source),
             "commit": git_commit(),
             "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -220,7 +241,7 @@ def evaluate_runs(
     )
     if calibrate:
         report["temperature_scaling"] = temperature_scaling(
-            models, run_dirs, logits, dataset, tta, device, batch_size
+            models, run_dirs, logits, dataset, tta, device, batch_size, tta_translate
         )
         report["ece_calibrated"] = report["temperature_scaling"]["ece_after"]
     return report, probs
@@ -280,7 +301,7 @@ def summary(report: dict[str, Any]) -> str:
         f"{report['title']}: top-1 {report['top1']:.2%}, top-5 {report['top5']:.2%}, "
         f"superclass {report['superclass_accuracy']:.2%}, macro F1 "
         f"{report['macro_f1']:.3f}, ECE {report['ece']:.2%} on {report['images']} test "
-        f"images{' (flip TTA)' if report['tta_flip'] else ''}"
+        f"images{f' ({tta_note(report)})' if tta_note(report) else ''}"
     ]
     if "temperature_scaling" in report:
         scaling = report["temperature_scaling"]

@@ -163,7 +163,8 @@ def _training(record: dict[str, Any] | None, trained: TrainedModel) -> dict[str,
     base = {"best_stage": meta.get("stage"), "best_epoch": meta.get("epoch")}
     if record is None:
         return base
-    keys = ("name", "test_top1", "test_top5", "val_top1", "tta_flip", "parameters")
+    keys = ("name", "test_top1", "test_top5", "val_top1", "tta_flip", "tta_translate")
+    keys += ("parameters",)
     keys += ("train_minutes", "train_images", "commit", "started", "command", "hardware")
     return {**base, **{k: record[k] for k in keys if k in record}}
 

@@ -82,6 +82,7 @@ RANGES = {
     "train.ema_decay": Range(0, 1, True, True),
     "train.checkpoint_minutes": NON_NEGATIVE,
     "train.threads": POSITIVE_INT,
+    "train.tta_translate": Range(0, 8),
     "transfer.stage1_epochs": POSITIVE_INT,
     "transfer.stage1_lr": ABOVE_ZERO,
     "transfer.stage1_batch_size": POSITIVE_INT,

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from cifar100.reports import tta_note
+
 # Settings that say how a run was executed, not what it learned: left out of the recipe.
 EXECUTION_KEYS = {
     "data_dir",
@@ -131,7 +133,7 @@ def _metrics(config: dict[str, Any]) -> str:
         + "".join(f"| {name} | {value} |\n" for name, value in rows)
     )
     if "test_top1" in t:
-        tta = " with flip test-time augmentation" if t.get("tta_flip") else ""
+        tta = f" with {tta_note(t)}" if tta_note(t) else ""
         text += (
             f"\nThe training run's own test numbers{tta}: top-1 {t['test_top1']:.2%}, "
             f"top-5 {t['test_top5']:.2%}.\n"

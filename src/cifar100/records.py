@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from cifar100.errors import UserError
+from cifar100.reports import tta_note
 from cifar100.runs import write_json
 
 RECORD_VERSION = 1
@@ -43,6 +44,7 @@ RESULT_KEYS = [
     "val_top5",
     "test_loss",
     "tta_flip",
+    "tta_translate",
     "parameters",
     "train_minutes",
     "train_images",
@@ -62,6 +64,7 @@ EVALUATION_KEYS = [
     "ece_calibrated",
     "nll",
     "tta_flip",
+    "tta_translate",
 ]
 
 
@@ -91,13 +94,17 @@ def _command(raw: Any) -> str:
 def make_record(run_dir: str | Path, name: str | None = None) -> dict[str, Any]:
     """The run's record: metrics, resolved config, commit, hardware, wall time; no weights.
 
-    ``run_dir`` may also be an ensemble's report folder (``cifar100 evaluate RUN1 RUN2``
-    writes ``RUN1/report-ensemble/``): see :func:`make_ensemble_record`.
+    ``run_dir`` may also be a report folder of ``cifar100 evaluate``: an ensemble's
+    (``RUN1/report-ensemble/``, see :func:`make_ensemble_record`) or one run's, evaluated
+    again with other test-time augmentation (see :func:`make_reevaluation_record`).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RecordError(f"{run_dir}: no such run directory")
     if not (run_dir / "results.json").exists() and (run_dir / "report.json").is_file():
+        runs = _read_json(run_dir / "report.json").get("runs") or []
+        if len(runs) == 1:
+            return make_reevaluation_record(run_dir, name)
         return make_ensemble_record(run_dir, name)
     results_path = run_dir / "results.json"
     if not results_path.is_file():
@@ -143,6 +150,7 @@ def make_ensemble_record(report_dir: Path, name: str | None = None) -> dict[str,
         "test_top1": report["top1"],
         "test_top5": report["top5"],
         "tta_flip": report.get("tta_flip"),
+        "tta_translate": report.get("tta_translate"),
         "parameters": sum(m.get("parameters") or 0 for m in members),
         "train_minutes": round(sum(m.get("train_minutes") or 0 for m in members), 2),
         "commit": report.get("commit"),
@@ -152,6 +160,29 @@ def make_ensemble_record(report_dir: Path, name: str | None = None) -> dict[str,
         "evaluation": {k: report[k] for k in EVALUATION_KEYS if k in report},
         "members": members,
     }
+    _check_record(record, report_dir / "report.json")
+    return record
+
+
+def make_reevaluation_record(report_dir: Path, name: str | None = None) -> dict[str, Any]:
+    """One run evaluated again (``cifar100 evaluate RUN --tta --tta-translate 1``): the run's
+    record, with the report's test figures, test-time augmentation, command and commit."""
+    report = _read_json(report_dir / "report.json")
+    record = make_record(Path(report["runs"][0]))
+    record.update(
+        {
+            "name": name or report_dir.name,
+            "test_top1": report["top1"],
+            "test_top5": report["top5"],
+            "tta_flip": report.get("tta_flip"),
+            "tta_translate": report.get("tta_translate"),
+            "train_command": record.get("command"),
+            "evaluated": {"commit": report.get("commit"), "created": report.get("created")},
+            "command": report.get("command") or "",
+            "evaluation": {k: report[k] for k in EVALUATION_KEYS if k in report},
+        }
+    )
+    record.pop("test_loss", None)  # the training run's, at its own TTA
     _check_record(record, report_dir / "report.json")
     return record
 
@@ -217,9 +248,11 @@ def _teacher_cost(record: dict[str, Any]) -> str:
 
 
 def table_row(record: dict[str, Any]) -> list[str]:
-    notes = ["flip TTA"] * bool(record.get("tta_flip")) + ["refit"] * bool(record.get("refit"))
+    notes = [tta_note(record)] * bool(tta_note(record))
+    notes += ["refit"] * bool(record.get("refit"))
     # A -dirty commit cannot be checked out again: the run cannot be reproduced exactly.
-    notes += ["uncommitted code"] * str(record.get("commit") or "").endswith("-dirty")
+    commits = [record.get("commit"), (record.get("evaluated") or {}).get("commit")]
+    notes += ["uncommitted code"] * any(str(c or "").endswith("-dirty") for c in commits)
     params = record.get("parameters")
     return [
         str(record.get("name") or record["model"]),

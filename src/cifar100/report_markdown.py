@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cifar100.report_plots import FIGURES
+from cifar100.reports import tta_note
 
 
 def pct(value: float) -> str:
@@ -61,7 +62,7 @@ def render_markdown(report: dict[str, Any], figures: list[str]) -> str:
             f"# CIFAR-100 evaluation: {report['title']}",
             "",
             f"Runs {runs}; {report['images']} test images from `{report['data']}`; "
-            f"flip TTA {'on' if report['tta_flip'] else 'off'}; made {report['created']} "
+            f"{tta_note(report) or 'no TTA'}; made {report['created']} "
             f"at commit `{report.get('commit')}`.",
             "",
             "| metric | value |",

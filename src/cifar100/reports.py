@@ -208,3 +208,11 @@ def misclassified(
         if len(chosen) == count:
             break
     return chosen
+
+
+def tta_note(report: dict[str, Any]) -> str:
+    """'flip TTA', 'flip + shift 1 TTA', ...; '' without test-time augmentation."""
+    views = ["flip"] * bool(report.get("tta_flip"))
+    if report.get("tta_translate"):
+        views.append(f"shift {report['tta_translate']}")
+    return " + ".join(views) + " TTA" if views else ""

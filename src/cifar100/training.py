@@ -90,6 +90,7 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
             cfg.eval_batch_size,
             cfg.tta_flip,
             None,  # fp32, as `cifar100 evaluate` measures it, whatever precision trained it
+            cfg.tta_translate,
         )
         if test_set
         else None
@@ -108,6 +109,7 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
             else {}
         ),
         "tta_flip": cfg.tta_flip,
+        "tta_translate": cfg.tta_translate,
         "split_seed": run.config.data.split_seed,
         "train_minutes": round(run.elapsed / 60, 2),
         "parameters": sum(p.numel() for p in model.parameters()),

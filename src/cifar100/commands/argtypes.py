@@ -22,6 +22,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def shift_pixels(text: str) -> int:
+    """A test-time shift: 0 (off) to 8 pixels, as train.tta_translate allows."""
+    value = _number(int, text)
+    if not 0 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"must be in [0, 8] pixels, got {value}")
+    return value
+
+
 def seed(text: str) -> int:
     value = _number(int, text)
     if not 0 <= value <= SEED_MAX:

@@ -11,7 +11,7 @@ import json
 import shlex
 from pathlib import Path
 
-from cifar100.commands.argtypes import positive_int
+from cifar100.commands.argtypes import positive_int, shift_pixels
 from cifar100.evaluation import HEADLINE, default_out, evaluate, summary
 
 
@@ -32,6 +32,14 @@ def register(subparsers) -> None:
         "--tta",
         action="store_true",
         help="flip test-time augmentation: average with the mirrored image",
+    )
+    p.add_argument(
+        "--tta-translate",
+        type=shift_pixels,
+        default=0,
+        metavar="N",
+        help="also average over the images moved N pixels up-left and down-right "
+        "(each mirrored too with --tta): multi-crop TTA; 0 (default): off",
     )
     p.add_argument(
         "--out",
@@ -64,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         args.batch_size,
         not args.no_calibration,
         shlex.join(args.argv),
+        args.tta_translate,
     )
     paths = {kind: out / name for kind, name in report["files"].items()}
     if args.json:

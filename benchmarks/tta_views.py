@@ -1,0 +1,85 @@
+"""Which test-time augmentation? Validation top-1 of a trained run under each TTA setting.
+
+For a run folder it predicts the run's own validation split (never the test set: this is
+how a TTA setting is chosen) with ``predict_logits`` under every combination of
+``--flip`` (off, on) and ``--translate`` pixels (default 0, 1, 2), and prints top-1, top-5
+and the number of forward passes per image each costs. The chosen setting then goes into
+``train.tta_translate`` / ``evaluate --tta-translate``; the test set is read once, by the
+run or by ``cifar100 evaluate``.
+
+    python benchmarks/tta_views.py RUN_DIR [--data-dir DIR] [--translate 0 1 2] [--doc FILE]
+
+``--doc FILE`` also writes the table, as Markdown, between the ``<!-- tta:start -->`` and
+``<!-- tta:end -->`` lines of FILE (docs/tta.md), so the doc's figures are never typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from cifar100.batches import ImageBatches
+from cifar100.data import load_cifar100, make_splits
+from cifar100.engine import predict_logits, topk_correct, tta_views
+from cifar100.runs import cpu_name
+from cifar100.trained import load_trained
+
+START, END = "<!-- tta:start -->", "<!-- tta:end -->"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="trained run folder")
+    parser.add_argument("--data-dir", help="folder holding cifar-100-python/")
+    parser.add_argument("--translate", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--doc", type=Path, help="Markdown file with tta:start/end markers")
+    args = parser.parse_args(argv)
+
+    trained = load_trained(args.run_dir)
+    data = trained.metadata["config_obj"].data
+    dataset = load_cifar100(args.data_dir, download=False)
+    val = make_splits(dataset, data.val_fraction, data.split_seed).val
+    batches = ImageBatches(val, trained.preprocess, torch.device("cpu"))
+    print(f"command: {shlex.join([os.path.basename(sys.executable), *sys.argv])}")
+    print(f"date:    {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    print(f"cpu:     {cpu_name()}, torch {torch.__version__}, python {platform.python_version()}")
+    print(
+        f"run:     {args.run_dir} ({trained.metadata['model_name']}), "
+        f"{len(val):,} validation images\n"
+    )
+    print(f"{'flip':>5} {'shift':>5} {'views':>5} {'val top-1':>9} {'val top-5':>9}")
+    rows = []
+    for translate in args.translate:
+        for flip in (False, True):
+            logits = predict_logits(
+                trained.model, batches, args.batch_size, tta_flip=flip, tta_translate=translate
+            )
+            top1, top5 = topk_correct(logits, val.labels)
+            row = ("yes" if flip else "no", translate, len(tta_views(flip, translate)))
+            rows.append((*row, f"{top1 / len(val):.2%}", f"{top5 / len(val):.2%}"))
+            print(f"{row[0]:>5} {row[1]:>5} {row[2]:>5} {rows[-1][3]:>9} {rows[-1][4]:>9}")
+    if args.doc:
+        write_doc_table(args.doc, rows)
+    return 0
+
+
+def write_doc_table(path: Path, rows: list[tuple]) -> None:
+    lines = ["| flip | shift | views | val top-1 | val top-5 |", "|---|--:|--:|--:|--:|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    text = path.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{path}: no {START} / {END} lines to write the table between")
+    head, rest = text.split(START, 1)
+    path.write_text(head + START + "\n" + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
