@@ -4,6 +4,7 @@ the shifted views, their average, and a run's test figure that ``evaluate`` repr
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -100,3 +101,19 @@ def test_a_run_evaluated_again_with_shift_tta_becomes_its_own_record(
     assert record["train_command"] == trained["command"]
     assert record["command"].startswith("cifar100 evaluate") and "members" not in record
     assert "flip + shift 1 TTA" in table_row(record)[1]
+
+
+def test_a_report_made_elsewhere_finds_its_run_from_the_report_folder(
+    tiny_run, fake_data_dir, tmp_path, monkeypatch
+):
+    project = tmp_path / "project"
+    (project / "runs").mkdir(parents=True)
+    shutil.copytree(tiny_run, project / "runs" / "tiny", ignore=shutil.ignore_patterns("report*"))
+    monkeypatch.chdir(project)  # evaluate is given a relative path, as a user types it
+    evaluate = ["evaluate", "runs/tiny", "--tta-translate", "1", "--no-calibration"]
+    assert (
+        main([*evaluate, "--data-dir", str(fake_data_dir), "--out", "runs/tiny/report-shift"]) == 0
+    )
+    monkeypatch.chdir(tmp_path)  # compare runs from somewhere else
+    record = make_record(project / "runs" / "tiny" / "report-shift")
+    assert record["tta_translate"] == 1 and record["train_command"]

@@ -142,7 +142,7 @@ def make_ensemble_record(report_dir: Path, name: str | None = None) -> dict[str,
     runs = report.get("runs") or []
     if len(runs) < 2:
         raise RecordError(f"{report_dir / 'report.json'}: not an ensemble's report")
-    members = [make_record(Path(run)) for run in runs]
+    members = [make_record(_run_path(report_dir, run)) for run in runs]
     record = {
         "record_version": RECORD_VERSION,
         "name": name or report_dir.name,
@@ -168,7 +168,7 @@ def make_reevaluation_record(report_dir: Path, name: str | None = None) -> dict[
     """One run evaluated again (``cifar100 evaluate RUN --tta --tta-translate 1``): the run's
     record, with the report's test figures, test-time augmentation, command and commit."""
     report = _read_json(report_dir / "report.json")
-    record = make_record(Path(report["runs"][0]))
+    record = make_record(_run_path(report_dir, report["runs"][0]))
     record.update(
         {
             "name": name or report_dir.name,
@@ -185,6 +185,18 @@ def make_reevaluation_record(report_dir: Path, name: str | None = None) -> dict[
     record.pop("test_loss", None)  # the training run's, at its own TTA
     _check_record(record, report_dir / "report.json")
     return record
+
+
+def _run_path(report_dir: Path, run: str) -> Path:
+    """A run a report names, as ``evaluate`` was given it: relative to where it ran, which
+    is usually an ancestor of the report folder (runs/RUN/report -> runs/RUN)."""
+    path = Path(run)
+    if path.is_absolute() or path.is_dir():
+        return path
+    for folder in Path(report_dir).resolve().parents:
+        if (folder / path / "results.json").is_file():
+            return folder / path
+    return path  # make_record names it in its error
 
 
 def _check_record(record: dict[str, Any], path: Path) -> None:
