@@ -214,7 +214,7 @@ class _Batches:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def get(self, indices, generator=None, flip=False):
+    def get(self, indices, generator=None, flip=False, shift=0):
         return self.features[indices]
 
 

@@ -246,13 +246,6 @@ def tta_views(flip: bool, translate: int) -> list[tuple[bool, int]]:
     return [(mirror, shift) for shift in shifts for mirror in ([False, True] if flip else [False])]
 
 
-def _view(batches, indices: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
-    # Feature batches (transfer stage 1) serve mirrors but cannot shift: ask only when needed.
-    return (
-        batches.get(indices, flip=flip, shift=shift) if shift else batches.get(indices, flip=flip)
-    )
-
-
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
@@ -281,7 +274,9 @@ def predict_logits(
         with torch.autocast(
             batches.device.type, dtype=autocast or torch.float32, enabled=autocast is not None
         ):
-            logits = sum(model(_view(batches, indices, *view)).float() for view in views)
+            logits = sum(
+                model(batches.get(indices, flip=flip, shift=shift)).float() for flip, shift in views
+            )
         outputs.append(logits / len(views))
     return torch.cat(outputs).cpu()
 

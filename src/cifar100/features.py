@@ -49,8 +49,14 @@ class FeatureBatches:
         return len(self.labels)
 
     def get(
-        self, indices: torch.Tensor, generator: torch.Generator | None = None, flip: bool = False
+        self,
+        indices: torch.Tensor,
+        generator: torch.Generator | None = None,
+        flip: bool = False,
+        shift: int = 0,
     ) -> torch.Tensor:
+        if shift:  # stored features are of the unmoved image (and its mirror) only
+            raise ValueError("cached features have no shifted views (train.tta_translate)")
         if generator is None or self.mirrored is None:
             views = self.mirrored if flip else self.plain
             return views[indices].float().to(self.device)

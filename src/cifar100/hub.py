@@ -164,8 +164,15 @@ def _training(record: dict[str, Any] | None, trained: TrainedModel) -> dict[str,
     if record is None:
         return base
     keys = ("name", "test_top1", "test_top5", "val_top1", "tta_flip", "tta_translate")
-    keys += ("parameters",)
-    keys += ("train_minutes", "train_images", "commit", "started", "command", "hardware")
+    keys += (
+        "parameters",
+        "train_minutes",
+        "train_images",
+        "commit",
+        "started",
+        "command",
+        "hardware",
+    )
     return {**base, **{k: record[k] for k in keys if k in record}}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cifar100.limits import SEED_MAX
+from cifar100.limits import RANGES, SEED_MAX
 
 
 def _number(kind, text: str):
@@ -23,10 +23,10 @@ def positive_int(text: str) -> int:
 
 
 def shift_pixels(text: str) -> int:
-    """A test-time shift: 0 (off) to 8 pixels, as train.tta_translate allows."""
-    value = _number(int, text)
-    if not 0 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"must be in [0, 8] pixels, got {value}")
+    """A test-time shift in pixels, in the range train.tta_translate allows."""
+    value, allowed = _number(int, text), RANGES["train.tta_translate"]
+    if value not in allowed:
+        raise argparse.ArgumentTypeError(f"must be {allowed} pixels, got {value}")
     return value
 
 
