@@ -82,7 +82,7 @@ def train(
     """Train as ``config`` says into ``run_dir``; return the final metrics (results.json).
 
     A ``run_dir`` that holds a run is continued with ``resume=True`` (with its own config
-    and ``config`` ignored: see ``cifar100.recipes.resume_config``), replaced with
+    and ``config`` ignored: see ``cifar100.resume.resume_config``), replaced with
     ``overwrite=True``, and refused otherwise.
     """
     return training.train(config, run_dir, resume=resume, overwrite=overwrite)

@@ -14,7 +14,8 @@ from cifar100.commands.argtypes import positive_float, positive_int, seed
 from cifar100.config import preset_names
 from cifar100.limits import PRECISIONS
 from cifar100.models import REGISTRY
-from cifar100.recipes import RESUME_FLAGS, from_flags, refuse_on_resume, resume_config
+from cifar100.recipes import from_flags
+from cifar100.resume import RESUME_FLAGS, refuse_on_resume, resume_config
 from cifar100.runs import new_run_dir, results_summary
 from cifar100.training import train
 
