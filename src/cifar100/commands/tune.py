@@ -75,7 +75,7 @@ def base_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cifar100 import tune
+    from cifar100 import tune, tune_report
 
     tune.require_optuna()
     import optuna
@@ -90,13 +90,13 @@ def run(args: argparse.Namespace) -> int:
         args.trials,
         args.timeout,
         args.seed,
-        on_trial=lambda _, trial: print(tune.trial_line(trial), flush=True),
+        on_trial=lambda _, trial: print(tune_report.trial_line(trial), flush=True),
     )
     print(
-        f"\n{tune.finished(study)} finished trials in {study_dir / 'study.db'}; "
+        f"\n{tune_report.finished(study)} finished trials in {study_dir / 'study.db'}; "
         f"summary: {study_dir / 'summary.md'}"
     )
-    if tune.best_config(study) is None:
+    if tune_report.best_config(study) is None:
         print("no trial completed yet: no best.yaml")
         return 0
     best = study.best_trial
