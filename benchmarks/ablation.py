@@ -46,6 +46,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     ),
     "mixup": ("+ MixUp, alpha 0.2", ["augment.mixup_alpha=0.2"]),
     "cutmix": ("+ CutMix, alpha 1.0", ["augment.cutmix_alpha=1.0"]),
+    "cutmix-off-last": (
+        "+ CutMix, alpha 1.0, off in the last epoch",
+        ["augment.cutmix_alpha=1.0", "augment.mix_off_epochs=1"],
+    ),
     "adam-plateau": (
         "the coursework's optimiser: Adam 1e-3, ReduceLROnPlateau",
         [*COURSEWORK_OPTIM, "optim.schedule=plateau"],

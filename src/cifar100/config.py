@@ -46,6 +46,9 @@ class AugmentConfig:
     contrast: float = 0.0  # max relative contrast change
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    # MixUp/CutMix stop for the last N epochs (timm's --mixup-off-epoch), so training ends
+    # on whole images, as evaluation shows them.
+    mix_off_epochs: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -141,6 +141,15 @@ class StepContext:
     ema: ModelEma | None = None
     autocast: torch.dtype | None = None  # bf16 on CUDA; fp32 on CPU (bf16 is emulated there)
     teacher: SoftTargets | None = None  # knowledge distillation: soft targets and their loss
+
+
+def epoch_context(ctx: StepContext, epoch: int, epochs: int) -> StepContext:
+    """``ctx`` for epoch ``epoch`` (0-based) of ``epochs``: without MixUp/CutMix in the last
+    ``augment.mix_off_epochs``."""
+    augment = ctx.augment
+    if augment is None or epoch < epochs - augment.mix_off_epochs:
+        return ctx
+    return replace(ctx, augment=replace(augment, mixup_alpha=0.0, cutmix_alpha=0.0))
 
 
 def mixed_batch(

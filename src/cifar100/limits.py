@@ -61,6 +61,7 @@ RANGES = {
     "augment.contrast": Range(0, 1),
     "augment.mixup_alpha": NON_NEGATIVE,
     "augment.cutmix_alpha": NON_NEGATIVE,
+    "augment.mix_off_epochs": NON_NEGATIVE,
     "model.dropout": FRACTION,
     "model.width_mult": ABOVE_ZERO,
     "model.image_size": Range(32, 1024),

@@ -26,6 +26,7 @@ from cifar100.engine import (
     EpochState,
     StepContext,
     TrainingInterrupted,
+    epoch_context,
     evaluate,
     is_sync_step,
     train_one_epoch,
@@ -231,7 +232,7 @@ def _run_epochs(run: Run, stage: Stage) -> None:
         train = train_one_epoch(
             model,
             stage.train_batches,
-            stage.ctx,
+            epoch_context(stage.ctx, stage.epoch, stage.epochs),
             batch_size,
             order,
             generator,

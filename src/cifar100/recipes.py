@@ -42,6 +42,7 @@ AUGMENT_BEYOND_FLIP = (
     "augment.contrast",
     "augment.mixup_alpha",
     "augment.cutmix_alpha",
+    "augment.mix_off_epochs",
 )
 STAGE2_KEYS = (
     "train.batch_size",
@@ -183,6 +184,11 @@ def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
             config.train.refit,
             ("train.early_stopping", "data.val_fraction"),
             "a refit (train.refit) trains on every training image: no validation split",
+        ),
+        (
+            config.augment.mixup_alpha == 0 and config.augment.cutmix_alpha == 0,
+            ("augment.mix_off_epochs",),
+            "it stops MixUp/CutMix, and both augment.mixup_alpha and augment.cutmix_alpha are 0",
         ),
         (
             config.train.ema_decay is None,

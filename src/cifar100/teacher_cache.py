@@ -46,6 +46,7 @@ from cifar100.teachers import Teacher, TeacherRunner
 
 VERSION = 1  # of the file's layout and of the way views are drawn
 EXTRACT_BATCH = 250
+MIX_KEYS = ("mixup_alpha", "cutmix_alpha", "mix_off_epochs")  # per step, not per view
 
 
 def view_policy(augment: AugmentConfig) -> AugmentConfig:
@@ -84,7 +85,7 @@ def cache_key(
         "version": VERSION,
         "teacher_sha256": teacher_sha256,
         "data": hashlib.sha1(images.cpu().numpy()).hexdigest()[:16],  # ~0.2 s for 50,000
-        "policy": {k: v for k, v in policy.items() if k not in ("mixup_alpha", "cutmix_alpha")},
+        "policy": {k: v for k, v in policy.items() if k not in MIX_KEYS},
         "views": views,
         "view_seed": seed,
         "precision": "fp32" if autocast is None else str(autocast).removeprefix("torch."),
