@@ -13,7 +13,8 @@ recipe is chosen without ever reading the test set.
 A finished variant (``results.json`` in its folder) is reused, an interrupted one resumed,
 so a killed ablation continues where it stopped; a folder whose recorded config differs
 is refused, never replaced. ``--doc FILE`` writes the table between the
-``<!-- ablation:start -->`` and ``<!-- ablation:end -->`` lines of FILE from ``--out``'s
+``<!-- ablation:start -->`` and ``<!-- ablation:end -->`` lines of FILE (``--marker``
+names another pair) from ``--out``'s
 figures, so the doc's numbers are never typed. One seed per variant: differences under
 about half a point are within seed-to-seed noise.
 """
@@ -33,7 +34,6 @@ from cifar100.recipes import from_flags
 from cifar100.runs import load_run_config, read_json
 from cifar100.training import train
 
-START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 COURSEWORK_OPTIM = ["optim.optimizer=adam", "optim.lr=0.001", "optim.weight_decay=0"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("the preset as it is", []),
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1) + "\n")
     if args.doc:
-        write_doc_table(args.doc, record)
+        write_doc_table(args.doc, record, args.marker)
     return 0
 
 
@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a setting for every variant (e.g. data.train_subset=5000)",
     )
     parser.add_argument("--out", type=Path, help="JSON file for the figures")
-    parser.add_argument("--doc", type=Path, help="Markdown file with ablation:start/end lines")
+    parser.add_argument("--doc", type=Path, help="Markdown file with MARKER:start/end lines")
+    parser.add_argument("--marker", default="ablation", help="the doc's table marker")
     return parser.parse_args(argv)
 
 
@@ -150,7 +151,8 @@ def row_of(name: str, change: str, sets: list[str], results: dict, run_dir: Path
     }
 
 
-def write_doc_table(path: Path, record: dict) -> None:
+def write_doc_table(path: Path, record: dict, marker: str = "ablation") -> None:
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     rows = record["rows"]
     base = next((r["val_top1"] for r in rows if r["variant"] == "baseline"), None)
     commits = sorted({str(r["commit"]) for r in rows})
@@ -173,10 +175,10 @@ def write_doc_table(path: Path, record: dict) -> None:
             f"{r['val_top5']:.2%} | {r['best_epoch']} | {r['train_minutes']:.1f} |"
         )
     text = path.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{path}: no {START} / {END} lines to write the table between")
-    head, rest = text.split(START, 1)
-    path.write_text(head + START + "\n" + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1])
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: no {start} / {end} lines to write the table between")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

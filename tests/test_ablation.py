@@ -71,6 +71,14 @@ def test_a_finished_variant_is_reused_and_a_foreign_folder_refused(
     assert (results.stat().st_mtime_ns, results.read_text()) == first
 
 
+def test_a_second_table_goes_between_its_own_markers(ablation, fake_data_dir, tmp_path):
+    doc = DOC + "<!-- long:start -->\n<!-- long:end -->\n"
+    (tmp_path / "recipe.md").write_text(doc)
+    assert run(ablation, fake_data_dir, tmp_path, "--variants", "baseline", "--marker", "long") == 0
+    text = (tmp_path / "recipe.md").read_text()
+    assert "\nold\n" in text and "| baseline | the preset as it is |" in text.split("long:start")[1]
+
+
 def test_an_unknown_variant_is_refused(ablation, tmp_path):
     with pytest.raises(SystemExit, match="unknown variant 'dropout'"):
         ablation.main(["--variants", "dropout", "--runs-dir", str(tmp_path)])
