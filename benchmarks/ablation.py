@@ -31,6 +31,7 @@ from pathlib import Path
 
 from cifar100.config import Config
 from cifar100.recipes import from_flags
+from cifar100.records import write_between
 from cifar100.runs import load_run_config, read_json
 from cifar100.training import train
 
@@ -152,7 +153,6 @@ def row_of(name: str, change: str, sets: list[str], results: dict, run_dir: Path
 
 
 def write_doc_table(path: Path, record: dict, marker: str = "ablation") -> None:
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     rows = record["rows"]
     base = next((r["val_top1"] for r in rows if r["variant"] == "baseline"), None)
     commits = sorted({str(r["commit"]) for r in rows})
@@ -174,11 +174,7 @@ def write_doc_table(path: Path, record: dict, marker: str = "ablation") -> None:
             f"| {r['variant']} | {r['change']} | {r['val_top1']:.2%} | {delta} | "
             f"{r['val_top5']:.2%} | {r['best_epoch']} | {r['train_minutes']:.1f} |"
         )
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{path}: no {start} / {end} lines to write the table between")
-    head, rest = text.split(start, 1)
-    path.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
+    write_between(path, marker, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,9 @@ import torch
 from cifar100.batches import ImageBatches
 from cifar100.data import load_cifar100, make_splits
 from cifar100.engine import predict_logits, topk_correct, tta_views
+from cifar100.records import write_between
 from cifar100.runs import cpu_name
 from cifar100.trained import load_trained
-
-START, END = "<!-- tta:start -->", "<!-- tta:end -->"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_doc_table(path: Path, rows: list[tuple]) -> None:
     lines = ["| flip | shift | views | val top-1 | val top-5 |", "|---|--:|--:|--:|--:|"]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    text = path.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{path}: no {START} / {END} lines to write the table between")
-    head, rest = text.split(START, 1)
-    path.write_text(head + START + "\n" + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1])
+    write_between(path, "tta", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -319,6 +319,16 @@ def update_readme(readme: Path, table: str, coursework: str | None = None) -> No
     tmp.replace(readme)
 
 
+def write_between(path: Path, marker: str, table: str) -> None:
+    """Replace what lies between ``<!-- MARKER:start -->`` and ``<!-- MARKER:end -->`` in
+    ``path`` with ``table`` (benchmarks' generated tables in docs/)."""
+    text = path.read_text()
+    new = _between(text, f"<!-- {marker}:start -->", f"<!-- {marker}:end -->", table, path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
+
+
 def _between(text: str, start_marker: str, end_marker: str, table: str, readme: Path) -> str:
     start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < 0 or end < start:
