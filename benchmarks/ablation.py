@@ -51,6 +51,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "+ CutMix, alpha 1.0, off in the last epoch",
         ["augment.cutmix_alpha=1.0", "augment.mix_off_epochs=1"],
     ),
+    # "{half}": half the run's epochs, so the variant means the same at --epochs 6 and 15.
+    "progressive-resize": (
+        "progressive resizing, 24 -> 32 px over the first half",
+        ["train.resize_start=24", "train.resize_epochs={half}"],
+    ),
     "adam-plateau": (
         "the coursework's optimiser: Adam 1e-3, ReduceLROnPlateau",
         [*COURSEWORK_OPTIM, "optim.schedule=plateau"],
@@ -112,6 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def variant_config(args: argparse.Namespace, sets: list[str]) -> Config:
     """The preset at ``args.epochs`` with its warm-up scaled alike, then the variant's sets."""
+    sets = [s.format(half=args.epochs // 2) for s in sets]
     preset = from_flags(args.preset)
     flags = {"epochs": args.epochs, "data_dir": args.data_dir, "precision": args.precision}
     config = from_flags(args.preset, sets=[*args.sets, *sets], **flags)

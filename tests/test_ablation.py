@@ -95,3 +95,5 @@ def test_every_variant_is_a_valid_config_of_the_preset(ablation):
         configs["ema-warmup"].train.ema_warmup == "timm" and configs["ema"].train.ema_warmup is None
     )
     assert all(c.train.epochs == 6 for c in configs.values())
+    resize = configs["progressive-resize"].train
+    assert (resize.resize_start, resize.resize_epochs) == (24, 3)  # half of --epochs 6

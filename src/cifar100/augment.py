@@ -160,6 +160,41 @@ def augment_batch(
     return apply_augment(images, config, params)
 
 
+# Sizes move in steps of 4 px: fewer distinct input shapes (each one costs oneDNN, cuDNN
+# or torch.compile a new kernel plan), and a 2x2 pooling twice still divides them evenly.
+RESIZE_STEP = 4
+
+
+@dataclass(frozen=True)
+class ResizeSchedule:
+    """Progressive resizing (fast.ai; EfficientNetV2's progressive learning): the first
+    ``epochs`` epochs see the batch shrunk, from ``start`` px rising to ``full`` px, so the
+    early epochs, which learn coarse features, cost a fraction of the pixels."""
+
+    start: int
+    epochs: int
+    full: int  # the model's own input size, reached at epoch ``epochs``
+
+    def size_at(self, epoch: int) -> int:
+        """The side length for epoch ``epoch`` (0-based); depends on the epoch alone, so a
+        resumed run trains each epoch at the size it had."""
+        if epoch >= self.epochs:
+            return self.full
+        size = self.start + (self.full - self.start) * epoch // self.epochs
+        return max(self.start, size - size % RESIZE_STEP)
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size), antialiased as a photo is shrunk: plain bilinear
+    sampling would alias, and the model would learn textures it never sees at full size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    resized = F.interpolate(
+        images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized.contiguous(memory_format=torch.channels_last)
+
+
 def mix_batch(
     images: torch.Tensor, targets: torch.Tensor, config: AugmentConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,6 +104,11 @@ class TrainConfig:
     # Train on all 50,000 training images, for a recipe already validated: no validation
     # split exists, so nothing selects an epoch (the best checkpoint is the last one).
     refit: bool = False
+    # Progressive resizing (cifar100.augment.ResizeSchedule): the first resize_epochs epochs
+    # see the images shrunk, from resize_start px up to the model's size. Models trained
+    # from scratch only; None: off.
+    resize_start: int | None = None
+    resize_epochs: int = 0
 
 
 @dataclass(frozen=True)

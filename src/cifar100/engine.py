@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar100 import distributed, stopping
-from cifar100.augment import mix_batch, one_hot
+from cifar100.augment import ResizeSchedule, mix_batch, one_hot, resize_batch
 from cifar100.batches import capped_batch
 from cifar100.config import AugmentConfig
 from cifar100.ema import ModelEma
@@ -141,15 +141,19 @@ class StepContext:
     ema: ModelEma | None = None
     autocast: torch.dtype | None = None  # bf16 on CUDA; fp32 on CPU (bf16 is emulated there)
     teacher: SoftTargets | None = None  # knowledge distillation: soft targets and their loss
+    resize: ResizeSchedule | None = None  # progressive resizing over the epochs
+    input_size: int | None = None  # this epoch's side length (from ``resize``); None: as given
 
 
 def epoch_context(ctx: StepContext, epoch: int, epochs: int) -> StepContext:
     """``ctx`` for epoch ``epoch`` (0-based) of ``epochs``: without MixUp/CutMix in the last
-    ``augment.mix_off_epochs``."""
+    ``augment.mix_off_epochs``, at the epoch's input size under progressive resizing."""
     augment = ctx.augment
-    if augment is None or epoch < epochs - augment.mix_off_epochs:
-        return ctx
-    return replace(ctx, augment=replace(augment, mixup_alpha=0.0, cutmix_alpha=0.0))
+    if augment is not None and epoch >= epochs - augment.mix_off_epochs:
+        ctx = replace(ctx, augment=replace(augment, mixup_alpha=0.0, cutmix_alpha=0.0))
+    if ctx.resize is not None:
+        ctx = replace(ctx, input_size=ctx.resize.size_at(epoch))
+    return ctx
 
 
 def mixed_batch(
@@ -175,6 +179,9 @@ def train_step(
     them here would make the host wait for the GPU at every step (see ``RunningSums``).
     ``indices``: the batch's positions in its split (a cached teacher looks them up)."""
     inputs, targets = mixed_batch(inputs, labels, indices, ctx, generator)
+    if ctx.input_size is not None:
+        # After mixing: an online teacher has seen the full-size images, as it was trained.
+        inputs = resize_batch(inputs, ctx.input_size)
     with torch.autocast(
         inputs.device.type, dtype=ctx.autocast or torch.float32, enabled=ctx.autocast is not None
     ):

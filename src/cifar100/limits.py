@@ -84,6 +84,8 @@ RANGES = {
     "train.checkpoint_minutes": NON_NEGATIVE,
     "train.threads": POSITIVE_INT,
     "train.tta_translate": Range(0, 8),
+    "train.resize_start": Range(8, 1024),  # the smallest a 3-pooling CNN still sees as an image
+    "train.resize_epochs": NON_NEGATIVE,
     "transfer.stage1_epochs": POSITIVE_INT,
     "transfer.stage1_lr": ABOVE_ZERO,
     "transfer.stage1_batch_size": POSITIVE_INT,

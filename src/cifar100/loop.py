@@ -229,10 +229,11 @@ def _run_epochs(run: Run, stage: Stage) -> None:
         steps = len(order) // batch_size
         desc = f"{stage.name} {stage.epoch + 1}/{stage.epochs}"
         state = epoch_state or EpochState()
+        ctx = epoch_context(stage.ctx, stage.epoch, stage.epochs)
         train = train_one_epoch(
             model,
             stage.train_batches,
-            epoch_context(stage.ctx, stage.epoch, stage.epochs),
+            ctx,
             batch_size,
             order,
             generator,
@@ -242,6 +243,8 @@ def _run_epochs(run: Run, stage: Stage) -> None:
             every,
         )
         train = distributed.mean_metrics(train)
+        if ctx.input_size is not None:
+            train["input_size"] = ctx.input_size  # progressive resizing: in metrics.jsonl
         epoch_state = None
         val = _validate(run, stage, state, generator, started)
         run.elapsed += time.perf_counter() - started  # wall time: training and validation

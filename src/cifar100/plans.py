@@ -16,14 +16,15 @@ from typing import Any
 
 import torch
 
+from cifar100.augment import ResizeSchedule
 from cifar100.batches import ImageBatches
-from cifar100.config import ConfigError
+from cifar100.config import Config, ConfigError
 from cifar100.distill import OnlineTeacher
 from cifar100.ema import ModelEma
 from cifar100.engine import SoftTargets, StepContext
 from cifar100.features import COMPILE_MIN_IMAGES
 from cifar100.loop import Run, Stage
-from cifar100.models import build_model
+from cifar100.models import build_model, input_size
 from cifar100.optim import make_optimizer, make_scheduler
 from cifar100.teacher_cache import cached_teacher
 from cifar100.teachers import TeacherRunner, load_teachers, record_teachers, refuse_changed
@@ -58,6 +59,7 @@ def build_cnn_stage(run: Run) -> Stage:
         ema,
         run.autocast,
         teacher,
+        resize_schedule(config),
     )
     return Stage(
         "main",
@@ -69,6 +71,14 @@ def build_cnn_stage(run: Run) -> Stage:
         ctx,
         plateau=None if per_step else scheduler,
     )
+
+
+def resize_schedule(config: Config) -> ResizeSchedule | None:
+    """Progressive resizing for a model trained from scratch (``train.resize_start``)."""
+    train = config.train
+    if train.resize_start is None or train.resize_epochs == 0:
+        return None
+    return ResizeSchedule(train.resize_start, train.resize_epochs, input_size(config.model))
 
 
 def distillation(run: Run, batches: ImageBatches) -> tuple[Any, SoftTargets | None]:

@@ -29,7 +29,7 @@ from cifar100.config import (
     read_yaml,
     to_dict,
 )
-from cifar100.models import model_spec
+from cifar100.models import input_size, model_spec
 from cifar100.teachers import check_teachers
 from cifar100.weights import ENV_VAR as WEIGHTS_ENV
 from cifar100.weights import resolve_weights
@@ -191,6 +191,16 @@ def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
             "it stops MixUp/CutMix, and both augment.mixup_alpha and augment.cutmix_alpha are 0",
         ),
         (
+            config.train.resize_start is None,
+            ("train.resize_epochs",),
+            "it is how long progressive resizing lasts, and train.resize_start is off",
+        ),
+        (
+            config.train.resize_epochs == 0,
+            ("train.resize_start",),
+            "progressive resizing lasts train.resize_epochs epochs, and that is 0",
+        ),
+        (
             config.train.ema_decay is None,
             ("train.ema_warmup",),
             "it warms up the weight average, and train.ema_decay is off",
@@ -231,6 +241,11 @@ def _rules(config: Config) -> list[tuple[bool, tuple[str, ...], str]]:
         ),
         (True, ("model.widths",), f"{name}'s widths follow model.width_mult"),
         (
+            True,
+            ("train.resize_start", "train.resize_epochs"),
+            "progressive resizing is for models trained from scratch",
+        ),
+        (
             stage1_only,
             STAGE2_KEYS,
             "they apply to stage 2, which is off "
@@ -263,6 +278,25 @@ def check_settings(config: Config, explicit: set[str]) -> None:
     _check_subset(config)
     _check_refit(config)
     _check_distill(config)
+    _check_resize(config)
+
+
+def _check_resize(config: Config) -> None:
+    train = config.train
+    if train.resize_start is None or model_spec(config.model.name).pretrained:
+        return
+    full = input_size(config.model)
+    if train.resize_start >= full:
+        raise ConfigError(
+            f"train.resize_start={train.resize_start} px is not smaller than "
+            f"{config.model.name}'s input size ({full} px): nothing would be shrunk"
+        )
+    if train.resize_epochs >= train.epochs:
+        raise ConfigError(
+            f"train.resize_epochs={train.resize_epochs}: the run would end before its images "
+            f"reach full size (train.epochs={train.epochs}); the last epochs must train at "
+            f"{full} px, the size it is evaluated at"
+        )
 
 
 def _check_distill(config: Config) -> None:
