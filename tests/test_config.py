@@ -20,8 +20,9 @@ from cifar100.config import (
     save_config,
     to_dict,
 )
-from cifar100.recipes import check_settings, resolve
+from cifar100.recipes import resolve
 from cifar100.runs import load_run_config
+from cifar100.settings import check_settings
 
 
 def _train_config(*argv: str) -> Config:
