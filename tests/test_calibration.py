@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,33 @@ def test_the_report_gives_ece_before_and_after(calibrated_run):
     assert "fitted on the validation split (split seed 0" in markdown
     assert "ECE after temperature scaling" in markdown
     assert "ECE, temperature-scaled" in (run_dir / "report" / "report.html").read_text()
+
+
+def test_the_report_scores_the_runs_on_their_validation_split(calibrated_run, fake_data_dir):
+    """val_top1 is the model's accuracy on its own validation split, with the report's TTA:
+    what picks an ensemble or a TTA without the test set. Computed here on its own."""
+    from cifar100.batches import ImageBatches
+    from cifar100.evaluation import validation_accuracy
+
+    run_dir, _ = calibrated_run
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    trained = load_trained(run_dir, torch.device("cpu"))
+    val = make_splits(load_cifar100(fake_data_dir), 0.2, 0).val
+    batches = ImageBatches(val, trained.preprocess, torch.device("cpu"))
+    logits = engine.predict_logits(trained.model, batches, 100, tta_flip=True)
+    expected = (logits.argmax(1) == val.labels).float().mean().item()
+    assert report["val_top1"] == pytest.approx(expected)
+    assert report["val_top1"] <= report["val_top5"] <= 1.0
+
+    # Runs on different splits: one's validation images trained the other, so no figure.
+    other = load_trained(run_dir, torch.device("cpu"))
+    config = other.metadata["config_obj"]
+    other.metadata["config_obj"] = replace(config, data=replace(config.data, split_seed=1))
+    both = [logits.numpy(), logits.numpy()]
+    dataset = load_cifar100(fake_data_dir)
+    assert validation_accuracy([trained, other], both, dataset) == {}
+    same = validation_accuracy([trained, trained], both, dataset)
+    assert same["val_top1"] == pytest.approx(expected)
 
 
 def _image(tmp_path: Path) -> Path:

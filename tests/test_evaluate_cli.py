@@ -185,6 +185,11 @@ def test_ensemble_of_one_model_twice_equals_the_model(
     assert printed["top1"] == ensemble["top1"] == pytest.approx(single["top1"])
     assert ensemble["nll"] == pytest.approx(single["nll"], rel=1e-6)
     assert len(ensemble["members"]) == 2 and "ensemble of 2 runs" in ensemble["title"]
+    # Scored on the validation split the members share, as the single run is.
+    assert printed["val_top1"] == ensemble["val_top1"] == pytest.approx(single["val_top1"])
+    to = tmp_path / "twice.json"
+    assert main(["compare", "--record", str(out), "--to", str(to)]) == 0
+    assert json.loads(to.read_text())["val_top1"] == ensemble["val_top1"]
 
 
 def test_ensemble_report_becomes_a_record(trained_run, fake_data_dir, tmp_path, capsys):
@@ -209,6 +214,7 @@ def test_ensemble_report_becomes_a_record(trained_run, fake_data_dir, tmp_path, 
     record, report = json.loads(to.read_text()), json.loads((out / "report.json").read_text())
     member = json.loads((trained_run / "results.json").read_text())
     assert record["test_top1"] == report["top1"] and len(record["members"]) == 2
+    assert "val_top1" not in record  # --no-calibration: no validation pass, nothing invented
     assert record["parameters"] == 2 * member["parameters"]  # what the ensemble costs
     assert record["model"] == "cnn-fast + cnn-fast" and record["commit"]
     assert record["command"].startswith("cifar100 evaluate ")

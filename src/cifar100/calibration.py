@@ -119,11 +119,12 @@ def fit_run(
     device: torch.device,
     batch_size: int,
     tta_translate: int = 0,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Fit T on the run's own validation split and write RUN/calibration.json.
 
     The file keeps the temperature of the plain logits (what predict and export compute);
-    the returned one fits the logits the report uses (their TTA views averaged).
+    the returned one fits the logits the report uses (their TTA views averaged). Those
+    validation logits are returned beside it, so an ensemble can be scored on validation.
     """
     from cifar100.batches import ImageBatches
     from cifar100.data import make_splits
@@ -165,9 +166,10 @@ def fit_run(
             "val_ece_after": ece(plain, t_plain),
         },
     )
-    return {
+    fit = {
         "temperature": t_view,
         **split,
         "val_ece_before": ece(viewed, 1.0),
         "val_ece_after": ece(viewed, t_view),
     }
+    return fit, viewed

@@ -15,33 +15,31 @@ from typing import Any
 
 import numpy as np
 
-from cifar100 import report_plots
 from cifar100.batches import ImageBatches
 from cifar100.calibration import fit_run
-from cifar100.data import Cifar100, load_cifar100
+from cifar100.data import Cifar100, load_cifar100, make_splits
 from cifar100.device import select_device
 from cifar100.engine import predict_logits
 from cifar100.errors import UserError
-from cifar100.plotting import curves_figure, png_bytes
 from cifar100.recipes import check_device
-from cifar100.report_html import render_html
-from cifar100.report_markdown import render_markdown
+from cifar100.report_files import make_figures, write_report
 from cifar100.reports import (
     build_report,
     calibration,
     ensemble_probs,
-    misclassified,
     nll,
     softmax,
     topk_accuracy,
     tta_note,
 )
-from cifar100.runs import git_commit, read_metrics, write_json
+from cifar100.runs import git_commit
 from cifar100.trained import TrainedModel, checkpoint_path, load_trained
 
 HEADLINE = (
     "top1",
     "top5",
+    "val_top1",
+    "val_top5",
     "superclass_accuracy",
     "macro_f1",
     "ece",
@@ -166,12 +164,13 @@ def temperature_scaling(
     device: str,
     batch_size: int,
     tta_translate: int = 0,
-) -> dict[str, Any]:
-    """Each member's T fitted on its validation split; the test set's ECE before and after."""
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Each member's T fitted on its validation split; the test set's ECE before and after.
+    The members' validation logits (as many TTA views as the test's) come back beside it."""
     labels = dataset.test.labels.numpy()
-    members, scaled = [], []
+    members, scaled, val_logits = [], [], []
     for trained, run_dir, member_logits in zip(models, run_dirs, logits, strict=True):
-        fit = fit_run(
+        fit, member_val_logits = fit_run(
             trained,
             checkpoint_path(run_dir),
             dataset,
@@ -182,14 +181,38 @@ def temperature_scaling(
         )
         members.append({"run": str(run_dir), **fit})
         scaled.append(member_logits / fit["temperature"])
+        val_logits.append(member_val_logits.numpy())
     before, after = ensemble_probs(logits), ensemble_probs(scaled)
-    return {
+    scaling = {
         "fitted_on": "validation split",
         "members": members,
         "ece_before": calibration(before, labels)["ece"],
         "ece_after": calibration(after, labels)["ece"],
         "nll_before": nll(before, labels),
         "nll_after": nll(after, labels),
+    }
+    return scaling, val_logits
+
+
+def validation_accuracy(
+    models: list[TrainedModel], val_logits: list[np.ndarray], dataset: Cifar100
+) -> dict[str, float]:
+    """Top-1 and top-5 of the runs (averaged as on the test set, same TTA) on the validation
+    split they share: what chooses an ensemble's members or its TTA without the test set.
+    Empty when their splits differ: one run's validation images would be another's training
+    images, and the figure would flatter the ensemble."""
+    splits = {
+        (m.metadata["config_obj"].data.val_fraction, m.metadata["config_obj"].data.split_seed)
+        for m in models
+    }
+    if len(splits) != 1:
+        return {}
+    ((fraction, seed),) = splits
+    labels = make_splits(dataset, fraction, seed).val.labels.numpy()
+    probs = ensemble_probs(val_logits)
+    return {
+        "val_top1": topk_accuracy(probs, labels, 1),
+        "val_top5": topk_accuracy(probs, labels, 5),
     }
 
 
@@ -240,59 +263,12 @@ def evaluate_runs(
         }
     )
     if calibrate:
-        report["temperature_scaling"] = temperature_scaling(
+        report["temperature_scaling"], val_logits = temperature_scaling(
             models, run_dirs, logits, dataset, tta, device, batch_size, tta_translate
         )
         report["ece_calibrated"] = report["temperature_scaling"]["ece_after"]
+        report.update(validation_accuracy(models, val_logits, dataset))
     return report, probs
-
-
-def training_curves(run_dir: Path) -> bytes | None:
-    """The run's curves.png as written during training, else redrawn from metrics.jsonl."""
-    path = run_dir / "curves.png"
-    if path.is_file():
-        return path.read_bytes()
-    rows = read_metrics(run_dir)
-    return png_bytes(curves_figure(rows)) if rows else None
-
-
-def make_figures(
-    report: dict[str, Any], probs: np.ndarray, dataset: Cifar100, run_dir: Path
-) -> dict[str, bytes]:
-    labels = dataset.test.labels.numpy()
-    mistakes = misclassified(probs, labels, report["class_names"])
-    figures = {
-        "confusion": report_plots.fine_confusion_png(report),
-        "superclass_confusion": report_plots.superclass_confusion_png(report),
-        "reliability": report_plots.reliability_png(report["calibration"]),
-    }
-    if mistakes:  # a perfect score leaves nothing to show
-        figures["misclassified"] = report_plots.misclassified_png(dataset.test.images, mistakes)
-    curves = training_curves(run_dir)
-    if curves:
-        figures["curves"] = curves
-    return figures
-
-
-def write_report(report: dict[str, Any], figures: dict[str, bytes], out: Path) -> dict[str, Path]:
-    """report.json, report.md with its PNGs, and the self-contained report.html."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for stem, png in figures.items():
-            (out / f"{stem}.png").write_bytes(png)
-        paths = {
-            "json": out / "report.json",
-            "markdown": out / "report.md",
-            "html": out / "report.html",
-        }
-        report["files"] = {k: p.name for k, p in paths.items()}
-        report["figures"] = [f"{stem}.png" for stem in figures]
-        write_json(paths["json"], report)
-        paths["markdown"].write_text(render_markdown(report, list(figures)))
-        paths["html"].write_text(render_html(report, figures))
-    except OSError as error:
-        raise UserError(f"{out}: cannot write the report ({error.strerror or error})") from None
-    return paths
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -303,6 +279,11 @@ def summary(report: dict[str, Any]) -> str:
         f"{report['macro_f1']:.3f}, ECE {report['ece']:.2%} on {report['images']} test "
         f"images{f' ({tta_note(report)})' if tta_note(report) else ''}"
     ]
+    if "val_top1" in report:
+        lines.append(
+            f"validation split, same averaging and TTA: top-1 {report['val_top1']:.2%}, "
+            f"top-5 {report['val_top5']:.2%}"
+        )
     if "temperature_scaling" in report:
         scaling = report["temperature_scaling"]
         temps = ", ".join(f"{m['temperature']:.3f}" for m in scaling["members"])

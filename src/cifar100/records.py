@@ -149,6 +149,7 @@ def make_ensemble_record(report_dir: Path, name: str | None = None) -> dict[str,
         "model": " + ".join(m["model"] for m in members),
         "test_top1": report["top1"],
         "test_top5": report["top5"],
+        **_validation(report),
         "tta_flip": report.get("tta_flip"),
         "tta_translate": report.get("tta_translate"),
         "parameters": sum(m.get("parameters") or 0 for m in members),
@@ -174,6 +175,7 @@ def make_reevaluation_record(report_dir: Path, name: str | None = None) -> dict[
             "name": name or report_dir.name,
             "test_top1": report["top1"],
             "test_top5": report["top5"],
+            **_validation(report),  # at the report's TTA, in place of the training run's
             "tta_flip": report.get("tta_flip"),
             "tta_translate": report.get("tta_translate"),
             "train_command": record.get("command"),
@@ -185,6 +187,12 @@ def make_reevaluation_record(report_dir: Path, name: str | None = None) -> dict[
     record.pop("test_loss", None)  # the training run's, at its own TTA
     _check_record(record, report_dir / "report.json")
     return record
+
+
+def _validation(report: dict[str, Any]) -> dict[str, float]:
+    """The report's validation top-1/top-5 (``cifar100 evaluate`` with calibration on runs
+    that share a split), the figures that may choose an ensemble or a TTA."""
+    return {k: report[k] for k in ("val_top1", "val_top5") if k in report}
 
 
 def _run_path(report_dir: Path, run: str) -> Path:
