@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cifar100.config import Config
 from cifar100.recipes import from_flags
-from cifar100.records import write_between
+from cifar100.results_table import write_between
 from cifar100.runs import load_run_config, read_json
 from cifar100.training import train
 

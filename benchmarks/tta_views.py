@@ -28,7 +28,7 @@ import torch
 from cifar100.batches import ImageBatches
 from cifar100.data import load_cifar100, make_splits
 from cifar100.engine import predict_logits, topk_correct, tta_views
-from cifar100.records import write_between
+from cifar100.results_table import write_between
 from cifar100.runs import cpu_name
 from cifar100.trained import load_trained
 

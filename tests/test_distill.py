@@ -21,7 +21,8 @@ from cifar100.engine import StepContext, mixed_batch, soft_cross_entropy
 from cifar100.models import build_model
 from cifar100.preprocess import Preprocess
 from cifar100.recipes import from_flags
-from cifar100.records import make_record, table_row
+from cifar100.records import make_record
+from cifar100.results_table import table_row
 from cifar100.teacher_cache import (
     ViewBatches,
     cache_key,

@@ -13,7 +13,8 @@ from cifar100 import speed
 from cifar100.cli import main
 from cifar100.config import AugmentConfig, ConfigError
 from cifar100.recipes import from_flags
-from cifar100.records import make_record, table_row
+from cifar100.records import make_record
+from cifar100.results_table import table_row
 from cifar100.speed import autocast_dtype
 from cifar100.teacher_cache import cache_key
 

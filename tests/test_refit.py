@@ -15,7 +15,8 @@ from cifar100.cli import main
 from cifar100.config import ConfigError
 from cifar100.data import load_cifar100, make_splits
 from cifar100.recipes import from_flags
-from cifar100.records import make_record, table_row
+from cifar100.records import make_record
+from cifar100.results_table import table_row
 
 TINY = [
     *["--set", "model.widths=[8,16,32,32]", "--set", "train.batch_size=50"],

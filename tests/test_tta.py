@@ -17,7 +17,8 @@ from cifar100.data import Split
 from cifar100.engine import predict_logits, tta_views
 from cifar100.preprocess import Preprocess
 from cifar100.recipes import from_flags
-from cifar100.records import make_record, table_row
+from cifar100.records import make_record
+from cifar100.results_table import table_row
 
 TINY = [
     *["--set", "model.widths=[8,16,32,32]", "--set", "train.batch_size=50"],

@@ -28,7 +28,8 @@ from cifar100.exports import export_run
 from cifar100.hub import export_hub
 from cifar100.images import read_image
 from cifar100.recipes import resolve
-from cifar100.records import compare, load_record, make_record
+from cifar100.records import load_record, make_record
+from cifar100.results_table import compare
 from cifar100.runs import new_run_dir
 
 __all__ = [

@@ -21,7 +21,8 @@ from cifar100.api import Classifier, UserError, read_image
 from cifar100.data import load_names, load_split, resolve_data_dir
 from cifar100.hub import is_hub_folder, read_hub_config, run_folder
 from cifar100.images import ImageError
-from cifar100.records import RecordError, make_record, table_row
+from cifar100.records import RecordError, make_record
+from cifar100.results_table import table_row
 
 TOP = 5
 SEEN_SIZE = 256  # the 32x32 input shown 8x larger, nearest neighbour: each pixel a sharp square

@@ -14,16 +14,8 @@ from pathlib import Path
 
 from cifar100.coursework import coursework_table
 from cifar100.errors import UserError
-from cifar100.records import (
-    END,
-    START,
-    RecordError,
-    compare,
-    load_record,
-    markdown_table,
-    update_readme,
-    write_record,
-)
+from cifar100.records import RecordError, load_record, write_record
+from cifar100.results_table import END, START, compare, markdown_table, update_readme
 
 
 def register(subparsers) -> None:
