@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifar100 import engine
+from cifar100 import engine, predictions
 from cifar100.calibration import CalibrationError, fit_temperature, load_temperature, nll_at
 from cifar100.classifier import load_model
 from cifar100.cli import main
@@ -38,17 +38,19 @@ def calibrated_run(tiny_run, fake_data_dir, tmp_path_factory):
     with every split that the fit was given recorded."""
     run_dir = tmp_path_factory.mktemp("calibrated") / "run"
     shutil.copytree(
-        tiny_run, run_dir, ignore=shutil.ignore_patterns("report*", "model.*", "calibration.json")
+        tiny_run,
+        run_dir,
+        ignore=shutil.ignore_patterns("report*", "model.*", "calibration.json", "predictions"),
     )
     seen = []
-    original = engine.predict_logits
+    original = predictions.predict_logits
 
     def spy(model, batches, *args, **kwargs):
         seen.append(batches.split)
         return original(model, batches, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "predict_logits", spy)
+        patch.setattr(predictions, "predict_logits", spy)
         assert main(["evaluate", str(run_dir), "--data-dir", str(fake_data_dir), "--tta"]) == 0
     return run_dir, seen
 
@@ -57,10 +59,10 @@ def test_the_temperature_is_fitted_on_the_validation_split(calibrated_run, fake_
     run_dir, seen = calibrated_run
     dataset = load_cifar100(fake_data_dir)
     val = make_splits(dataset, 0.2, 0).val
-    # The fit's passes, plain and with the report's TTA views (the test set goes through
-    # evaluate's own batches): every one of them over the validation split.
-    assert len(seen) == 2
-    for split in seen:
+    # The test set's pass, then the fit's, plain and with the report's TTA views: both of
+    # them over the validation split.
+    assert len(seen) == 3 and torch.equal(seen[0].images, dataset.test.images)
+    for split in seen[1:]:
         assert torch.equal(split.images, val.images) and torch.equal(split.labels, val.labels)
     values = json.loads((run_dir / "calibration.json").read_text())
     assert values["fitted_on"] == "validation split" and values["split_seed"] == 0

@@ -121,7 +121,7 @@ def workdir(tmp_path, tiny_run, monkeypatch) -> Path:
     shutil.copytree(
         tiny_run,
         tmp_path / "run",
-        ignore=shutil.ignore_patterns("calibration.json", "report*", "model.*"),
+        ignore=shutil.ignore_patterns("calibration.json", "report*", "model.*", "predictions"),
     )
     for name, content in (("corrupt", b"not a checkpoint"), ("foreign", None)):
         (tmp_path / name / "checkpoints").mkdir(parents=True)

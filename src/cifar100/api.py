@@ -98,8 +98,11 @@ def evaluate(
     device: str = "auto",
     batch_size: int = 500,
     calibrate: bool = True,
+    select: bool = False,
 ) -> dict[str, Any]:
     """The test-set report of a run, or of several as an ensemble, as ``cifar100 evaluate``.
+    ``select=True`` lets their shared validation split choose the members and weights
+    (``report["selection"]``), as ``evaluate --select``.
 
     Writes ``report.json``, ``report.md`` (+ PNG figures) and ``report.html`` into ``out``
     (default: RUN/report, or FIRST_RUN/report-ensemble) and returns the report: ``top1``,
@@ -107,7 +110,7 @@ def evaluate(
     superclass reports, the confusion matrices, ...; see ``cifar100.evaluation``.
     """
     run_dirs = [runs] if isinstance(runs, (str, Path)) else list(runs)
-    return _evaluate(run_dirs, data_dir, tta, out, device, batch_size, calibrate)
+    return _evaluate(run_dirs, data_dir, tta, out, device, batch_size, calibrate, select=select)
 
 
 def export(

@@ -126,21 +126,20 @@ def fit_run(
     the returned one fits the logits the report uses (their TTA views averaged). Those
     validation logits are returned beside it, so an ensemble can be scored on validation.
     """
-    from cifar100.batches import ImageBatches
     from cifar100.data import make_splits
-    from cifar100.engine import predict_logits
+    from cifar100.predictions import run_logits
     from cifar100.reports import calibration, softmax
 
     data = trained.metadata["config_obj"].data
     val = make_splits(dataset, data.val_fraction, data.split_seed).val
-    batches = ImageBatches(val, trained.preprocess, device)
-    plain = predict_logits(trained.model, batches, batch_size)
+    run_dir = calibration_file(checkpoint).parent
+
+    def logits(flip: bool, translate: int) -> torch.Tensor:
+        return run_logits(run_dir, trained, val, "val", flip, translate, device, batch_size)
+
+    plain = logits(False, 0)
     augmented = tta or tta_translate
-    viewed = (
-        predict_logits(trained.model, batches, batch_size, tta, None, tta_translate)
-        if augmented
-        else plain
-    )
+    viewed = logits(tta, tta_translate) if augmented else plain
     labels = val.labels
 
     def ece(logits: torch.Tensor, temperature: float) -> float:

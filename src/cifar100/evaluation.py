@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from cifar100.batches import ImageBatches
 from cifar100.calibration import fit_run
 from cifar100.data import Cifar100, load_cifar100, make_splits
 from cifar100.device import select_device
-from cifar100.engine import predict_logits
+from cifar100.ensembles import select_members
 from cifar100.errors import UserError
+from cifar100.predictions import run_logits
 from cifar100.recipes import check_device
 from cifar100.report_files import make_figures, write_report
 from cifar100.reports import (
@@ -48,6 +48,7 @@ HEADLINE = (
     "images",
     "tta_flip",
     "runs",
+    "weights",
     "split_seeds",
 )
 
@@ -62,6 +63,7 @@ def evaluate(
     calibrate: bool = True,
     command: str | None = None,
     tta_translate: int = 0,
+    select: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the runs on the test set and write the report files into ``out``.
 
@@ -78,6 +80,9 @@ def evaluate(
         command: how the report was made, kept in it (an ensemble's record shows it).
         tta_translate: also average over the images moved this many pixels up-left and
             down-right (each mirrored too with ``tta``); 0: off.
+        select: choose the members among ``run_dirs`` on their shared validation split
+            (greedy selection with replacement: :mod:`cifar100.ensembles`), weighted by
+            how often each was picked; the report keeps every candidate's figures.
 
     Returns:
         The report, as written to ``report.json``; ``report["files"]`` names its files.
@@ -88,18 +93,18 @@ def evaluate(
             raise UserError(f"{run_dir}: not a trained run directory (no checkpoints/best.pt)")
     target = select_device(check_device(device))
     models = [load_trained(run_dir, target) for run_dir in run_dirs]  # before the data
-    refits = [str(r) for r, m in zip(run_dirs, models, strict=True) if _is_refit(m)]
-    if calibrate and refits:
-        print(
-            f"{', '.join(refits)}: trained on every training image (refit), so no held-out "
-            "validation images are left to fit a temperature on; calibration skipped",
-            file=sys.stderr,
-        )
-        calibrate = False
+    calibrate = calibrate and _can_calibrate(run_dirs, models)
     dataset = load_cifar100(data_dir)
+    weights, selection = None, None
+    if select:
+        run_dirs, models, weights, selection = select_members(
+            run_dirs, models, dataset, tta, target, batch_size, tta_translate
+        )
     report, probs = evaluate_runs(
-        run_dirs, dataset, tta, device, batch_size, calibrate, models, tta_translate
+        run_dirs, dataset, tta, device, batch_size, calibrate, models, tta_translate, weights
     )
+    if selection is not None:
+        report.update({"weights": weights, "selection": selection})
     if command is not None:
         report["command"] = command
     figures = make_figures(report, probs, dataset, run_dirs[0])
@@ -111,8 +116,19 @@ def default_out(run_dirs: list[Path]) -> Path:
     return run_dirs[0] / ("report" if len(run_dirs) == 1 else "report-ensemble")
 
 
-def _is_refit(trained: TrainedModel) -> bool:
-    return trained.metadata["config_obj"].train.refit
+def _can_calibrate(run_dirs: list[Path], models: list[TrainedModel]) -> bool:
+    refits = [
+        str(run_dir)
+        for run_dir, trained in zip(run_dirs, models, strict=True)
+        if trained.metadata["config_obj"].train.refit
+    ]
+    if refits:
+        print(
+            f"{', '.join(refits)}: trained on every training image (refit), so no held-out "
+            "validation images are left to fit a temperature on; calibration skipped",
+            file=sys.stderr,
+        )
+    return not refits
 
 
 def _check_classes(trained: TrainedModel, run_dir: Path, dataset: Cifar100) -> None:
@@ -139,19 +155,10 @@ def predict_runs(
     logits = []
     for run_dir, trained in zip(run_dirs, models, strict=True):
         _check_classes(trained, run_dir, dataset)
-        batches = ImageBatches(dataset.test, trained.preprocess, target)
-        print(
-            f"{run_dir}: predicting {len(batches):,} test images"
-            f"{' and their mirrors' if tta else ''}"
-            f"{f' and shifts by {tta_translate} px' if tta_translate else ''}",
-            file=sys.stderr,
-            flush=True,
+        test_logits = run_logits(
+            run_dir, trained, dataset.test, "test", tta, tta_translate, target, batch_size
         )
-        logits.append(
-            predict_logits(
-                trained.model, batches, batch_size, tta_flip=tta, tta_translate=tta_translate
-            ).numpy()
-        )
+        logits.append(test_logits.numpy())
     return models, logits
 
 
@@ -164,6 +171,7 @@ def temperature_scaling(
     device: str,
     batch_size: int,
     tta_translate: int = 0,
+    weights: list[int] | None = None,
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Each member's T fitted on its validation split; the test set's ECE before and after.
     The members' validation logits (as many TTA views as the test's) come back beside it."""
@@ -182,7 +190,7 @@ def temperature_scaling(
         members.append({"run": str(run_dir), **fit})
         scaled.append(member_logits / fit["temperature"])
         val_logits.append(member_val_logits.numpy())
-    before, after = ensemble_probs(logits), ensemble_probs(scaled)
+    before, after = ensemble_probs(logits, weights), ensemble_probs(scaled, weights)
     scaling = {
         "fitted_on": "validation split",
         "members": members,
@@ -195,7 +203,10 @@ def temperature_scaling(
 
 
 def validation_accuracy(
-    models: list[TrainedModel], val_logits: list[np.ndarray], dataset: Cifar100
+    models: list[TrainedModel],
+    val_logits: list[np.ndarray],
+    dataset: Cifar100,
+    weights: list[int] | None = None,
 ) -> dict[str, float]:
     """Top-1 and top-5 of the runs (averaged as on the test set, same TTA) on the validation
     split they share: what chooses an ensemble's members or its TTA without the test set.
@@ -209,7 +220,7 @@ def validation_accuracy(
         return {}
     ((fraction, seed),) = splits
     labels = make_splits(dataset, fraction, seed).val.labels.numpy()
-    probs = ensemble_probs(val_logits)
+    probs = ensemble_probs(val_logits, weights)
     return {
         "val_top1": topk_accuracy(probs, labels, 1),
         "val_top5": topk_accuracy(probs, labels, 5),
@@ -225,14 +236,16 @@ def evaluate_runs(
     calibrate: bool = False,
     models: list[TrainedModel] | None = None,
     tta_translate: int = 0,
+    weights: list[int] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """The report dict (as written to report.json) and the (N, 100) probabilities behind it.
 
     ``calibrate`` adds temperature scaling (``report["temperature_scaling"]``) and writes
-    each run's fitted temperature to RUN/calibration.json.
+    each run's fitted temperature to RUN/calibration.json. ``weights``: each run's share
+    of the average (default: equal).
     """
     models, logits = predict_runs(run_dirs, dataset, tta, device, batch_size, models, tta_translate)
-    probs = ensemble_probs(logits)
+    probs = ensemble_probs(logits, weights)
     labels = dataset.test.labels.numpy()
     first = models[0]
     report = build_report(
@@ -251,8 +264,11 @@ def evaluate_runs(
                     "run": name,
                     "model": m.metadata["model_name"],
                     "top1": topk_accuracy(softmax(lg), labels, 1),
+                    "weight": weight,
                 }
-                for name, m, lg in zip(names, models, logits, strict=True)
+                for name, m, lg, weight in zip(
+                    names, models, logits, weights or [1] * len(names), strict=True
+                )
             ],
             "tta_flip": tta,
             "tta_translate": tta_translate,
@@ -264,10 +280,10 @@ def evaluate_runs(
     )
     if calibrate:
         report["temperature_scaling"], val_logits = temperature_scaling(
-            models, run_dirs, logits, dataset, tta, device, batch_size, tta_translate
+            models, run_dirs, logits, dataset, tta, device, batch_size, tta_translate, weights
         )
         report["ece_calibrated"] = report["temperature_scaling"]["ece_after"]
-        report.update(validation_accuracy(models, val_logits, dataset))
+        report.update(validation_accuracy(models, val_logits, dataset, weights))
     return report, probs
 
 
@@ -279,6 +295,11 @@ def summary(report: dict[str, Any]) -> str:
         f"{report['macro_f1']:.3f}, ECE {report['ece']:.2%} on {report['images']} test "
         f"images{f' ({tta_note(report)})' if tta_note(report) else ''}"
     ]
+    if "selection" in report:
+        runs, weights = report["runs"], report["weights"]
+        picked = ", ".join(f"{run} x{w}" for run, w in zip(runs, weights, strict=True))
+        candidates = len(report["selection"]["candidates"])
+        lines.append(f"chosen on the validation split from {candidates} runs: {picked}")
     if "val_top1" in report:
         lines.append(
             f"validation split, same averaging and TTA: top-1 {report['val_top1']:.2%}, "

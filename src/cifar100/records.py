@@ -143,6 +143,7 @@ def make_ensemble_record(report_dir: Path, name: str | None = None) -> dict[str,
         "hardware": members[0].get("hardware", {}),
         "evaluation": {k: report[k] for k in EVALUATION_KEYS if k in report},
         "members": members,
+        **{k: report[k] for k in ("weights", "selection") if k in report},
     }
     _check_record(record, report_dir / "report.json")
     return record

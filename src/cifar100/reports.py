@@ -22,12 +22,15 @@ def softmax(logits: torch.Tensor | np.ndarray) -> np.ndarray:
     return torch.softmax(logits, dim=1).numpy()
 
 
-def ensemble_probs(logits_per_model: list[torch.Tensor | np.ndarray]) -> np.ndarray:
+def ensemble_probs(
+    logits_per_model: list[torch.Tensor | np.ndarray], weights: list[float] | None = None
+) -> np.ndarray:
     """Average of each model's softmax probabilities (not of their logits: models trained
-    apart have logits on different scales, probabilities are comparable)."""
+    apart have logits on different scales, probabilities are comparable), weighted by
+    ``weights`` (e.g. how often a greedy selection picked each) when given."""
     if not logits_per_model:
         raise ValueError("an ensemble needs at least one model")
-    return np.mean([softmax(logits) for logits in logits_per_model], axis=0)
+    return np.average([softmax(logits) for logits in logits_per_model], axis=0, weights=weights)
 
 
 def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:

@@ -57,6 +57,13 @@ def register(subparsers) -> None:
         help="skip temperature scaling (fitted on each run's validation split, "
         "never the test set; costs one pass over it)",
     )
+    p.add_argument(
+        "--select",
+        action="store_true",
+        help="choose the ensemble's members among the RUN_DIRs on their shared validation "
+        "split (greedy forward selection with replacement: a run picked twice weighs "
+        "double); the test set takes no part in the choice",
+    )
     p.add_argument("--json", action="store_true", help="print the headline metrics as JSON")
     p.set_defaults(func=run)
 
@@ -73,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         not args.no_calibration,
         shlex.join(args.argv),
         args.tta_translate,
+        args.select,
     )
     paths = {kind: out / name for kind, name in report["files"].items()}
     if args.json:

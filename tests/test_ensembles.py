@@ -1,0 +1,131 @@
+"""Ensemble members chosen on the validation split, and the per-run logits cache behind it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifar100.cli import main
+from cifar100.data import load_cifar100, make_splits
+from cifar100.ensembles import greedy_selection
+from cifar100.predictions import cache_path, run_logits
+from cifar100.reports import ensemble_probs, topk_accuracy
+from cifar100.trained import load_trained
+
+
+def _confident(labels: np.ndarray, classes: int, strength: float) -> np.ndarray:
+    return strength * np.eye(classes)[labels]
+
+
+def test_greedy_selection_keeps_the_complement_and_leaves_out_noise():
+    """A strong run wrong on a fifth of the images, a confident specialist right on exactly
+    those, and a run of noise: the selection takes the first two, never the third."""
+    rng = np.random.default_rng(0)
+    n, classes = 1000, 10
+    labels = rng.integers(0, classes, n)
+    wrong = (labels + 1) % classes
+    hard = rng.random(n) < 0.2
+    strong = _confident(np.where(hard, wrong, labels), classes, 3.0)
+    specialist = np.where(hard[:, None], _confident(labels, classes, 6.0), 0.0)
+    noise = rng.normal(size=(n, classes))
+    counts = greedy_selection([noise, strong, specialist], labels)
+    assert counts[0] == 0 and counts[1] >= 1 and counts[2] >= 1
+    chosen = ensemble_probs([noise, strong, specialist], counts)
+    alone = ensemble_probs([strong])
+    assert topk_accuracy(chosen, labels, 1) > 0.95 > topk_accuracy(alone, labels, 1)
+
+
+def test_greedy_selection_never_picks_a_copy_twice_for_nothing():
+    labels = np.arange(50) % 5
+    logits = np.random.default_rng(1).normal(size=(50, 5))
+    assert greedy_selection([logits, logits.copy()], labels) == [1, 0]  # first of equals
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """The shared tiny run copied, without any logits a previous test kept in it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("predictions", "report*"))
+    return run_dir
+
+
+def test_logits_are_kept_and_reused_for_the_same_checkpoint_and_images(
+    run_copy, fake_data_dir, capsys
+):
+    trained = load_trained(run_copy)
+    test = load_cifar100(fake_data_dir).test
+    cpu = torch.device("cpu")
+    first = run_logits(run_copy, trained, test, "test", True, 0, cpu, 64)
+    assert "predicting 200 test images and their mirrors" in capsys.readouterr().err
+    path = cache_path(run_copy, "test", True, 0)
+    assert path.name == "test-flip.pt" and path.is_file()
+    again = run_logits(run_copy, trained, test, "test", True, 0, cpu, 64)
+    assert "read from" in capsys.readouterr().err and torch.equal(first, again)
+
+    # Other images under the same name (another data set): computed again, not reused.
+    other = test.subset(torch.arange(100))
+    assert len(run_logits(run_copy, trained, other, "test", True, 0, cpu, 64)) == 100
+    assert "predicting 100 test images" in capsys.readouterr().err
+
+    # A corrupt file costs a recomputation and one line, never the evaluation.
+    path.write_bytes(b"not a torch file")
+    repaired = run_logits(run_copy, trained, test, "test", True, 0, cpu, 64)
+    err = capsys.readouterr().err
+    assert f"{path}: unreadable" in err and "Traceback" not in err
+    assert torch.allclose(repaired, first)
+
+
+def test_a_retrained_checkpoint_is_never_scored_with_old_logits(run_copy, fake_data_dir):
+    trained = load_trained(run_copy)
+    test = load_cifar100(fake_data_dir).test
+    cpu = torch.device("cpu")
+    before = run_logits(run_copy, trained, test, "test", False, 0, cpu, 64)
+    checkpoint = run_copy / "checkpoints" / "best.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    head = [k for k in state["model"] if k.endswith("weight")][-1]
+    state["model"][head] = state["model"][head] * 2  # what retraining would change
+    torch.save(state, checkpoint)
+    after = run_logits(run_copy, load_trained(run_copy), test, "test", False, 0, cpu, 64)
+    assert not torch.allclose(before, after)
+
+
+def test_evaluate_select_chooses_on_validation_and_reports_every_candidate(
+    run_copy, fake_data_dir, tmp_path, capsys
+):
+    twin = tmp_path / "twin"
+    shutil.copytree(run_copy, twin)
+    out = tmp_path / "chosen"
+    args = [str(run_copy), str(twin), "--data-dir", str(fake_data_dir), "--tta"]
+    assert main(["evaluate", *args, "--select", "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = json.loads((out / "report.json").read_text())
+    # Two identical runs: the second adds nothing on validation, so it is left out.
+    assert printed["runs"] == report["runs"] == [str(run_copy)] and report["weights"] == [1]
+    candidates = report["selection"]["candidates"]
+    assert [c["run"] for c in candidates] == [str(run_copy), str(twin)]
+    assert [c["weight"] for c in candidates] == [1, 0]
+    assert candidates[0]["val_top1"] == candidates[1]["val_top1"] == report["val_top1"]
+    val = make_splits(load_cifar100(fake_data_dir), 0.2, 0).val
+    assert (twin / "predictions" / "val-flip.pt").is_file()  # scored, then left out
+    assert len(torch.load(twin / "predictions" / "val-flip.pt")["logits"]) == len(val)
+
+
+def test_evaluate_select_refuses_runs_on_different_splits(
+    run_copy, fake_data_dir, tmp_path, capsys
+):
+    other = tmp_path / "other"
+    shutil.copytree(run_copy, other)
+    checkpoint = other / "checkpoints" / "best.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["data"]["split_seed"] = 1
+    torch.save(state, checkpoint)
+    args = [str(run_copy), str(other), "--data-dir", str(fake_data_dir), "--select"]
+    assert main(["evaluate", *args]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "share a validation split" in err[-1] and "seed 1" in err[-1]
+    assert not (run_copy / "report-ensemble").exists()
