@@ -8,6 +8,7 @@ recipe is chosen without ever reading the test set.
 
     python benchmarks/ablation.py [--preset cnn-fast] [--epochs 6] [--precision bf16]
         [--data-dir DIR] [--runs-dir runs/ablation] [--variants NAME ...] [--set K=V ...]
+        [--teacher RUN ...]
         [--out results/benchmarks/ablation-cnn-fast.json] [--doc docs/recipe.md]
 
 A finished variant (``results.json`` in its folder) is reused, an interrupted one resumed,
@@ -60,14 +61,26 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "the coursework's optimiser: Adam 1e-3, ReduceLROnPlateau",
         [*COURSEWORK_OPTIM, "optim.schedule=plateau"],
     ),
+    # "{teachers}": the --teacher runs; these variants run only when teachers are given.
+    "distill-cached": (
+        "+ distillation from the teachers, their logits cached for 4 views per image",
+        ["distill.teachers={teachers}", "distill.mode=cached", "distill.views=4"],
+    ),
+    "distill-online": (
+        "+ distillation from the teachers, run on every batch",
+        ["distill.teachers={teachers}", "distill.mode=online"],
+    ),
 }
+NEEDS_TEACHERS = ("distill-cached", "distill-online")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = args.variants or list(VARIANTS)
+    names = args.variants or [n for n in VARIANTS if args.teachers or n not in NEEDS_TEACHERS]
     if unknown := [n for n in names if n not in VARIANTS]:
         raise SystemExit(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    if not args.teachers and (taught := [n for n in names if n in NEEDS_TEACHERS]):
+        raise SystemExit(f"variant {taught[0]!r} needs --teacher RUN [RUN ...]")
     runs_dir = args.runs_dir / f"{args.preset}-{args.epochs}ep"
     rows = []
     for name in names:
@@ -83,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "precision": args.precision,
         "common_sets": args.sets,
+        "teachers": args.teachers,
         "rows": rows,
     }
     if args.out:
@@ -109,6 +123,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="K=V",
         help="a setting for every variant (e.g. data.train_subset=5000)",
     )
+    parser.add_argument(
+        "--teacher",
+        dest="teachers",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="trained runs that teach the distill-* variants (several: an ensemble)",
+    )
     parser.add_argument("--out", type=Path, help="JSON file for the figures")
     parser.add_argument("--doc", type=Path, help="Markdown file with MARKER:start/end lines")
     parser.add_argument("--marker", default="ablation", help="the doc's table marker")
@@ -117,7 +139,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def variant_config(args: argparse.Namespace, sets: list[str]) -> Config:
     """The preset at ``args.epochs`` with its warm-up scaled alike, then the variant's sets."""
-    sets = [s.format(half=args.epochs // 2) for s in sets]
+    teachers = "[" + ", ".join(args.teachers) + "]"
+    sets = [s.format(half=args.epochs // 2, teachers=teachers) for s in sets]
     preset = from_flags(args.preset)
     flags = {"epochs": args.epochs, "data_dir": args.data_dir, "precision": args.precision}
     config = from_flags(args.preset, sets=[*args.sets, *sets], **flags)

@@ -84,8 +84,13 @@ def test_an_unknown_variant_is_refused(ablation, tmp_path):
         ablation.main(["--variants", "dropout", "--runs-dir", str(tmp_path)])
 
 
-def test_every_variant_is_a_valid_config_of_the_preset(ablation):
-    args = ablation.parse_args(["--epochs", "6"])
+def test_a_distillation_variant_needs_teachers(ablation, tmp_path):
+    with pytest.raises(SystemExit, match="'distill-cached' needs --teacher"):
+        ablation.main(["--variants", "distill-cached", "--runs-dir", str(tmp_path)])
+
+
+def test_every_variant_is_a_valid_config_of_the_preset(ablation, tiny_run):
+    args = ablation.parse_args(["--epochs", "6", "--teacher", str(tiny_run)])
     configs = {
         name: ablation.variant_config(args, sets) for name, (_, sets) in ablation.VARIANTS.items()
     }
@@ -97,3 +102,7 @@ def test_every_variant_is_a_valid_config_of_the_preset(ablation):
     assert all(c.train.epochs == 6 for c in configs.values())
     resize = configs["progressive-resize"].train
     assert (resize.resize_start, resize.resize_epochs) == (24, 3)  # half of --epochs 6
+    cached, online = configs["distill-cached"].distill, configs["distill-online"].distill
+    assert cached.teachers == online.teachers == (str(tiny_run),)
+    assert (cached.mode, cached.views, online.mode) == ("cached", 4, "online")
+    assert configs["baseline"].distill.teachers == ()
