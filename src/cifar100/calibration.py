@@ -112,46 +112,28 @@ def load_temperature(checkpoint: Path) -> float:
 
 
 def fit_run(
-    trained,
     checkpoint: Path,
-    dataset,
-    tta: bool,
-    device: torch.device,
-    batch_size: int,
-    tta_translate: int = 0,
-) -> tuple[dict[str, Any], torch.Tensor]:
+    plain: torch.Tensor,
+    viewed: torch.Tensor,
+    labels: torch.Tensor,
+    split: dict[str, Any],
+) -> dict[str, Any]:
     """Fit T on the run's own validation split and write RUN/calibration.json.
 
-    The file keeps the temperature of the plain logits (what predict and export compute);
-    the returned one fits the logits the report uses (their TTA views averaged). Those
-    validation logits are returned beside it, so an ensemble can be scored on validation.
+    ``plain``: the checkpoint's validation logits; ``viewed``: the same with the report's
+    TTA views averaged (``plain`` itself without TTA); ``split``: its split_seed,
+    val_fraction and val_images. The file keeps the temperature of the plain logits (what
+    predict and export compute); the returned one fits the logits the report uses.
     """
-    from cifar100.data import make_splits
-    from cifar100.predictions import run_logits
     from cifar100.reports import calibration, softmax
 
-    data = trained.metadata["config_obj"].data
-    val = make_splits(dataset, data.val_fraction, data.split_seed).val
-    run_dir = calibration_file(checkpoint).parent
-
-    def logits(flip: bool, translate: int) -> torch.Tensor:
-        return run_logits(run_dir, trained, val, "val", flip, translate, device, batch_size)
-
-    plain = logits(False, 0)
-    augmented = tta or tta_translate
-    viewed = logits(tta, tta_translate) if augmented else plain
-    labels = val.labels
+    augmented = viewed is not plain
 
     def ece(logits: torch.Tensor, temperature: float) -> float:
         return calibration(softmax(logits / temperature), labels.numpy())["ece"]
 
     t_plain = fit_temperature(plain, labels)
     t_view = fit_temperature(viewed, labels) if augmented else t_plain
-    split = {
-        "split_seed": data.split_seed,
-        "val_fraction": data.val_fraction,
-        "val_images": len(val),
-    }
     save_calibration(
         checkpoint,
         {
@@ -171,4 +153,4 @@ def fit_run(
         "val_ece_before": ece(viewed, 1.0),
         "val_ece_after": ece(viewed, t_view),
     }
-    return fit, viewed
+    return fit

@@ -20,7 +20,7 @@ from cifar100.data import Cifar100, load_cifar100, make_splits
 from cifar100.device import select_device
 from cifar100.ensembles import select_members
 from cifar100.errors import UserError
-from cifar100.predictions import run_logits
+from cifar100.predictions import run_logits, validation_logits
 from cifar100.recipes import check_device
 from cifar100.report_files import make_figures, write_report
 from cifar100.reports import (
@@ -178,18 +178,18 @@ def temperature_scaling(
     labels = dataset.test.labels.numpy()
     members, scaled, val_logits = [], [], []
     for trained, run_dir, member_logits in zip(models, run_dirs, logits, strict=True):
-        fit, member_val_logits = fit_run(
-            trained,
-            checkpoint_path(run_dir),
-            dataset,
-            tta,
-            select_device(device),
-            batch_size,
-            tta_translate,
+        val, plain, viewed = validation_logits(
+            run_dir, trained, dataset, tta, tta_translate, select_device(device), batch_size
         )
+        split = {
+            "split_seed": trained.metadata["config_obj"].data.split_seed,
+            "val_fraction": trained.metadata["config_obj"].data.val_fraction,
+            "val_images": len(val),
+        }
+        fit = fit_run(checkpoint_path(run_dir), plain, viewed, val.labels, split)
         members.append({"run": str(run_dir), **fit})
         scaled.append(member_logits / fit["temperature"])
-        val_logits.append(member_val_logits.numpy())
+        val_logits.append(viewed.numpy())
     before, after = ensemble_probs(logits, weights), ensemble_probs(scaled, weights)
     scaling = {
         "fitted_on": "validation split",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cifar100.batches import ImageBatches
-from cifar100.data import Split
+from cifar100.data import Cifar100, Split, make_splits
 from cifar100.download import file_digest
 from cifar100.engine import predict_logits
 from cifar100.trained import TrainedModel, checkpoint_path
@@ -115,3 +115,23 @@ def _write(path: Path, values: dict[str, Any]) -> None:
             "computes them again",
             file=sys.stderr,
         )
+
+
+def validation_logits(
+    run_dir: Path,
+    trained: TrainedModel,
+    dataset: Cifar100,
+    tta_flip: bool,
+    tta_translate: int,
+    device: torch.device,
+    batch_size: int,
+) -> tuple[Split, torch.Tensor, torch.Tensor]:
+    """The run's own validation split, its plain logits, and its logits with the TTA views
+    averaged (the plain tensor itself when there are no views)."""
+    data = trained.metadata["config_obj"].data
+    val = make_splits(dataset, data.val_fraction, data.split_seed).val
+    plain = run_logits(run_dir, trained, val, "val", False, 0, device, batch_size)
+    if not (tta_flip or tta_translate):
+        return val, plain, plain
+    viewed = run_logits(run_dir, trained, val, "val", tta_flip, tta_translate, device, batch_size)
+    return val, plain, viewed
