@@ -112,6 +112,12 @@ def test_the_report_scores_the_runs_on_their_validation_split(calibrated_run, fa
     same = validation_accuracy([trained, trained], both, dataset)
     assert same["val_top1"] == pytest.approx(expected)
 
+    # A refit trained on its validation images too: no figure, not a flattering one.
+    refit = load_trained(run_dir, torch.device("cpu"))
+    refit.metadata["config_obj"] = replace(config, train=replace(config.train, refit=True))
+    assert refit.validation_split is None
+    assert validation_accuracy([refit, refit], both, dataset) == {}
+
 
 def _image(tmp_path: Path) -> Path:
     from PIL import Image

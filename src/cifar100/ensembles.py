@@ -104,13 +104,13 @@ def shared_split(run_dirs: list[Path], models: list[TrainedModel]) -> tuple[floa
     """(val_fraction, split_seed) that every run was trained with; a UserError otherwise."""
     splits = {}
     for run_dir, model in zip(run_dirs, models, strict=True):
-        data = model.metadata["config_obj"].data
-        if model.metadata["config_obj"].train.refit:
+        split = model.validation_split
+        if split is None:
             raise UserError(
                 f"{run_dir}: trained on every training image (refit), so it has no "
                 "validation images to be selected on"
             )
-        splits.setdefault((data.val_fraction, data.split_seed), run_dir)
+        splits.setdefault(split, run_dir)
     if len(splits) > 1:
         described = "; ".join(f"{run}: {f:g} with seed {s}" for (f, s), run in splits.items())
         raise UserError(

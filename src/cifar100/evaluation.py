@@ -120,7 +120,7 @@ def _can_calibrate(run_dirs: list[Path], models: list[TrainedModel]) -> bool:
     refits = [
         str(run_dir)
         for run_dir, trained in zip(run_dirs, models, strict=True)
-        if trained.metadata["config_obj"].train.refit
+        if trained.validation_split is None
     ]
     if refits:
         print(
@@ -210,13 +210,10 @@ def validation_accuracy(
 ) -> dict[str, float]:
     """Top-1 and top-5 of the runs (averaged as on the test set, same TTA) on the validation
     split they share: what chooses an ensemble's members or its TTA without the test set.
-    Empty when their splits differ: one run's validation images would be another's training
-    images, and the figure would flatter the ensemble."""
-    splits = {
-        (m.metadata["config_obj"].data.val_fraction, m.metadata["config_obj"].data.split_seed)
-        for m in models
-    }
-    if len(splits) != 1:
+    Empty when their splits differ or one was refit: one run's validation images would be
+    another's (or its own) training images, and the figure would flatter the ensemble."""
+    splits = {m.validation_split for m in models}
+    if len(splits) != 1 or None in splits:
         return {}
     ((fraction, seed),) = splits
     labels = make_splits(dataset, fraction, seed).val.labels.numpy()

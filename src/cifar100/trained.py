@@ -47,6 +47,15 @@ class TrainedModel:
 
         return nn.Sequential(self.preprocess, self.model, Temperature(self.temperature)).eval()
 
+    @property
+    def validation_split(self) -> tuple[float, int] | None:
+        """(val_fraction, split_seed) of the images it never trained on; None after a refit,
+        which trained on every training image and so has no held-out images left."""
+        config = self.metadata["config_obj"]
+        if config.train.refit:
+            return None
+        return config.data.val_fraction, config.data.split_seed
+
 
 def checkpoint_path(run_or_file: str | Path) -> Path:
     path = Path(run_or_file)
