@@ -24,11 +24,13 @@ def test_rows_pair_the_coursework_recipe_with_the_best_other_record():
         _record("cnn-fast-60min", "cnn-fast", 0.72, 52),
         _record("mobilenetv2-stage1-160px", "mobilenetv2", 0.71, 13),
         {**_record("both", "cnn-fast + mobilenetv2", 0.8, 60), "members": []},
+        {**_record("student", "cnn-fast", 0.74, 56), "distill": {"teachers": [{}]}},
     ]
     cnn, mobilenet = coursework_table(records).strip().splitlines()[2:]
     assert "50.00% (`cnn-seed`) | 40 min | 72.00% (`cnn-fast-60min`) | 52 min" in cnn
     assert "not recorded yet" in mobilenet and "71.00% (`mobilenetv2-stage1-160px`)" in mobilenet
     assert "both" not in mobilenet  # an ensemble is not one model
+    assert "student" not in cnn  # it learned from a pre-trained teacher: not from scratch
 
 
 def test_readme_gets_both_tables(tmp_path, capsys):

@@ -28,12 +28,19 @@ def _result(record: dict[str, Any] | None) -> tuple[str, str]:
 
 def coursework_table(records: list[dict[str, Any]]) -> str:
     """Markdown rows: the coursework recipe's record (named after its preset) and the best
-    other single-model record of the same kinds, by test top-1."""
+    other single-model record of the same kinds, by test top-1. Ensembles and distilled
+    students are left out: the rows compare one model trained on the labels alone (a
+    student's teacher was itself pre-trained, which "from scratch" rules out)."""
     lines = []
     for label, preset, models in ROWS:
         seed = next((r for r in records if r.get("name") == preset), None)
         others = [
-            r for r in records if r.get("model") in models and r is not seed and "members" not in r
+            r
+            for r in records
+            if r.get("model") in models
+            and r is not seed
+            and "members" not in r
+            and not r.get("distill")
         ]
         best = max(others, key=lambda r: r["test_top1"], default=None)
         lines.append(f"| {label} | {' | '.join(_result(seed))} | {' | '.join(_result(best))} |")
