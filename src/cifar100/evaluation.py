@@ -181,11 +181,8 @@ def temperature_scaling(
         val, plain, viewed = validation_logits(
             run_dir, trained, dataset, tta, tta_translate, select_device(device), batch_size
         )
-        split = {
-            "split_seed": trained.metadata["config_obj"].data.split_seed,
-            "val_fraction": trained.metadata["config_obj"].data.val_fraction,
-            "val_images": len(val),
-        }
+        fraction, seed = trained.validation_split
+        split = {"split_seed": seed, "val_fraction": fraction, "val_images": len(val)}
         fit = fit_run(checkpoint_path(run_dir), plain, viewed, val.labels, split)
         members.append({"run": str(run_dir), **fit})
         scaled.append(member_logits / fit["temperature"])

@@ -23,6 +23,7 @@ from cifar100.batches import ImageBatches
 from cifar100.data import Cifar100, Split, make_splits
 from cifar100.download import file_digest
 from cifar100.engine import predict_logits
+from cifar100.errors import UserError
 from cifar100.trained import TrainedModel, checkpoint_path
 
 FOLDER = "predictions"
@@ -128,8 +129,10 @@ def validation_logits(
 ) -> tuple[Split, torch.Tensor, torch.Tensor]:
     """The run's own validation split, its plain logits, and its logits with the TTA views
     averaged (the plain tensor itself when there are no views)."""
-    data = trained.metadata["config_obj"].data
-    val = make_splits(dataset, data.val_fraction, data.split_seed).val
+    split = trained.validation_split
+    if split is None:
+        raise UserError(f"{run_dir}: trained on every training image (refit): no validation split")
+    val = make_splits(dataset, *split).val
     plain = run_logits(run_dir, trained, val, "val", False, 0, device, batch_size)
     if not (tta_flip or tta_translate):
         return val, plain, plain
