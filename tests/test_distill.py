@@ -150,6 +150,9 @@ def test_cached_logits_belong_to_the_views_the_student_is_shown():
     with pytest.raises(RuntimeError, match="other than the one served"):
         batches.teacher_logits(indices.clone())
     assert fill_logits(cache, lambda n: _probe, images, rows, draws, policy, CPU) == 0
+    assert cache.seconds > 0  # computing cost time, and the file keeps it
+    reopened = open_logits(cache.key, len(images), 100)
+    assert reopened.seconds == cache.seconds
 
 
 def test_a_cache_file_is_reused_and_a_foreign_or_damaged_one_recomputed(capsys):
@@ -253,3 +256,10 @@ def test_cached_teacher_logits_are_computed_once_for_the_training_images(
     second = _student(fake_data_dir, tmp_path / "b", tiny_run, *cached, "--seed", "1")
     assert second["distill"]["logits_computed"] == 0  # reused
     assert second["distill"]["cache_files"] == first["cache_files"]
+    # The file keeps its own cost: the run that read it reports what the first one paid,
+    # and the results table adds it to the teacher's time (the first run's minutes hold it).
+    assert second["distill"]["cache_seconds"] == first["cache_seconds"] > [0]
+    assert "teacher logits" not in table_row(make_record(tmp_path / "a"))[4]
+    reader = make_record(tmp_path / "b")
+    reader["distill"]["cache_seconds"] = [600.0]  # as if the first run had taken 10 minutes
+    assert table_row(reader)[4].endswith(" + 10.0 min teacher logits")

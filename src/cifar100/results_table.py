@@ -50,13 +50,26 @@ def _duration(minutes: float | None) -> str:
 
 def _teacher_cost(record: dict[str, Any]) -> str:
     """A distilled run's teachers' own training time, beside the student's."""
-    teachers = (record.get("distill") or {}).get("teachers") or []
+    distill = record.get("distill") or {}
+    teachers = distill.get("teachers") or []
     if not teachers:
         return ""
     minutes = [t.get("train_minutes") for t in teachers]
     if None in minutes:
-        return " + teacher (time unknown)"
-    return f" + {_duration(sum(minutes))} teacher{'s' * (len(minutes) > 1)}"
+        return " + teacher (time unknown)" + _logits_cost(distill)
+    return f" + {_duration(sum(minutes))} teacher{'s' * (len(minutes) > 1)}" + _logits_cost(distill)
+
+
+def _logits_cost(distill: dict[str, Any]) -> str:
+    """Cached teacher logits that an earlier run computed: a cost the student's minutes
+    do not hold (what this run computed itself is in them, as ``logits_seconds``)."""
+    cache = distill.get("cache_seconds")
+    if not cache:  # online teachers, or a record from before the cost was kept
+        return ""
+    if None in cache:
+        return " + teacher logits (time unknown)"
+    earlier = sum(cache) - distill.get("logits_seconds", 0)
+    return f" + {_duration(earlier / 60)} teacher logits" if earlier >= 3 else ""
 
 
 def table_row(record: dict[str, Any]) -> list[str]:

@@ -104,12 +104,21 @@ class LogitCache:
     key: dict[str, Any]
     logits: torch.Tensor  # (views, N, classes) float16: half the file, targets unchanged
     done: torch.Tensor  # (views, N) bool
+    # Seconds spent computing what is stored, by every run that filled it: a later run that
+    # reads the file pays nothing, so its record reports this one-off cost instead. None for
+    # files written before the cost was kept (unknown).
+    seconds: float | None = 0.0
 
     def missing(self, view: int, rows: torch.Tensor) -> torch.Tensor:
         return rows[~self.done[view][rows]]
 
     def save(self) -> None:
-        save_checkpoint({"key": self.key, "logits": self.logits, "done": self.done}, self.path)
+        state = {"key": self.key, "logits": self.logits, "done": self.done, "seconds": self.seconds}
+        save_checkpoint(state, self.path)
+
+    def charge(self, seconds: float) -> None:
+        if self.seconds is not None:
+            self.seconds += seconds
 
 
 def open_logits(key: dict[str, Any], rows: int, classes: int) -> LogitCache:
@@ -119,7 +128,8 @@ def open_logits(key: dict[str, Any], rows: int, classes: int) -> LogitCache:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if state["key"] == key and tuple(state["logits"].shape) == shape:
-                return LogitCache(path, key, state["logits"], state["done"])
+                seconds = state.get("seconds")
+                return LogitCache(path, key, state["logits"], state["done"], seconds)
             why = "made for other settings"
         except Exception as error:  # noqa: BLE001  (a cache: any damage means recompute)
             why = f"unreadable ({type(error).__name__})"
@@ -152,6 +162,15 @@ def fill_logits(
         file=sys.stderr,
         flush=True,
     )
+    clock = time.perf_counter()
+
+    def charge_and_save() -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        cache.charge(now - clock)
+        clock = now
+        cache.save()
+
     runner, progress = runner_of(total), Progress(total, "teacher logits")
     try:
         for view, index in enumerate(todo):
@@ -162,15 +181,15 @@ def fill_logits(
                 cache.logits[view, part] = runner(batch).half().cpu()
                 cache.done[view, part] = True
                 if progress.update(len(part)):
-                    cache.save()
+                    charge_and_save()
     except KeyboardInterrupt as stop:
-        cache.save()
+        charge_and_save()
         raise interrupted(
             stop, f"{progress.done:,} teacher logits saved; the next run continues from there"
         ) from None
     finally:
         progress.close()
-    cache.save()
+    charge_and_save()
     return total
 
 
@@ -228,13 +247,14 @@ def cached_teacher(
     """The training batches in their views, their cached teacher, and what it cost.
 
     The time spent computing logits counts as this run's training time (as the feature
-    extraction of transfer stage 1 does); a run that finds them cached pays nothing.
+    extraction of transfer stage 1 does); a run that finds them cached pays nothing here,
+    and records each file's own cost (``cache_seconds``, whoever paid it) instead.
     Under torchrun rank 0 computes and saves while the others wait, then read the files.
     """
     cfg, full, rows = run.config.distill, run.dataset.train, run.splits.train_index
     policy = view_policy(run.config.augment)
     draws = view_draws(policy, cfg.views, cfg.view_seed, len(full))
-    started, computed, logits, files = time.perf_counter(), 0, [], []
+    started, computed, logits, files, costs = time.perf_counter(), 0, [], [], []
     for teacher in teachers:
         key = cache_key(teacher.sha256, full.images, policy, cfg.views, cfg.view_seed, run.autocast)
         classes = len(teacher.trained.class_names)
@@ -248,6 +268,7 @@ def cached_teacher(
             cache = open_logits(key, len(full), classes)
         logits.append(cache.logits[:, rows].to(run.device))
         files.append(cache.path.name)
+        costs.append(None if cache.seconds is None else round(cache.seconds, 3))
     seconds = time.perf_counter() - started
     run.elapsed += seconds
     own_draws = draws.map(lambda d: d[:, rows].to(run.device))
@@ -261,6 +282,8 @@ def cached_teacher(
         "cache_files": files,
         "logits_computed": computed,
         "logits_seconds": round(seconds, 1),
+        # Whichever run computed them: with logits_seconds, what this run's minutes lack.
+        "cache_seconds": costs,
     }
     return batches, soft, extra
 
