@@ -56,8 +56,10 @@ def _teacher_cost(record: dict[str, Any]) -> str:
         return ""
     minutes = [t.get("train_minutes") for t in teachers]
     if None in minutes:
-        return " + teacher (time unknown)" + _logits_cost(distill)
-    return f" + {_duration(sum(minutes))} teacher{'s' * (len(minutes) > 1)}" + _logits_cost(distill)
+        cost = " + teacher (time unknown)"
+    else:
+        cost = f" + {_duration(sum(minutes))} teacher{'s' * (len(minutes) > 1)}"
+    return cost + _logits_cost(distill)
 
 
 def _logits_cost(distill: dict[str, Any]) -> str:

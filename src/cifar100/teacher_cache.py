@@ -116,10 +116,6 @@ class LogitCache:
         state = {"key": self.key, "logits": self.logits, "done": self.done, "seconds": self.seconds}
         save_checkpoint(state, self.path)
 
-    def charge(self, seconds: float) -> None:
-        if self.seconds is not None:
-            self.seconds += seconds
-
 
 def open_logits(key: dict[str, Any], rows: int, classes: int) -> LogitCache:
     """The cache for ``key``, or an empty one; a damaged or foreign file is not trusted."""
@@ -162,13 +158,11 @@ def fill_logits(
         file=sys.stderr,
         flush=True,
     )
-    clock = time.perf_counter()
+    spent_before, started = cache.seconds, time.perf_counter()
 
-    def charge_and_save() -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        cache.charge(now - clock)
-        clock = now
+    def save() -> None:
+        if spent_before is not None:  # an old file's cost stays unknown
+            cache.seconds = spent_before + time.perf_counter() - started
         cache.save()
 
     runner, progress = runner_of(total), Progress(total, "teacher logits")
@@ -181,15 +175,15 @@ def fill_logits(
                 cache.logits[view, part] = runner(batch).half().cpu()
                 cache.done[view, part] = True
                 if progress.update(len(part)):
-                    charge_and_save()
+                    save()
     except KeyboardInterrupt as stop:
-        charge_and_save()
+        save()
         raise interrupted(
             stop, f"{progress.done:,} teacher logits saved; the next run continues from there"
         ) from None
     finally:
         progress.close()
-    charge_and_save()
+    save()
     return total
 
 
