@@ -43,7 +43,12 @@ from cifar100.plans import build_cnn_stage
 from cifar100.preprocess import Preprocess
 from cifar100.speed import compile_model, speed_up, sync_interval
 
-PRESETS = ["resnet18-gpu", "cnn-fast", "mobilenetv2-finetune-gpu"]
+PRESETS = [
+    "resnet18-gpu",
+    "cnn-fast",
+    "mobilenetv2-finetune-gpu",
+    "efficientnet-lite0-finetune-gpu",
+]
 
 
 def drain(device: torch.device) -> None:

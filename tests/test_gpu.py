@@ -88,9 +88,11 @@ def test_gpu_presets_build_and_step_on_cpu():
         lambda s: False,
     )
     assert state.step == 2 and torch.isfinite(torch.tensor(state.loss_sum))
-    finetune = load_config("mobilenetv2-finetune-gpu")
-    assert model_spec(finetune.model.name).pretrained and finetune.model.image_size == 224
-    build_model(finetune.model)
+    for preset in ("mobilenetv2-finetune-gpu", "efficientnet-lite0-finetune-gpu"):
+        finetune = load_config(preset)
+        assert model_spec(finetune.model.name).pretrained and finetune.model.image_size == 224
+        assert finetune.transfer.stage2_epochs > 0 and finetune.train.batch_size == 256
+        build_model(finetune.model)
 
 
 def test_compile_falls_back_to_the_plain_model_when_unavailable(monkeypatch, capsys):

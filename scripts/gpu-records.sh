@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU records in one command, for a CUDA machine (issues 11 and 19): run the `gpu`
+# tests, then train each preset named, quickest-to-matter first, and write each run's record
+# (`cifar100 compare --record`) and one log into $OUT. Commit first: a record names the
+# commit it was trained from, and one from a dirty tree does not count.
+#
+#   bash scripts/gpu-records.sh [PRESET ...]
+#
+# Default presets: efficientnet-lite0-finetune-gpu cnn-fast mobilenetv2-finetune-gpu
+# resnet18-gpu. Environment:
+#   CIFAR100_DATA    folder holding cifar-100-python/ (unset: the download cache)
+#   CIFAR100_PARTS   folder of parts made by ../shared/gpu/stage-cifar100.sh: checked against
+#                    its parts.md5, unpacked into $CIFAR100_DATA, the files' md5 checked
+#   CIFAR100_WEIGHTS, CIFAR100_EFFICIENTNET_LITE0_WEIGHTS   ImageNet weights (unset: cache,
+#                    then download)
+#   OUT              where records and the log go (default gpu-records/)
+#   PYTHON           an interpreter whose torch sees the GPU (default python3)
+#   SKIP_TESTS=1     train only; THROUGHPUT=1 also runs benchmarks/gpu_throughput.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+out=${OUT:-gpu-records}
+log="$out/gpu-records.log"
+mkdir -p "$out"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+fail() { echo "gpu-records: $*" | tee -a "$log" >&2; exit 1; }
+
+unpack_parts() {
+    [[ -n ${CIFAR100_DATA:-} ]] || fail "CIFAR100_PARTS needs CIFAR100_DATA, the folder to unpack into"
+    (cd "$CIFAR100_PARTS" && md5sum --quiet -c parts.md5) || fail "$CIFAR100_PARTS: a part is missing or damaged"
+    mkdir -p "$CIFAR100_DATA"
+    cat "$CIFAR100_PARTS"/part-* | tar -x --no-same-owner -C "$CIFAR100_DATA"
+    # The sums ../shared/gpu/README.md gives for the rebuilt files.
+    (cd "$CIFAR100_DATA/cifar-100-python" && md5sum --quiet -c - <<'SUMS') || fail "$CIFAR100_DATA: rebuilt files differ"
+b06947c30de70f5eb3c05a4cad474eb6  train
+b3709b5663d5f61ee1887a2528c97ded  test
+7973b15100ade9c7d40fb424638fde48  meta
+SUMS
+}
+
+[[ -z ${CIFAR100_PARTS:-} ]] || unpack_parts
+"$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
+    || fail "$python: its torch does not see a CUDA GPU"
+commit=$(git rev-parse HEAD 2>/dev/null || echo "no git")
+[[ -z $(git status --porcelain --untracked-files=no 2>/dev/null) ]] || commit="$commit-dirty"
+echo "gpu-records: commit $commit, $(date -u '+%F %T UTC')" | tee -a "$log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log" || true
+
+if [[ -z ${SKIP_TESTS:-} ]]; then
+    # A failing test is logged, not fatal: the records still say what ran and how fast.
+    "$python" -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee -a "$log" \
+        || echo "gpu-records: gpu tests FAILED (above)" | tee -a "$log"
+fi
+if [[ -n ${THROUGHPUT:-} ]]; then
+    "$python" benchmarks/gpu_throughput.py --compile 2>&1 | tee "$out/gpu_throughput.txt"
+fi
+
+data_flag=()
+[[ -z ${CIFAR100_DATA:-} ]] || data_flag=(--data-dir "$CIFAR100_DATA")
+presets=("$@")
+[[ ${#presets[@]} -gt 0 ]] || presets=(efficientnet-lite0-finetune-gpu cnn-fast mobilenetv2-finetune-gpu resnet18-gpu)
+gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name().split()[-1].lower())' | tr -c 'a-z0-9\n' '-')
+mkdir -p runs
+for preset in "${presets[@]}"; do
+    # A new folder each time: a trained run is never overwritten.
+    run="runs/$preset-$gpu-$(date -u +%Y%m%d-%H%M%S)"
+    echo "== $preset -> $run" | tee -a "$log"
+    "$python" -m cifar100 train --preset "$preset" "${data_flag[@]}" --run-dir "$run" --json 2>&1 | tee -a "$log"
+    "$python" -m cifar100 compare --record "$run" --to "$out/$preset-$gpu.json" 2>&1 | tee -a "$log"
+done

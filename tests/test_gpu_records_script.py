@@ -1,0 +1,62 @@
+"""scripts/gpu-records.sh's receiving end: parts checked, unpacked and verified, then a
+clear stop where no GPU is visible (the training half runs on a GPU machine only)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu-records.sh"
+
+
+@pytest.fixture(scope="module")
+def parts(shared_dir, tmp_path_factory) -> Path:
+    """The real data set cut into parts by ../shared's own staging script."""
+    stage = shared_dir / "gpu" / "stage-cifar100.sh"
+    if not stage.exists():
+        pytest.skip(f"{stage} is absent")
+    root = tmp_path_factory.mktemp("staging")
+    (root / ".git" / "info").mkdir(parents=True)
+    subprocess.run(["bash", str(stage)], cwd=root, check=True, capture_output=True)
+    return root / ".gpu-data"
+
+
+def run_script(parts: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "CIFAR100_PARTS": str(parts),
+        "CIFAR100_DATA": str(data),
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "CUDA_VISIBLE_DEVICES": "",  # this test is about the CPU-side half
+    }
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+
+
+def test_parts_are_rebuilt_and_a_missing_gpu_stops_cleanly(parts, real_data_dir, tmp_path):
+    result = run_script(parts, tmp_path / "data", tmp_path / "out")
+    assert result.returncode == 1
+    assert "does not see a CUDA GPU" in result.stderr
+    assert "Traceback" not in result.stderr
+    rebuilt = tmp_path / "data" / "cifar-100-python"
+    for name in ("train", "test", "meta"):  # the script checked their md5 before stopping
+        original = real_data_dir / "cifar-100-python" / name
+        assert (rebuilt / name).read_bytes() == original.read_bytes()
+    assert not (ROOT / "runs" / "gpu-records").exists()
+
+
+def test_a_damaged_part_is_named_and_nothing_is_unpacked(parts, tmp_path):
+    damaged = tmp_path / "parts"
+    damaged.mkdir()
+    for part in parts.iterdir():
+        data = part.read_bytes()
+        if part.name == "part-01":
+            data = data[:-1000]  # a transfer cut short
+        (damaged / part.name).write_bytes(data)
+    result = run_script(damaged, tmp_path / "data", tmp_path / "out")
+    assert result.returncode == 1
+    assert f"{damaged}: a part is missing or damaged" in result.stderr
+    assert not (tmp_path / "data").exists()
