@@ -7,10 +7,13 @@ and the number of forward passes per image each costs. The chosen setting then g
 ``train.tta_translate`` / ``evaluate --tta-translate``; the test set is read once, by the
 run or by ``cifar100 evaluate``.
 
-    python benchmarks/tta_views.py RUN_DIR [--data-dir DIR] [--translate 0 1 2] [--doc FILE]
+    python benchmarks/tta_views.py RUN_DIR [--data-dir DIR] [--translate 0 1 2] [--flip on off]
+                                   [--doc FILE [--marker NAME]]
 
-``--doc FILE`` also writes the table, as Markdown, between the ``<!-- tta:start -->`` and
-``<!-- tta:end -->`` lines of FILE (docs/tta.md), so the doc's figures are never typed.
+``--doc FILE`` also writes the table, as Markdown, between the ``<!-- NAME:start -->`` and
+``<!-- NAME:end -->`` lines of FILE (``--marker``, default ``tta``: docs/tta.md), so the
+doc's figures are never typed. ``--flip on`` skips the unmirrored settings, which halves
+the cost for a large network whose question is only how much the shifts add.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="folder holding cifar-100-python/")
     parser.add_argument("--translate", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--doc", type=Path, help="Markdown file with tta:start/end markers")
+    parser.add_argument("--flip", nargs="+", choices=["off", "on"], default=["off", "on"])
+    parser.add_argument("--doc", type=Path, help="Markdown file with NAME:start/end markers")
+    parser.add_argument("--marker", default="tta", help="NAME of the markers in --doc")
     args = parser.parse_args(argv)
 
     trained = load_trained(args.run_dir)
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'flip':>5} {'shift':>5} {'views':>5} {'val top-1':>9} {'val top-5':>9}")
     rows = []
     for translate in args.translate:
-        for flip in (False, True):
+        for flip in (setting == "on" for setting in args.flip):
             logits = predict_logits(
                 trained.model, batches, args.batch_size, tta_flip=flip, tta_translate=translate
             )
@@ -66,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((*row, f"{top1 / len(val):.2%}", f"{top5 / len(val):.2%}"))
             print(f"{row[0]:>5} {row[1]:>5} {row[2]:>5} {rows[-1][3]:>9} {rows[-1][4]:>9}")
     if args.doc:
-        write_doc_table(args.doc, rows)
+        write_doc_table(args.doc, rows, args.marker)
     return 0
 
 
-def write_doc_table(path: Path, rows: list[tuple]) -> None:
+def write_doc_table(path: Path, rows: list[tuple], marker: str = "tta") -> None:
     lines = ["| flip | shift | views | val top-1 | val top-5 |", "|---|--:|--:|--:|--:|"]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    write_between(path, "tta", "\n".join(lines) + "\n")
+    write_between(path, marker, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
