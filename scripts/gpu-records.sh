@@ -16,6 +16,12 @@
 #   OUT              where records and the log go (default gpu-records/)
 #   PYTHON           an interpreter whose torch sees the GPU (default python3)
 #   SKIP_TESTS=1     train only; THROUGHPUT=1 also runs benchmarks/gpu_throughput.py
+#
+# For a machine that receives files in pieces (each transfer at most 64 MiB beside the
+# checkout): stage the data set here (`bash ../shared/gpu/stage-cifar100.sh` -> .gpu-data/),
+# copy each part and parts.md5 into one folder there (say /root/parts), one transfer each,
+# bring the weight files in a last one, then run this with CIFAR100_PARTS=/root/parts
+# CIFAR100_DATA=/root/c100 and the two weight variables pointing at them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
