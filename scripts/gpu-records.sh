@@ -15,7 +15,11 @@
 #                    then download)
 #   OUT              where records and the log go (default gpu-records/)
 #   PYTHON           an interpreter whose torch sees the GPU (default python3)
+#   TRAIN_ARGS       more `cifar100 train` flags for every preset, e.g.
+#                    "--set transfer.stage2_epochs=20 --set train.compile=true"
+#   RUNS             where the run folders go (default runs/)
 #   SKIP_TESTS=1     train only; THROUGHPUT=1 also runs benchmarks/gpu_throughput.py
+#   ALLOW_CPU=1      go on without a GPU (records named "cpu"): the script's own test
 #
 # For a machine that receives files in pieces (each transfer at most 64 MiB beside the
 # checkout): stage the data set here (`bash ../shared/gpu/stage-cifar100.sh` -> .gpu-data/),
@@ -46,8 +50,9 @@ SUMS
 }
 
 [[ -z ${CIFAR100_PARTS:-} ]] || unpack_parts
-"$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \
-    || fail "$python: its torch does not see a CUDA GPU"
+gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name().split()[-1].lower()
+      if torch.cuda.is_available() else "cpu")' | tr -c 'a-z0-9\n' '-')
+[[ $gpu != cpu || -n ${ALLOW_CPU:-} ]] || fail "$python: its torch does not see a CUDA GPU"
 commit=$(git rev-parse HEAD 2>/dev/null || echo "no git")
 [[ -z $(git status --porcelain --untracked-files=no 2>/dev/null) ]] || commit="$commit-dirty"
 echo "gpu-records: commit $commit, $(date -u '+%F %T UTC')" | tee -a "$log"
@@ -66,12 +71,22 @@ data_flag=()
 [[ -z ${CIFAR100_DATA:-} ]] || data_flag=(--data-dir "$CIFAR100_DATA")
 presets=("$@")
 [[ ${#presets[@]} -gt 0 ]] || presets=(efficientnet-lite0-finetune-gpu cnn-fast mobilenetv2-finetune-gpu resnet18-gpu)
-gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name().split()[-1].lower())' | tr -c 'a-z0-9\n' '-')
-mkdir -p runs
+runs=${RUNS:-runs}
+mkdir -p "$runs"
+status=0
 for preset in "${presets[@]}"; do
     # A new folder each time: a trained run is never overwritten.
-    run="runs/$preset-$gpu-$(date -u +%Y%m%d-%H%M%S)"
+    run="$runs/$preset-$gpu-$(date -u +%Y%m%d-%H%M%S)"
     echo "== $preset -> $run" | tee -a "$log"
-    "$python" -m cifar100 train --preset "$preset" "${data_flag[@]}" --run-dir "$run" --json 2>&1 | tee -a "$log"
-    "$python" -m cifar100 compare --record "$run" --to "$out/$preset-$gpu.json" 2>&1 | tee -a "$log"
+    # A preset that fails is logged and the next one still runs (device time is scarce).
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags: split on spaces
+    if "$python" -m cifar100 train --preset "$preset" "${data_flag[@]}" ${TRAIN_ARGS:-} \
+        --run-dir "$run" --json 2>&1 | tee -a "$log" \
+        && "$python" -m cifar100 compare --record "$run" --to "$out/$preset-$gpu.json" 2>&1 \
+        | tee -a "$log"; then
+        continue
+    fi
+    echo "gpu-records: $preset FAILED (above)" | tee -a "$log"
+    status=1
 done
+exit $status

@@ -1,6 +1,8 @@
-"""scripts/gpu-records.sh's receiving end: parts checked, unpacked and verified, then a
-clear stop where no GPU is visible (the training half runs on a GPU machine only)."""
+"""scripts/gpu-records.sh: parts checked, unpacked and verified, a clear stop where no GPU
+is visible, and (ALLOW_CPU, fake data) the training half: a record per preset, a failing
+preset logged without stopping the next."""
 
+import json
 import os
 import subprocess
 import sys
@@ -24,16 +26,20 @@ def parts(shared_dir, tmp_path_factory) -> Path:
     return root / ".gpu-data"
 
 
-def run_script(parts: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+def run_script(
+    parts: Path | None, data: Path, out: Path, *presets: str, **env: str
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
-        "CIFAR100_PARTS": str(parts),
         "CIFAR100_DATA": str(data),
         "OUT": str(out),
         "PYTHON": sys.executable,
-        "CUDA_VISIBLE_DEVICES": "",  # this test is about the CPU-side half
+        "PYTHONPATH": str(ROOT / "src"),
+        "CUDA_VISIBLE_DEVICES": "",  # whatever the machine, no GPU is visible here
+        **({"CIFAR100_PARTS": str(parts)} if parts else {}),
+        **env,
     }
-    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+    return subprocess.run(["bash", str(SCRIPT), *presets], env=env, capture_output=True, text=True)
 
 
 def test_parts_are_rebuilt_and_a_missing_gpu_stops_cleanly(parts, real_data_dir, tmp_path):
@@ -60,3 +66,26 @@ def test_a_damaged_part_is_named_and_nothing_is_unpacked(parts, tmp_path):
     assert result.returncode == 1
     assert f"{damaged}: a part is missing or damaged" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_each_preset_gets_a_record_and_a_failure_does_not_stop_the_next(fake_data_dir, tmp_path):
+    tiny = "--epochs 1 --set model.widths=[8,16,32,32] --set train.batch_size=100"
+    result = run_script(
+        None,
+        fake_data_dir,
+        tmp_path / "out",
+        "no-such-preset",
+        "quick",
+        ALLOW_CPU="1",
+        SKIP_TESTS="1",
+        RUNS=str(tmp_path / "runs"),
+        TRAIN_ARGS=tiny,
+    )
+    log = (tmp_path / "out" / "gpu-records.log").read_text()
+    assert result.returncode == 1, log
+    assert "gpu-records: no-such-preset FAILED" in log
+    record = json.loads((tmp_path / "out" / "quick-cpu.json").read_text())
+    assert record["model"] == "cnn-fast" and 0 <= record["test_top1"] <= 1
+    assert record["config"]["train"]["epochs"] == 1  # TRAIN_ARGS reached the run
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("quick-cpu-") and (run / "config.yaml").exists()
