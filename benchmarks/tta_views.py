@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from cifar100.allocator import tune_allocator
 from cifar100.batches import ImageBatches
 from cifar100.data import load_cifar100, make_splits
 from cifar100.engine import predict_logits, topk_correct, tta_views
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {shlex.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"date:    {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
     print(f"cpu:     {cpu_name()}, torch {torch.__version__}, python {platform.python_version()}")
+    print(f"malloc:  {tune_allocator()}")  # load_trained applied it
     print(
         f"run:     {args.run_dir} ({trained.metadata['model_name']}), "
         f"{len(val):,} validation images\n"

@@ -68,3 +68,24 @@ def test_cli_records_the_setting(tiny_run):
     hardware = json.loads((tiny_run / "run.json").read_text())["hardware"]
     assert hardware["allocator"]  # says which setting the run was timed with
     assert "load_average" in hardware
+
+
+def test_loading_a_trained_model_tunes_the_allocator(tiny_run):
+    """API and benchmark callers of load_trained (no CLI start-up) get the setting too."""
+    probe = (
+        "import sys; from cifar100 import allocator; from cifar100.trained import load_trained\n"
+        "before = allocator._applied\n"
+        "load_trained(sys.argv[1])\n"
+        "print(before, '|', allocator._applied)"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in (allocator.ENV, *allocator.GLIBC_ENV)}
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(tiny_run)],
+        env=clean,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    before, after = out.stdout.strip().split(" | ")
+    assert before == "None" and after != "None"

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifar100.allocator import tune_allocator
 from cifar100.checkpoint import CheckpointError, load_checkpoint
 from cifar100.config import ConfigError, from_saved
 from cifar100.models import build_model
@@ -77,6 +78,9 @@ def load_trained(
     ``calibrated=True`` divides its logits by the temperature that ``cifar100 evaluate``
     fitted on the validation split (RUN/calibration.json).
     """
+    # Inference faults its activation buffers in again each batch as training does (2x the
+    # time on a 2-core VM); the CLI tunes at start-up, API and benchmark callers get it here.
+    tune_allocator()
     path = checkpoint_path(run_or_file)
     state = load_checkpoint(path)
     missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
