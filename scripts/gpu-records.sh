@@ -53,8 +53,8 @@ SUMS
 gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name().split()[-1].lower()
       if torch.cuda.is_available() else "cpu")' | tr -c 'a-z0-9\n' '-')
 [[ $gpu != cpu || -n ${ALLOW_CPU:-} ]] || fail "$python: its torch does not see a CUDA GPU"
-commit=$(git rev-parse HEAD 2>/dev/null || echo "no git")
-[[ -z $(git status --porcelain --untracked-files=no 2>/dev/null) ]] || commit="$commit-dirty"
+# The commit exactly as each record will name it (None: no git here, -dirty: not committed).
+commit=$("$python" -c 'from cifar100.runs import git_commit; print(git_commit())')
 echo "gpu-records: commit $commit, $(date -u '+%F %T UTC')" | tee -a "$log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log" || true
 
