@@ -30,11 +30,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from cifar100.config import Config
-from cifar100.recipes import from_flags
-from cifar100.results_table import write_between
-from cifar100.runs import load_run_config, read_json
-from cifar100.training import train
+from cifar100.config.schema import Config
+from cifar100.recipes.flags import from_flags
+from cifar100.records.table import write_between
+from cifar100.runs.folders import load_run_config, read_json
+from cifar100.training.train import train
 
 COURSEWORK_OPTIM = ["optim.optimizer=adam", "optim.lr=0.001", "optim.weight_decay=0"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {

@@ -21,10 +21,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cifar100.augment import augment_batch, to_float
-from cifar100.config import AugmentConfig, ModelConfig
+from cifar100.config.schema import AugmentConfig, ModelConfig
+from cifar100.data.augment import augment_batch, to_float
 from cifar100.models import build_model
-from cifar100.runs import cpu_name
+from cifar100.runs.folders import cpu_name
 
 RECIPES = {
     "flip+translate 4": AugmentConfig(flip=True, translate=4),
@@ -49,7 +49,7 @@ def median_seconds(fn, repeats: int, warmup: int = 1, clock=time.perf_counter) -
 def sample_batch(batch: int, data_dir: str | None) -> torch.Tensor:
     """(B, 3, 32, 32) uint8: real training images when a data folder is given, else noise."""
     if data_dir:
-        from cifar100.data import load_cifar100
+        from cifar100.data.cifar import load_cifar100
 
         return load_cifar100(data_dir, download=False).train.images[:batch].clone()
     return torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)

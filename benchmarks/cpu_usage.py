@@ -15,7 +15,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from cifar100.allocator import ENV, GLIBC_ENV, tune_allocator
+from cifar100.runtime.allocator import ENV, GLIBC_ENV, tune_allocator
 
 
 @dataclass
@@ -65,7 +65,7 @@ def add_allocator_option(parser: argparse.ArgumentParser) -> None:
         choices=[*SETTINGS, "both", "all"],
         default="tuned",
         help="malloc setting: glibc's 'default', the project's 'tuned' "
-        "(cifar100.allocator, mallopt), 'environ' (MALLOC_*_ variables); "
+        "(cifar100.runtime.allocator, mallopt), 'environ' (MALLOC_*_ variables); "
         "'both' = default + tuned, 'all' = the three, one after the other",
     )
 

@@ -1,6 +1,6 @@
 """Data-parallel scaling: one process with T threads vs T processes with one thread each.
 
-Times the real training step (``cifar100.engine.train_step``: batched augmentation,
+Times the real training step (``cifar100.training.engine.train_step``: batched augmentation,
 forward, backward, SGD; under DDP the gradient all-reduce) at the same *global* batch, so
 both set-ups do the same arithmetic per step and the difference is how it is spread:
 intra-op threads in one process, or one process per core with gloo all-reducing the
@@ -31,14 +31,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cifar100 import distributed
-from cifar100.batches import ImageBatches
-from cifar100.config import AugmentConfig, ModelConfig, OptimConfig
-from cifar100.data import Split
-from cifar100.engine import StepContext, train_step
+from cifar100.config.schema import AugmentConfig, ModelConfig, OptimConfig
+from cifar100.data.batches import ImageBatches
+from cifar100.data.cifar import Split
+from cifar100.data.preprocess import Preprocess
 from cifar100.models import build_model
-from cifar100.optim import make_optimizer
-from cifar100.preprocess import Preprocess
+from cifar100.runtime import distributed
+from cifar100.training.engine import StepContext, train_step
+from cifar100.training.optim import make_optimizer
 
 AUGMENT = AugmentConfig(flip=True, translate=2)  # the quick preset's
 
@@ -73,7 +73,14 @@ def worker(rank: int, world: int, threads: int, port: int, args, device_type: st
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), OptimConfig(optimizer="sgd", lr=0.05))
     autocast = torch.bfloat16 if device_type == "cuda" else None
-    ctx = StepContext(optimizer, None, 100, 0.0, AUGMENT, autocast=autocast)
+    ctx = StepContext(
+        optimizer=optimizer,
+        scheduler=None,
+        num_classes=100,
+        label_smoothing=0.0,
+        augment=AUGMENT,
+        autocast=autocast,
+    )
     model = distributed.wrap_model(model, device).train()
     per_rank = args.batch_size // world
     batches = _batches(args.batch_size, device)

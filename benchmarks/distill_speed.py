@@ -35,16 +35,14 @@ from pathlib import Path
 
 import torch
 
-from cifar100.batches import ImageBatches
-from cifar100.config import DistillConfig, load_config
-from cifar100.data import load_cifar100
-from cifar100.distill import OnlineTeacher
-from cifar100.engine import StepContext, train_step
+from cifar100.config.schema import DistillConfig, load_config
+from cifar100.data.batches import ImageBatches
+from cifar100.data.cifar import load_cifar100
+from cifar100.data.preprocess import Preprocess
 from cifar100.models import build_model, input_size, model_spec
-from cifar100.optim import make_optimizer
-from cifar100.preprocess import Preprocess
-from cifar100.runs import cpu_name
-from cifar100.teacher_cache import (
+from cifar100.runs.folders import cpu_name
+from cifar100.training.distill.loss import OnlineTeacher
+from cifar100.training.distill.teacher_cache import (
     CachedTeacher,
     LogitCache,
     ViewBatches,
@@ -52,7 +50,9 @@ from cifar100.teacher_cache import (
     view_draws,
     view_policy,
 )
-from cifar100.teachers import TeacherRunner, load_teacher
+from cifar100.training.distill.teachers import TeacherRunner, load_teacher
+from cifar100.training.engine import StepContext, train_step
+from cifar100.training.optim import make_optimizer
 
 # run as a script, so its own folder is on sys.path: one timing helper for all benchmarks
 from augment_speed import median_seconds  # noqa: E402  (isort: skip)
@@ -72,7 +72,13 @@ def step_rate(batches, teacher, config, args) -> float:
     torch.manual_seed(0)
     model = build_model(config.model).to(memory_format=torch.channels_last).train()
     optimizer = make_optimizer(model.parameters(), config.optim)
-    ctx = StepContext(optimizer, None, 100, config.optim.label_smoothing, config.augment)
+    ctx = StepContext(
+        optimizer=optimizer,
+        scheduler=None,
+        num_classes=100,
+        label_smoothing=config.optim.label_smoothing,
+        augment=config.augment,
+    )
     ctx.teacher = teacher
     generator = torch.Generator().manual_seed(0)
 

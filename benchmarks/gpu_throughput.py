@@ -2,7 +2,7 @@
 
 For each preset it builds the stage ``cifar100 train`` builds (``build_cnn_stage``; for
 MobileNetV2 the fine-tuning stage, with random weights: speed does not depend on them)
-and runs the real loop, ``cifar100.engine.train_one_epoch``, as training does on CUDA:
+and runs the real loop, ``cifar100.training.engine.train_one_epoch``, as training does on CUDA:
 uint8 images resident on the GPU and augmented there (the preset's augmentation, MixUp
 and CutMix included), bf16 autocast, channels_last, cuDNN autotuning, a fused optimizer,
 the weight EMA, host read-backs every ``sync_every`` steps. The images are random uint8.
@@ -34,14 +34,15 @@ from pathlib import Path
 
 import torch
 
-from cifar100.config import Config, load_config
-from cifar100.data import Cifar100, Split, Splits
-from cifar100.engine import EpochState, predict_logits, train_one_epoch
-from cifar100.loop import Run, Stage, eval_model
+from cifar100.config.schema import Config, load_config
+from cifar100.data.cifar import Cifar100, Split, Splits
+from cifar100.data.preprocess import Preprocess
+from cifar100.evaluation.inference import predict_logits
 from cifar100.models import build_model, count_flops, input_size, model_spec
-from cifar100.plans import build_cnn_stage
-from cifar100.preprocess import Preprocess
-from cifar100.speed import compile_model, speed_up, sync_interval
+from cifar100.runtime.speed import compile_model, speed_up, sync_interval
+from cifar100.training.engine import EpochState, train_one_epoch
+from cifar100.training.loop import Run, Stage, eval_model
+from cifar100.training.plans import build_cnn_stage
 
 PRESETS = [
     "resnet18-gpu",
@@ -101,7 +102,7 @@ def random_run(config: Config, device: torch.device, images: int) -> Run:
 def build_stage(run: Run) -> Stage:
     if not model_spec(run.config.model.name).pretrained:
         return build_cnn_stage(run)
-    from cifar100.transfer import finetune_stage  # the fine-tuning stage, all blocks
+    from cifar100.training.transfer import finetune_stage  # the fine-tuning stage, all blocks
 
     torch.manual_seed(0)
     model = build_model(run.config.model).to(run.device, memory_format=torch.channels_last)
@@ -124,11 +125,11 @@ def measure(preset: str, device: torch.device, args: argparse.Namespace, compile
             trained,
             stage.train_batches,
             stage.ctx,
-            batch,
-            order,
-            generator,
-            EpochState(),
-            lambda state: False,
+            batch_size=batch,
+            order=order,
+            generator=generator,
+            state=EpochState(),
+            on_pause=lambda state: False,
             sync_every=every,
         )
 

@@ -4,7 +4,7 @@ For every registered model (random weights: speed does not depend on them), the 
 classifier a user runs, preprocessing included (float [0, 1] 32x32 -> logits), is timed in
 
 * PyTorch, fp32, channels_last, ``torch.inference_mode``;
-* onnxruntime (CPU), on the file ``cifar100.exports.export_onnx`` writes.
+* onnxruntime (CPU), on the file ``cifar100.deploy.exports.export_onnx`` writes.
 
 Throughput is batch size / median batch time; latency is the median over single images.
 Medians, because this CPU may be shared: a neighbour's burst shows up in the mean.
@@ -38,11 +38,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from cifar100.config import ModelConfig
-from cifar100.exports import export_onnx
+from cifar100.config.schema import ModelConfig
+from cifar100.data.preprocess import Preprocess
+from cifar100.deploy.exports import export_onnx
 from cifar100.models import REGISTRY, build_model, count_parameters, model_spec
-from cifar100.preprocess import Preprocess
-from cifar100.runs import hardware
+from cifar100.runs.folders import hardware
 
 # run as a script, so its own folder is on sys.path
 from cpu_usage import (  # noqa: E402  (isort: skip)

@@ -3,7 +3,7 @@
 Both trainers fit the same network (``cnn-seed``: 3 x [2 x Conv3x3-BN-ReLU, MaxPool,
 Dropout], global average pooling, Dropout, Dense 100) with Adam on the same CIFAR-100
 images, with augmentation off and with the seed's (flip, rotation 15, zoom 0.1, contrast
-0.1), at each batch size. The engine runs through ``cifar100.engine.train_one_epoch``
+0.1), at each batch size. The engine runs through ``cifar100.training.engine.train_one_epoch``
 (``ImageBatches.get`` + ``train_step``), exactly what ``cifar100 train`` runs. Keras runs
 ``model.fit`` in a subprocess, because TensorFlow lives in its own virtual environment
 (``--keras-python``); the two never run at the same time. A measured fp32 matmul peak
@@ -184,11 +184,11 @@ def engine_runner(split, order, batch: int, augment: bool):
     """``run(steps)`` for the real training loop on a fresh cnn-seed, Adam 1e-3."""
     import torch
 
-    from cifar100.batches import ImageBatches
-    from cifar100.config import AugmentConfig, ModelConfig
-    from cifar100.engine import EpochState, StepContext, train_one_epoch
+    from cifar100.config.schema import AugmentConfig, ModelConfig
+    from cifar100.data.batches import ImageBatches
+    from cifar100.data.preprocess import Preprocess
     from cifar100.models import build_model, model_spec
-    from cifar100.preprocess import Preprocess
+    from cifar100.training.engine import EpochState, StepContext, train_one_epoch
 
     spec = model_spec("cnn-seed")
     torch.manual_seed(0)
@@ -197,7 +197,13 @@ def engine_runner(split, order, batch: int, augment: bool):
     batches = ImageBatches(
         split, Preprocess(spec.input_size, spec.mean, spec.std), torch.device("cpu"), aug
     )
-    ctx = StepContext(torch.optim.Adam(model.parameters(), lr=1e-3), None, NUM_CLASSES, 0.0, aug)
+    ctx = StepContext(
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        scheduler=None,
+        num_classes=NUM_CLASSES,
+        label_smoothing=0.0,
+        augment=aug,
+    )
     generator = torch.Generator().manual_seed(0)
 
     def run(steps: int) -> None:
@@ -205,10 +211,10 @@ def engine_runner(split, order, batch: int, augment: bool):
             model,
             batches,
             ctx,
-            batch,
-            order[: steps * batch],
-            generator,
-            EpochState(),
+            batch_size=batch,
+            order=order[: steps * batch],
+            generator=generator,
+            state=EpochState(),
             on_pause=lambda state: False,
         )
 
@@ -361,8 +367,8 @@ def measure_engine(args: argparse.Namespace, split, order) -> list[dict]:
 def main(args: argparse.Namespace) -> None:
     import torch
 
-    from cifar100.config import ModelConfig
-    from cifar100.data import load_cifar100
+    from cifar100.config.schema import ModelConfig
+    from cifar100.data.cifar import load_cifar100
     from cifar100.models import build_model
 
     torch.set_num_threads(args.threads)

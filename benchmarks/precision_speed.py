@@ -29,10 +29,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cifar100.config import ModelConfig
+from cifar100.config.schema import ModelConfig
 from cifar100.models import build_model
-from cifar100.runs import cpu_name
-from cifar100.speed import cpu_has_native_bf16
+from cifar100.runs.folders import cpu_name
+from cifar100.runtime.speed import cpu_has_native_bf16
 
 # name -> (model settings as the presets train it, input size, batch of the preset)
 NETWORKS = {

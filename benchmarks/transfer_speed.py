@@ -18,7 +18,7 @@ Accuracy per size comes from real runs (``results/*-stage1-*.json``), not from h
 
 It also prints, per size, the user and system CPU time and the minor page faults of the
 timed work: system time far above a few percent of user time means memory is being handed
-back to the kernel and faulted in again (see ``cifar100.allocator``). ``--allocator both``
+back to the kernel and faulted in again (see ``cifar100.runtime.allocator``). ``--allocator both``
 runs everything once with glibc's default and once with the project's setting.
 
 On a shared machine, ``--clock cpu`` times with the process's CPU seconds divided by its
@@ -42,10 +42,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cifar100.config import ModelConfig
+from cifar100.config.schema import ModelConfig
 from cifar100.models import REGISTRY, build_model
 from cifar100.models.backbone import freeze_backbone, trainable_parameters, unfreeze
-from cifar100.runs import cpu_name
+from cifar100.runs.folders import cpu_name
 
 # run as a script, so its own folder is on sys.path: one timing helper for all benchmarks
 from augment_speed import median_seconds  # noqa: E402  (isort: skip)

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from cifar100.allocator import tune_allocator
-from cifar100.batches import ImageBatches
-from cifar100.data import load_cifar100, make_splits
-from cifar100.engine import predict_logits, topk_correct, tta_views
-from cifar100.results_table import write_between
-from cifar100.runs import cpu_name
-from cifar100.trained import load_trained
+from cifar100.data.batches import ImageBatches
+from cifar100.data.cifar import load_cifar100, make_splits
+from cifar100.evaluation.inference import predict_logits, topk_correct, tta_views
+from cifar100.records.table import write_between
+from cifar100.runs.folders import cpu_name
+from cifar100.runs.trained import load_trained
+from cifar100.runtime.allocator import tune_allocator
 
 
 def main(argv: list[str] | None = None) -> int:

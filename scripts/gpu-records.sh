@@ -54,7 +54,7 @@ gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name().split()[-1]
       if torch.cuda.is_available() else "cpu")' | tr -c 'a-z0-9\n' '-')
 [[ $gpu != cpu || -n ${ALLOW_CPU:-} ]] || fail "$python: its torch does not see a CUDA GPU"
 # The commit exactly as each record will name it (None: no git here, -dirty: not committed).
-commit=$("$python" -c 'from cifar100.runs import git_commit; print(git_commit())')
+commit=$("$python" -c 'from cifar100.runs.folders import git_commit; print(git_commit())')
 echo "gpu-records: commit $commit, $(date -u '+%F %T UTC')" | tee -a "$log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log" || true
 

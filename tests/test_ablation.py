@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar100.runs import load_run_config
+from cifar100.runs.folders import load_run_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
 TINY = ["--set", "model.widths=[8,16,32,32]", "--set", "train.batch_size=100"]

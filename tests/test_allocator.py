@@ -13,11 +13,11 @@ import sys
 
 import pytest
 
-from cifar100 import allocator
+from cifar100.runtime import allocator
 
 PROBE = """
 import json, resource
-from cifar100.allocator import tune_allocator
+from cifar100.runtime.allocator import tune_allocator
 setting = tune_allocator()
 import torch
 def faults():
@@ -73,7 +73,8 @@ def test_cli_records_the_setting(tiny_run):
 def test_loading_a_trained_model_tunes_the_allocator(tiny_run):
     """API and benchmark callers of load_trained (no CLI start-up) get the setting too."""
     probe = (
-        "import sys; from cifar100 import allocator; from cifar100.trained import load_trained\n"
+        "import sys\nfrom cifar100.runtime import allocator\n"
+        "from cifar100.runs.trained import load_trained\n"
         "before = allocator._applied\n"
         "load_trained(sys.argv[1])\n"
         "print(before, '|', allocator._applied)"

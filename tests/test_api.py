@@ -17,7 +17,7 @@ from PIL import Image
 import cifar100
 from cifar100 import api
 from cifar100.cli import build_parser, main
-from cifar100.commands import train as train_command
+from cifar100.recipes.flags import config_from_args
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
@@ -74,7 +74,7 @@ def test_load_config_resolves_as_the_train_command(fake_data_dir):
         epochs=3,
         overrides={"data": {"data_dir": str(fake_data_dir)}, "model": {"widths": WIDTHS}},
     )
-    assert config == train_command.resolve_config(args)
+    assert config == config_from_args(args, "train")
     with pytest.raises(cifar100.UserError, match="would do nothing for cnn-fast"):
         cifar100.load_config("quick", overrides={"transfer": {"stage1_lr": 0.1}})
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from cifar100.augment import (
+from cifar100.config.schema import AugmentConfig
+from cifar100.data.augment import (
     apply_augment,
     augment_batch,
     draw_augment,
@@ -19,7 +20,6 @@ from cifar100.augment import (
     random_translate,
     to_float,
 )
-from cifar100.config import AugmentConfig
 
 SEED_RECIPE = AugmentConfig(flip=True, translate=0, rotation=15, zoom=0.1, contrast=0.1)
 RECIPES = {

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from cifar100.config import ModelConfig
+from cifar100.config.schema import ModelConfig
 from cifar100.models import REGISTRY, build_model
 from cifar100.models.backbone import (
     Backbone,

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from cifar100 import engine, predictions
-from cifar100.calibration import CalibrationError, fit_temperature, load_temperature, nll_at
-from cifar100.classifier import load_model
 from cifar100.cli import main
-from cifar100.data import load_cifar100, make_splits
-from cifar100.trained import load_trained
+from cifar100.data.cifar import load_cifar100, make_splits
+from cifar100.deploy.classifier import load_model
+from cifar100.evaluation import inference, predictions
+from cifar100.evaluation.calibration import fit_temperature, nll_at
+from cifar100.runs.temperature import CalibrationError, load_temperature
+from cifar100.runs.trained import load_trained
 
 
 def test_fit_recovers_the_temperature_that_made_the_labels():
@@ -89,15 +90,15 @@ def test_the_report_gives_ece_before_and_after(calibrated_run):
 def test_the_report_scores_the_runs_on_their_validation_split(calibrated_run, fake_data_dir):
     """val_top1 is the model's accuracy on its own validation split, with the report's TTA:
     what picks an ensemble or a TTA without the test set. Computed here on its own."""
-    from cifar100.batches import ImageBatches
-    from cifar100.evaluation import validation_accuracy
+    from cifar100.data.batches import ImageBatches
+    from cifar100.evaluation.pipeline import validation_accuracy
 
     run_dir, _ = calibrated_run
     report = json.loads((run_dir / "report" / "report.json").read_text())
     trained = load_trained(run_dir, torch.device("cpu"))
     val = make_splits(load_cifar100(fake_data_dir), 0.2, 0).val
     batches = ImageBatches(val, trained.preprocess, torch.device("cpu"))
-    logits = engine.predict_logits(trained.model, batches, 100, tta_flip=True)
+    logits = inference.predict_logits(trained.model, batches, 100, tta_flip=True)
     expected = (logits.argmax(1) == val.labels).float().mean().item()
     assert report["val_top1"] == pytest.approx(expected)
     assert report["val_top1"] <= report["val_top5"] <= 1.0

@@ -13,9 +13,9 @@ import builtins
 import pytest
 import torch
 
-from cifar100 import distributed
-from cifar100.config import ModelConfig
+from cifar100.config.schema import ModelConfig
 from cifar100.models import build_model
+from cifar100.runtime import distributed
 
 META = torch.device("meta")
 

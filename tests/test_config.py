@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cifar100.cli import build_parser
-from cifar100.commands import train as train_command
-from cifar100.commands import tune as tune_command
-from cifar100.config import (
+from cifar100.config.schema import (
     PRESETS_DIR,
     Config,
     ConfigError,
@@ -20,13 +18,14 @@ from cifar100.config import (
     save_config,
     to_dict,
 )
-from cifar100.recipes import resolve
-from cifar100.runs import load_run_config
-from cifar100.settings import check_settings
+from cifar100.recipes.flags import config_from_args
+from cifar100.recipes.relevance import check_settings
+from cifar100.recipes.resolve import resolve
+from cifar100.runs.folders import load_run_config
 
 
 def _train_config(*argv: str) -> Config:
-    return train_command.resolve_config(build_parser().parse_args(["train", *argv]))
+    return config_from_args(build_parser().parse_args(["train", *argv]), "train")
 
 
 def test_precedence_is_preset_then_files_then_set_then_flags(tmp_path):
@@ -217,10 +216,10 @@ def test_epochs_mean_each_switched_on_stage_in_train_and_tune():
     assert _train_config("--model", "cnn-seed", "--epochs", "3").train.epochs == 3
     for preset, expected in (("mobilenetv2", (3, 0)), ("mobilenetv2-finetune", (3, 3))):
         args = build_parser().parse_args(["tune", "--preset", preset, "--epochs", "3"])
-        base = tune_command.base_config(args)
+        base = config_from_args(args, "tune")
         assert (base.transfer.stage1_epochs, base.transfer.stage2_epochs) == expected
     args = build_parser().parse_args(["tune", "--preset", "quick", "--epochs", "2"])
-    assert tune_command.base_config(args).train.epochs == 2
+    assert config_from_args(args, "tune").train.epochs == 2
 
 
 def test_split_seed_defaults_to_zero_and_old_runs_keep_theirs(tmp_path):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cifar100.cli import main
-from cifar100.coursework import coursework_table
-from cifar100.results_table import COURSEWORK_END, COURSEWORK_START, END, START
+from cifar100.records.coursework import coursework_table
+from cifar100.records.table import COURSEWORK_END, COURSEWORK_START, END, START
 
 
 def _record(name: str, model: str, top1: float, minutes: float) -> dict:

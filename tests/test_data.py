@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import write_fake_cifar
 
-from cifar100.data import (
+from cifar100.data.cifar import (
     FOLDER,
     DataError,
     balanced_subset,

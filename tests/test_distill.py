@@ -1,5 +1,5 @@
-"""Knowledge distillation (``cifar100.distill``, ``teachers``, ``teacher_cache``): the loss
-on toy cases, the targets the engine mixes, the teacher cache's keys and invalidation,
+"""Knowledge distillation (``cifar100.training.distill``: loss, teachers, teacher_cache): the
+loss on toy cases, the targets the engine mixes, the teacher cache's keys and invalidation,
 the checks that keep a teacher honest, and distilled runs end to end on the fake data."""
 
 from __future__ import annotations
@@ -10,20 +10,19 @@ import shutil
 import pytest
 import torch
 
-from cifar100.augment import one_hot
-from cifar100.checkpoint import load_checkpoint
 from cifar100.cli import build_parser, main
-from cifar100.config import AugmentConfig, DistillConfig, ModelConfig
-from cifar100.data import MEAN, STD, Split
-from cifar100.distill import Distiller, OnlineTeacher, kd_term, soft_targets
-from cifar100.download import file_digest
-from cifar100.engine import StepContext, mixed_batch, soft_cross_entropy
+from cifar100.config.schema import AugmentConfig, DistillConfig, ModelConfig
+from cifar100.data.augment import one_hot
+from cifar100.data.cifar import MEAN, STD, Split
+from cifar100.data.preprocess import Preprocess
 from cifar100.models import build_model
-from cifar100.preprocess import Preprocess
-from cifar100.recipes import from_flags
-from cifar100.records import make_record
-from cifar100.results_table import table_row
-from cifar100.teacher_cache import (
+from cifar100.recipes.flags import from_flags
+from cifar100.records.record import make_record
+from cifar100.records.table import table_row
+from cifar100.runtime.checkpoint import load_checkpoint
+from cifar100.runtime.download import file_digest
+from cifar100.training.distill.loss import Distiller, OnlineTeacher, kd_term, soft_targets
+from cifar100.training.distill.teacher_cache import (
     ViewBatches,
     cache_key,
     cache_path,
@@ -32,7 +31,13 @@ from cifar100.teacher_cache import (
     view_draws,
     view_policy,
 )
-from cifar100.teachers import TeacherError, check_teachers, load_teacher, refuse_changed
+from cifar100.training.distill.teachers import (
+    TeacherError,
+    check_teachers,
+    load_teacher,
+    refuse_changed,
+)
+from cifar100.training.engine import StepContext, mixed_batch, soft_cross_entropy
 
 CPU = torch.device("cpu")
 SHA = "ab" * 32
@@ -89,7 +94,14 @@ def test_mixup_mixes_cached_targets_like_labels_and_shows_online_teachers_the_mi
     labels, images = torch.arange(16) % 100, torch.rand(16, 3, 32, 32)
     teacher = _Teacher(sees_mixed, labels)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    ctx = StepContext(optimizer, None, 100, 0.0, AugmentConfig(mixup_alpha=1.0), teacher=teacher)
+    ctx = StepContext(
+        optimizer=optimizer,
+        scheduler=None,
+        num_classes=100,
+        label_smoothing=0.0,
+        augment=AugmentConfig(mixup_alpha=1.0),
+        teacher=teacher,
+    )
     inputs, targets = mixed_batch(images, labels, torch.arange(16), ctx, torch.Generator())
     assert targets.shape == (16, 200) and not torch.equal(inputs, images)
     if sees_mixed:

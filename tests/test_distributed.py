@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar100 import distributed
-from cifar100.checkpoint import load_checkpoint
-from cifar100.trained import load_trained
+from cifar100.runs.trained import load_trained
+from cifar100.runtime import distributed
+from cifar100.runtime.checkpoint import load_checkpoint
 
 EPOCHS = 6
 # Tiny widths, no augmentation and no dropout: the only difference left between one

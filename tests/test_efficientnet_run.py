@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import write_fake_cifar
 
-from cifar100.classifier import load_model
 from cifar100.cli import main
-from cifar100.exports import export_run
-from cifar100.trained import load_trained
+from cifar100.deploy.classifier import load_model
+from cifar100.deploy.exports import export_run
+from cifar100.runs.trained import load_trained
 
 PHOTOS = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 
@@ -113,7 +113,7 @@ def test_evaluate_reports_the_test_accuracy_of_training(lite_run, small_data_dir
 
 
 def test_fresh_lite0_runs_at_odd_sizes_too():
-    from cifar100.config import ModelConfig
+    from cifar100.config.schema import ModelConfig
     from cifar100.models import build_model
 
     model = build_model(ModelConfig(name="efficientnet-lite0"), 100).eval()

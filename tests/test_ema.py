@@ -1,4 +1,4 @@
-"""The weight EMA's decay warm-up (``cifar100.ema``): early steps follow the warm-up, the
+"""The weight EMA's decay warm-up (``cifar100.training.ema``): early steps follow the warm-up, the
 count survives a checkpoint, and a warm-up without an EMA is refused."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from cifar100.checkpoint import rng_state
-from cifar100.config import ConfigError
-from cifar100.ema import ModelEma, warmup_decay
-from cifar100.engine import StepContext
-from cifar100.loop import Stage, restore_stage
-from cifar100.recipes import from_flags
+from cifar100.config.schema import ConfigError
+from cifar100.recipes.flags import from_flags
+from cifar100.runtime.checkpoint import rng_state
+from cifar100.training.ema import ModelEma, warmup_decay
+from cifar100.training.engine import StepContext
+from cifar100.training.loop import Stage, restore_stage
 
 
 def test_warmup_decays_start_low_and_rise_to_the_decay():
@@ -50,7 +50,20 @@ def test_early_updates_follow_the_warmup(warmup):
 def _stage(ema: ModelEma, model: nn.Module) -> Stage:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     return Stage(
-        "main", model, 3, 2, None, None, StepContext(optimizer, None, 2, 0.0, None, ema=ema)
+        "main",
+        model,
+        3,
+        2,
+        None,
+        None,
+        StepContext(
+            optimizer=optimizer,
+            scheduler=None,
+            num_classes=2,
+            label_smoothing=0.0,
+            augment=None,
+            ema=ema,
+        ),
     )
 
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from cifar100 import distributed
-from cifar100.checkpoint import load_checkpoint
 from cifar100.cli import main
-from cifar100.config import OptimConfig
-from cifar100.ema import ModelEma
-from cifar100.engine import evaluate
-from cifar100.optim import make_optimizer, make_scheduler, restore_scheduler
+from cifar100.config.schema import OptimConfig
+from cifar100.evaluation.inference import score
+from cifar100.runtime import distributed
+from cifar100.runtime.checkpoint import load_checkpoint
+from cifar100.training.ema import ModelEma
+from cifar100.training.optim import make_optimizer, make_scheduler, restore_scheduler
 
 STEPS, EPOCHS = 10, 4  # steps per epoch, epochs
 
@@ -228,7 +228,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        metrics = distributed.evaluate_sharded(evaluate, _model(), _Batches(), 2)
+        metrics = distributed.evaluate_sharded(score, _model(), _Batches(), 2)
         Path(out, f"rank{rank}.json").write_text(json.dumps(metrics))
     finally:
         dist.destroy_process_group()
@@ -241,14 +241,12 @@ def test_uneven_validation_shards_match_one_process(tmp_path):
         port = s.getsockname()[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.multiprocessing.spawn(_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
-    single = evaluate(_model(), _Batches(), 2)
+    single = score(_model(), _Batches(), 2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # every rank takes the same decisions
     for key in ("loss", "top1", "top5"):
         assert ranks[0][key] == pytest.approx(single[key], rel=1e-6), key
-    halves = [
-        evaluate(_model(), distributed.Shard(_Batches(), a, b), 2) for a, b in ((0, 3), (3, 7))
-    ]
+    halves = [score(_model(), distributed.Shard(_Batches(), a, b), 2) for a, b in ((0, 3), (3, 7))]
     assert halves[0]["top1"] != halves[1]["top1"] or halves[0]["loss"] != halves[1]["loss"]
     plain_mean = sum(h["loss"] for h in halves) / 2
     assert single["loss"] != pytest.approx(plain_mean)  # an unweighted mean would be wrong

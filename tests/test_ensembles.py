@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from cifar100.cli import main
-from cifar100.data import load_cifar100, make_splits
-from cifar100.ensembles import greedy_selection
-from cifar100.predictions import cache_path, run_logits
-from cifar100.reports import ensemble_probs, topk_accuracy
-from cifar100.trained import load_trained
+from cifar100.data.cifar import load_cifar100, make_splits
+from cifar100.evaluation.ensembles import greedy_selection
+from cifar100.evaluation.inference import InferenceSettings
+from cifar100.evaluation.metrics import ensemble_probs, topk_accuracy
+from cifar100.evaluation.predictions import cache_path, run_logits
+from cifar100.runs.trained import load_trained
 
 
 def _confident(labels: np.ndarray, classes: int, strength: float) -> np.ndarray:
@@ -59,22 +60,22 @@ def test_logits_are_kept_and_reused_for_the_same_checkpoint_and_images(
 ):
     trained = load_trained(run_copy)
     test = load_cifar100(fake_data_dir).test
-    cpu = torch.device("cpu")
-    first = run_logits(run_copy, trained, test, "test", True, 0, cpu, 64)
+    flip = InferenceSettings(torch.device("cpu"), batch_size=64, tta_flip=True)
+    first = run_logits(run_copy, trained, test, "test", flip)
     assert "predicting 200 test images and their mirrors" in capsys.readouterr().err
     path = cache_path(run_copy, "test", True, 0)
     assert path.name == "test-flip.pt" and path.is_file()
-    again = run_logits(run_copy, trained, test, "test", True, 0, cpu, 64)
+    again = run_logits(run_copy, trained, test, "test", flip)
     assert "read from" in capsys.readouterr().err and torch.equal(first, again)
 
     # Other images under the same name (another data set): computed again, not reused.
     other = test.subset(torch.arange(100))
-    assert len(run_logits(run_copy, trained, other, "test", True, 0, cpu, 64)) == 100
+    assert len(run_logits(run_copy, trained, other, "test", flip)) == 100
     assert "predicting 100 test images" in capsys.readouterr().err
 
     # A corrupt file costs a recomputation and one line, never the evaluation.
     path.write_bytes(b"not a torch file")
-    repaired = run_logits(run_copy, trained, test, "test", True, 0, cpu, 64)
+    repaired = run_logits(run_copy, trained, test, "test", flip)
     err = capsys.readouterr().err
     assert f"{path}: unreadable" in err and "Traceback" not in err
     assert torch.allclose(repaired, first)
@@ -83,14 +84,14 @@ def test_logits_are_kept_and_reused_for_the_same_checkpoint_and_images(
 def test_a_retrained_checkpoint_is_never_scored_with_old_logits(run_copy, fake_data_dir):
     trained = load_trained(run_copy)
     test = load_cifar100(fake_data_dir).test
-    cpu = torch.device("cpu")
-    before = run_logits(run_copy, trained, test, "test", False, 0, cpu, 64)
+    plain = InferenceSettings(torch.device("cpu"), batch_size=64)
+    before = run_logits(run_copy, trained, test, "test", plain)
     checkpoint = run_copy / "checkpoints" / "best.pt"
     state = torch.load(checkpoint, weights_only=True)
     head = [k for k in state["model"] if k.endswith("weight")][-1]
     state["model"][head] = state["model"][head] * 2  # what retraining would change
     torch.save(state, checkpoint)
-    after = run_logits(run_copy, load_trained(run_copy), test, "test", False, 0, cpu, 64)
+    after = run_logits(run_copy, load_trained(run_copy), test, "test", plain)
     assert not torch.allclose(before, after)
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cifar100.cli import main
-from cifar100.results_table import END, START
+from cifar100.records.table import END, START
 
 CHROMIUM = Path("/usr/bin/chromium")
 WINDOW = (1280, 2400)

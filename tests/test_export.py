@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cifar100.classifier import load_model
 from cifar100.cli import main
-from cifar100.config import ModelConfig
-from cifar100.data import load_cifar100
-from cifar100.exports import (
+from cifar100.config.schema import ModelConfig
+from cifar100.data.cifar import load_cifar100
+from cifar100.data.preprocess import Preprocess
+from cifar100.deploy.classifier import load_model
+from cifar100.deploy.exports import (
     ExportError,
     OnnxClassifier,
     check_onnx,
@@ -24,8 +25,7 @@ from cifar100.exports import (
     load_safetensors,
 )
 from cifar100.models import REGISTRY, build_model, model_spec
-from cifar100.preprocess import Preprocess
-from cifar100.trained import load_trained
+from cifar100.runs.trained import load_trained
 
 SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 

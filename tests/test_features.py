@@ -9,9 +9,9 @@ import signal
 import pytest
 import torch
 
-from cifar100 import features
 from cifar100.cli import main
-from cifar100.stopping import Interrupted
+from cifar100.runtime.stopping import Interrupted
+from cifar100.training import features
 
 TINY = [
     "--set",

@@ -19,17 +19,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar100 import distributed
-from cifar100.config import Config, ConfigError, load_config, save_config
-from cifar100.data import Cifar100, Split, Splits
-from cifar100.engine import EpochState, TrainingInterrupted, train_one_epoch
-from cifar100.loop import Run
+from cifar100.config.schema import Config, ConfigError, load_config, save_config
+from cifar100.data.cifar import Cifar100, Split, Splits
+from cifar100.data.preprocess import Preprocess
 from cifar100.models import build_model, input_size, model_spec
-from cifar100.plans import build_cnn_stage
-from cifar100.preprocess import Preprocess
-from cifar100.speed import GPU_SYNC_EVERY, compile_model, speed_up, sync_interval
-from cifar100.trained import load_trained
-from cifar100.training import train
+from cifar100.runs.trained import load_trained
+from cifar100.runtime import distributed
+from cifar100.runtime.speed import GPU_SYNC_EVERY, compile_model, speed_up, sync_interval
+from cifar100.training.engine import EpochState, TrainingInterrupted, train_one_epoch
+from cifar100.training.loop import Run
+from cifar100.training.plans import build_cnn_stage
+from cifar100.training.train import train
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -81,11 +81,11 @@ def test_gpu_presets_build_and_step_on_cpu():
         stage.model,
         stage.train_batches,
         stage.ctx,
-        8,
-        torch.arange(16),
-        torch.Generator().manual_seed(0),
-        state,
-        lambda s: False,
+        batch_size=8,
+        order=torch.arange(16),
+        generator=torch.Generator().manual_seed(0),
+        state=state,
+        on_pause=lambda s: False,
     )
     assert state.step == 2 and torch.isfinite(torch.tensor(state.loss_sum))
     for preset in ("mobilenetv2-finetune-gpu", "efficientnet-lite0-finetune-gpu"):
@@ -134,11 +134,11 @@ def test_an_epoch_on_cuda_waits_for_the_device_only_at_sync_steps():
         stage.model,
         stage.train_batches,
         stage.ctx,
-        64,
-        torch.arange(64 * 20),
-        generator,
-        EpochState(),
-        lambda s: False,
+        batch_size=64,
+        order=torch.arange(64 * 20),
+        generator=generator,
+        state=EpochState(),
+        on_pause=lambda s: False,
         sync_every=5,
     )
     run_epoch()  # warm-up: cuDNN autotuning, allocator

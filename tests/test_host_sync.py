@@ -13,21 +13,21 @@ from collections import Counter
 import pytest
 import torch
 
-from cifar100.augment import mix_batch_on_device, one_hot
-from cifar100.batches import ImageBatches
-from cifar100.config import AugmentConfig, ModelConfig, OptimConfig, load_config
-from cifar100.data import Split
-from cifar100.ema import ModelEma
-from cifar100.engine import (
+from cifar100.config.schema import AugmentConfig, ModelConfig, OptimConfig, load_config
+from cifar100.data.augment import mix_batch_on_device, one_hot
+from cifar100.data.batches import ImageBatches
+from cifar100.data.cifar import Split
+from cifar100.data.preprocess import Preprocess
+from cifar100.models import build_model
+from cifar100.training.ema import ModelEma
+from cifar100.training.engine import (
     EpochState,
     RunningSums,
     StepContext,
     TrainingDiverged,
     train_one_epoch,
 )
-from cifar100.models import build_model
-from cifar100.optim import make_optimizer, make_scheduler
-from cifar100.preprocess import Preprocess
+from cifar100.training.optim import make_optimizer, make_scheduler
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 AUGMENT = AugmentConfig(flip=True, translate=2, rotation=5, zoom=0.1, contrast=0.1)
@@ -64,7 +64,13 @@ def _epoch_parts(images: int = 96, batch: int = 8):
     optimizer = make_optimizer(model.parameters(), optim)
     scheduler, _ = make_scheduler(optimizer, optim, 1, images // batch)
     ctx = StepContext(
-        optimizer, scheduler, 100, 0.1, AUGMENT, grad_clip=1.0, ema=ModelEma(model, 0.9)
+        optimizer=optimizer,
+        scheduler=scheduler,
+        num_classes=100,
+        label_smoothing=0.1,
+        augment=AUGMENT,
+        grad_clip=1.0,
+        ema=ModelEma(model, 0.9),
     )
     return model, batches, ctx, torch.randperm(images, generator=g), batch
 
@@ -82,11 +88,11 @@ def test_an_epoch_reads_the_device_once_per_sync_step(host_reads, every, reads):
         model,
         batches,
         ctx,
-        batch,
-        order,
-        torch.Generator().manual_seed(1),
-        EpochState(),
-        on_pause,
+        batch_size=batch,
+        order=order,
+        generator=torch.Generator().manual_seed(1),
+        state=EpochState(),
+        on_pause=on_pause,
         sync_every=every,
     )
     assert paused == list(range(1, 13))  # the hook still runs after every step
@@ -119,11 +125,11 @@ def test_a_nan_loss_stops_at_the_next_sync_step_before_the_hook_sees_it():
             model,
             batches,
             ctx,
-            batch,
-            order,
-            torch.Generator(),
-            EpochState(),
-            lambda state: paused.append(state.step) or False,
+            batch_size=batch,
+            order=order,
+            generator=torch.Generator(),
+            state=EpochState(),
+            on_pause=lambda state: paused.append(state.step) or False,
             sync_every=3,
         )
     assert paused == [1, 2]  # step 3 read the NaN: no checkpoint can be saved with it
@@ -158,8 +164,8 @@ def test_cutmix_on_a_device_pastes_the_area_its_targets_say():
 
 
 def test_ranks_vote_only_at_sync_steps(fake_data_dir, tmp_path, monkeypatch):
-    from cifar100 import distributed
-    from cifar100.training import train
+    from cifar100.runtime import distributed
+    from cifar100.training.train import train
 
     votes: list[tuple[bool, ...]] = []
 

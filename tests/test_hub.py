@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar100.classifier import load_model
 from cifar100.cli import main
+from cifar100.deploy.classifier import load_model
+from cifar100.deploy.hub import CARD, CONFIG, WEIGHTS, HubError, load_hub
+from cifar100.deploy.serving import header
 from cifar100.errors import UserError
-from cifar100.hub import CARD, CONFIG, WEIGHTS, HubError, load_hub
-from cifar100.serving import header
 
 SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 

@@ -1,5 +1,5 @@
-"""The package's shape: no import cycle anywhere in ``src/cifar100``, and a loop that knows
-no model.
+"""The package's shape: layers that import only downwards, no import cycle anywhere in
+``src/cifar100``, and a loop that knows no model.
 
 Imports are read with ``ast``, never executed. Imports inside functions count like
 module-level ones: moving an import into a function is how a cycle gets hidden (the run
@@ -92,9 +92,88 @@ def imported_by(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
+# Bottom to top; a module may import from its own layer and the ones before it. The root
+# package (``cifar100/__init__``) holds the version and loads the API lazily, so it sits at
+# the bottom with the errors; the API, the entry points and the commands sit on top.
+LAYERS = (
+    ("cifar100", "cifar100.errors"),
+    ("cifar100.config",),
+    ("cifar100.runtime",),
+    ("cifar100.data",),
+    ("cifar100.models",),
+    ("cifar100.runs",),
+    ("cifar100.evaluation",),
+    ("cifar100.training",),
+    ("cifar100.records",),
+    ("cifar100.recipes",),
+    ("cifar100.tuning",),
+    ("cifar100.deploy",),
+    ("cifar100.api", "cifar100.cli", "cifar100.commands", "cifar100.__main__"),
+)
+
+
+def layer_of(module: str, layers=LAYERS) -> int:
+    """Index of the layer ``module`` belongs to: the longest prefix that names it (the root
+    package, first of all, names only itself)."""
+    root, best, index = layers[0][0], "", None
+    for i, prefixes in enumerate(layers):
+        for prefix in prefixes:
+            inside = module.startswith(prefix + ".") and prefix != root
+            if (module == prefix or inside) and len(prefix) > len(best):
+                best, index = prefix, i
+    if index is None:
+        raise AssertionError(f"{module} belongs to no layer: add its folder to LAYERS")
+    return index
+
+
+def upward_imports(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+    """``a -> b`` for every import from a higher layer than the importer's."""
+    return sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if layer_of(target, layers) > layer_of(module, layers)
+    )
+
+
+def test_every_import_points_down_a_layer():
+    graph = import_graph()
+    assert "cifar100.deploy.serving" in graph  # the walk reached the subpackages
+    assert upward_imports(graph) == []
+
+
+def test_the_top_of_the_package_holds_only_the_api_entry_points_and_errors():
+    top = {path.name for path in (SRC / PACKAGE).glob("*.py")}
+    assert top == {"__init__.py", "__main__.py", "api.py", "cli.py", "errors.py"}
+    for folder in (SRC / PACKAGE).rglob("*/"):
+        if folder.name != "__pycache__" and any(folder.glob("*.py")):
+            assert len(list(folder.glob("*.py"))) <= 13, f"{folder}: split it"
+
+
+def test_an_upward_import_is_found(tmp_path):
+    """The layer check can fail: a low layer reaching into a higher one, even inside a
+    function, and a module in no layer."""
+    package = tmp_path / "pkg"
+    (package / "low").mkdir(parents=True)
+    (package / "high").mkdir()
+    for init in (package, package / "low", package / "high"):
+        (init / "__init__.py").write_text("")
+    (package / "high" / "top.py").write_text("from pkg.low.base import thing\n")
+    (package / "low" / "base.py").write_text(
+        "thing = 1\n\ndef later():\n    from pkg.high import top\n    return top\n"
+    )
+    layers = (("pkg", "pkg.low"), ("pkg.high",))
+    graph = import_graph(package)
+    assert upward_imports(graph, layers) == ["pkg.low.base -> pkg.high.top"]
+    with pytest.raises(AssertionError, match="pkg.other belongs to no layer"):
+        layer_of("pkg.other", layers)
+
+
 def test_no_import_cycle_in_the_package():
     graph = import_graph()
-    assert "cifar100.loop" in graph and "cifar100.models.cnn" in graph  # the walk found them
+    assert (
+        "cifar100.training.loop" in graph and "cifar100.models.cnn" in graph
+    )  # the walk found them
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -103,16 +182,16 @@ def test_the_loop_knows_no_model():
     """The loop trains what it is handed: neither it nor anything it imports reaches the
     models, their stage plans, or the training entry point."""
     graph = import_graph()
-    reached = imported_by(graph, "cifar100.loop")
+    reached = imported_by(graph, "cifar100.training.loop")
     banned = {
         m
         for m in reached
         if m == "cifar100.models"
         or m.startswith("cifar100.models.")
-        or m in ("cifar100.transfer", "cifar100.plans", "cifar100.training")
+        or m in ("cifar100.training.transfer", "cifar100.training.plans", "cifar100.training.train")
     }
-    assert not banned, f"cifar100.loop reaches {sorted(banned)}"
-    assert "cifar100.engine" in reached  # the walk does follow its imports
+    assert not banned, f"cifar100.training.loop reaches {sorted(banned)}"
+    assert "cifar100.training.engine" in reached  # the walk does follow its imports
 
 
 def test_a_cycle_through_a_function_level_import_is_found(tmp_path):

@@ -1,4 +1,4 @@
-"""The loop (``cifar100.loop``): it trains whatever stages a model's registry entry names
+"""The loop (``cifar100.training.loop``): it trains whatever stages a model's registry entry names
 (its plan), a run is a pure function of its config (same seed, same numbers to the last
 digit), and checkpoints of older versions still resume."""
 
@@ -11,16 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from cifar100 import models, plans
-from cifar100.batches import ImageBatches
-from cifar100.checkpoint import rng_state
-from cifar100.config import load_config
-from cifar100.data import MEAN, STD
-from cifar100.engine import EpochState, StepContext
-from cifar100.loop import Run, Stage, restore_stage
+from cifar100 import models
+from cifar100.config.schema import load_config
+from cifar100.data.batches import ImageBatches
+from cifar100.data.cifar import MEAN, STD
 from cifar100.models import REGISTRY, ModelSpec, register
-from cifar100.plans import PLANS, register_plan
-from cifar100.training import train
+from cifar100.runtime.checkpoint import rng_state
+from cifar100.training import plans
+from cifar100.training.engine import EpochState, StepContext
+from cifar100.training.loop import Run, Stage, restore_stage
+from cifar100.training.plans import PLANS, register_plan
+from cifar100.training.train import train
 
 TINY = {
     "model": {"widths": [8, 16, 32, 32]},
@@ -73,7 +74,13 @@ def toy_model(monkeypatch):
         train_batches = ImageBatches(run.splits.train, run.preprocess, run.device)
         val_batches = ImageBatches(run.splits.val, run.preprocess, run.device)
         for name, lr, epochs in (("warm", 0.05, 1), ("main", 0.01, 2)):
-            ctx = StepContext(torch.optim.SGD(model.parameters(), lr=lr), None, 100, 0.0, None)
+            ctx = StepContext(
+                optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+                scheduler=None,
+                num_classes=100,
+                label_smoothing=0.0,
+                augment=None,
+            )
             stage = Stage(name, model, epochs, 50, train_batches, val_batches, ctx)
             yield stage
             trained.append((stage.name, stage.epoch))  # the loop ran it before coming back
@@ -106,7 +113,17 @@ def test_a_checkpoint_from_before_issue_14_still_resumes():
     """Its epoch progress carries the removed, always empty ``extra`` field."""
     model = nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    stage = Stage("main", model, 3, 2, None, None, StepContext(optimizer, None, 2, 0.0, None))
+    stage = Stage(
+        "main",
+        model,
+        3,
+        2,
+        None,
+        None,
+        StepContext(
+            optimizer=optimizer, scheduler=None, num_classes=2, label_smoothing=0.0, augment=None
+        ),
+    )
     generator = torch.Generator()
     progress = {"step": 3, "loss_sum": 1.5, "top1": 2, "top5": 4, "seen": 6, "extra": {}}
     state = {

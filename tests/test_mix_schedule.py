@@ -7,17 +7,19 @@ import dataclasses
 import pytest
 import torch
 
-from cifar100 import engine
 from cifar100.cli import main
-from cifar100.config import AugmentConfig, ConfigError
-from cifar100.engine import StepContext, epoch_context
-from cifar100.recipes import from_flags
-from cifar100.teacher_cache import cache_key
+from cifar100.config.schema import AugmentConfig, ConfigError
+from cifar100.recipes.flags import from_flags
+from cifar100.training import engine
+from cifar100.training.distill.teacher_cache import cache_key
+from cifar100.training.engine import StepContext, epoch_context
 
 
 def context(augment: AugmentConfig | None) -> StepContext:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    return StepContext(optimizer, None, 100, 0.1, augment)
+    return StepContext(
+        optimizer=optimizer, scheduler=None, num_classes=100, label_smoothing=0.1, augment=augment
+    )
 
 
 def test_the_last_epochs_have_no_mixing_and_everything_else_is_kept():

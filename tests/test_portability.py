@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar100 import distributed
-from cifar100.checkpoint import load_checkpoint, restore_generator
 from cifar100.cli import main
-from cifar100.config import OptimConfig, load_config
-from cifar100.engine import TrainingInterrupted
-from cifar100.exports import export_run
-from cifar100.optim import load_optimizer_state, make_optimizer
-from cifar100.trained import load_trained
-from cifar100.training import train
+from cifar100.config.schema import OptimConfig, load_config
+from cifar100.deploy.exports import export_run
+from cifar100.runs.trained import load_trained
+from cifar100.runtime import distributed
+from cifar100.runtime.checkpoint import load_checkpoint, restore_generator
+from cifar100.training.engine import TrainingInterrupted
+from cifar100.training.optim import load_optimizer_state, make_optimizer
+from cifar100.training.train import train
 
 PHILOX_STATE = torch.arange(16, dtype=torch.uint8)  # what a CUDA generator's get_state() gives
 

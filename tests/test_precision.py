@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from cifar100 import speed
 from cifar100.cli import main
-from cifar100.config import AugmentConfig, ConfigError
-from cifar100.recipes import from_flags
-from cifar100.records import make_record
-from cifar100.results_table import table_row
-from cifar100.speed import autocast_dtype
-from cifar100.teacher_cache import cache_key
+from cifar100.config.schema import AugmentConfig, ConfigError
+from cifar100.recipes.flags import from_flags
+from cifar100.records.record import make_record
+from cifar100.records.table import table_row
+from cifar100.runtime import speed
+from cifar100.runtime.speed import autocast_dtype
+from cifar100.training.distill.teacher_cache import cache_key
 
 TINY = [
     *["--set", "model.widths=[8,16,32,32]", "--set", "train.batch_size=50"],

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cifar100.cli import main
-from cifar100.images import ImageError, read_image
+from cifar100.data.images import ImageError, read_image
 
 SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 CLASS_NAMES = {f"class_{i:02d}" for i in range(100)}  # the fake data set's names

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from cifar100 import engine
-from cifar100.augment import ResizeSchedule, resize_batch
 from cifar100.cli import main
-from cifar100.config import ConfigError
-from cifar100.engine import StepContext, epoch_context
-from cifar100.recipes import from_flags
+from cifar100.config.schema import ConfigError
+from cifar100.data.augment import ResizeSchedule, resize_batch
+from cifar100.recipes.flags import from_flags
+from cifar100.training import engine
+from cifar100.training.engine import StepContext, epoch_context
 
 
 def test_the_size_rises_in_steps_of_four_and_the_last_epochs_are_full_size():
@@ -38,10 +38,19 @@ def test_resize_batch_shrinks_without_aliasing_and_keeps_full_size_batches():
 
 def test_epoch_context_sets_each_epochs_size_and_nothing_else():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    ctx = StepContext(optimizer, None, 100, 0.1, None, resize=ResizeSchedule(24, 2, 32))
+    ctx = StepContext(
+        optimizer=optimizer,
+        scheduler=None,
+        num_classes=100,
+        label_smoothing=0.1,
+        augment=None,
+        resize=ResizeSchedule(24, 2, 32),
+    )
     assert [epoch_context(ctx, e, 4).input_size for e in range(4)] == [24, 28, 32, 32]
     assert epoch_context(ctx, 0, 4).optimizer is optimizer
-    plain = StepContext(optimizer, None, 100, 0.1, None)
+    plain = StepContext(
+        optimizer=optimizer, scheduler=None, num_classes=100, label_smoothing=0.1, augment=None
+    )
     assert epoch_context(plain, 0, 4).input_size is None
 
 

@@ -9,14 +9,16 @@ import json
 import pytest
 import torch
 
-from cifar100 import data, distributed, evaluation
-from cifar100.checkpoint import load_checkpoint
 from cifar100.cli import main
-from cifar100.config import ConfigError
-from cifar100.data import load_cifar100, make_splits
-from cifar100.recipes import from_flags
-from cifar100.records import make_record
-from cifar100.results_table import table_row
+from cifar100.config.schema import ConfigError
+from cifar100.data import cifar
+from cifar100.data.cifar import load_cifar100, make_splits
+from cifar100.evaluation import pipeline
+from cifar100.recipes.flags import from_flags
+from cifar100.records.record import make_record
+from cifar100.records.table import table_row
+from cifar100.runtime import distributed
+from cifar100.runtime.checkpoint import load_checkpoint
 
 TINY = [
     *["--set", "model.widths=[8,16,32,32]", "--set", "train.batch_size=50"],
@@ -31,7 +33,7 @@ def _refuse(*args, **kwargs):
 def test_a_refit_never_reads_validation_and_keeps_the_last_epoch(
     fake_data_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(data, "stratified_split", _refuse)  # the split is never even drawn
+    monkeypatch.setattr(cifar, "stratified_split", _refuse)  # the split is never even drawn
     monkeypatch.setattr(distributed, "evaluate_sharded", _refuse)  # nor anything validated
     run_dir = tmp_path / "refit"
     argv = ["train", "--preset", "quick", "--epochs", "2", "--refit", *TINY]
@@ -49,8 +51,8 @@ def test_a_refit_never_reads_validation_and_keeps_the_last_epoch(
     record = make_record(run_dir)
     assert record["refit"] is True and "refit" in table_row(record)[1]
     # Calibration would fit on the "validation" images a refit trained on: it is skipped.
-    monkeypatch.setattr(evaluation, "make_figures", lambda *args: {})  # not what is tested
-    report = evaluation.evaluate([run_dir], fake_data_dir, out=tmp_path / "report")
+    monkeypatch.setattr(pipeline, "make_figures", lambda *args: {})  # not what is tested
+    report = pipeline.evaluate([run_dir], fake_data_dir, out=tmp_path / "report")
     assert "temperature_scaling" not in report
     assert not (run_dir / "calibration.json").exists()
 
@@ -77,7 +79,7 @@ def test_a_refit_refuses_what_needs_validation(sets, message):
 
 
 def test_tuning_refuses_a_refit(tmp_path):
-    from cifar100.tune import run_study
+    from cifar100.tuning.search import run_study
 
     with pytest.raises(ConfigError, match="tuning selects on the validation split"):
         run_study(tmp_path / "study", from_flags("quick", refit=True), trials=1)

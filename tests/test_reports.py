@@ -10,8 +10,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from cifar100 import report_html, report_markdown, report_plots
-from cifar100.reports import (
+from cifar100.evaluation.metrics import (
     build_report,
     calibration,
     class_order,
@@ -24,6 +23,7 @@ from cifar100.reports import (
     softmax,
     topk_accuracy,
 )
+from cifar100.evaluation.report import html, markdown, plots
 
 
 def _random_case(num_classes: int, n: int, seed: int, never_predicted: int):
@@ -178,13 +178,13 @@ def test_figures_and_page_render_from_a_report():
         title="t", runs=["r"], models=["m"], tta_flip=False, data="d", created="now", commit="abc"
     )
     images = {
-        "confusion": report_plots.fine_confusion_png(report),
-        "reliability": report_plots.reliability_png(report["calibration"]),
+        "confusion": plots.fine_confusion_png(report),
+        "reliability": plots.reliability_png(report["calibration"]),
     }
     assert all(png.startswith(b"\x89PNG") for png in images.values())
-    page = report_html.render_html(report, images)
+    page = html.render_html(report, images)
     assert page.count("data:image/png;base64,") == 2
     assert not re.search(r'(src|href)="(?!data:image/png;base64,|#)', page)  # all inline
     assert page.count("<tr>") == 100 + 20 + len(report["most_confused"]) + 3
-    markdown = report_markdown.render_markdown(report, list(images))
-    assert "![confusion](confusion.png)" in markdown and "| class_99 |" in markdown
+    text = markdown.render_markdown(report, list(images))
+    assert "![confusion](confusion.png)" in text and "| class_99 |" in text

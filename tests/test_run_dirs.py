@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar100.checkpoint import load_checkpoint
 from cifar100.cli import main
+from cifar100.runtime.checkpoint import load_checkpoint
 
 TINY = [
     "--preset",
@@ -157,9 +157,10 @@ def test_a_stale_lock_is_taken_over(finished, fake_data_dir, capsys):
 
 def test_stale_lock_by_pid_without_flock(finished, fake_data_dir, monkeypatch, capsys):
     """Where flock is missing (some network file systems) the pid alone decides."""
-    from cifar100 import runlock
 
-    monkeypatch.setattr(runlock, "fcntl", None)
+    from cifar100.runs import lock
+
+    monkeypatch.setattr(lock, "fcntl", None)
     (finished / ".lock").write_text(f"{os.getppid()}@{socket.gethostname()}\n")  # alive
     capsys.readouterr()
     assert _train(fake_data_dir, finished, "--overwrite") == 1
@@ -243,7 +244,7 @@ def test_split_seed_is_apart_from_the_training_seed(fake_data_dir, tmp_path):
     assert results[0]["split_seed"] == results[1]["split_seed"] == 0
     weights = [load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in runs.values()]
     assert any((weights[0][k] != weights[1][k]).any() for k in weights[0])  # seeds differ
-    from cifar100.data import load_cifar100, make_splits
+    from cifar100.data.cifar import load_cifar100, make_splits
 
     dataset = load_cifar100(fake_data_dir)
     same = make_splits(dataset, 0.2, 0).val_index
@@ -254,7 +255,7 @@ def test_split_seed_is_apart_from_the_training_seed(fake_data_dir, tmp_path):
 
 
 def test_lock_holder_is_written_and_removed(tmp_path):
-    from cifar100.runlock import locked
+    from cifar100.runs.lock import locked
 
     run_dir = tmp_path / "run"
     with locked(run_dir):

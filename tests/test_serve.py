@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar100 import demo
-from cifar100.classifier import load_model
 from cifar100.cli import main
-from cifar100.exports import export_run
-from cifar100.serving import NoModelError, answer, best_run, example_images, header
+from cifar100.deploy import demo
+from cifar100.deploy.classifier import load_model
+from cifar100.deploy.exports import export_run
+from cifar100.deploy.serving import NoModelError, answer, best_run, example_images, header
 
 CLASS_NAMES = {f"class_{i:02d}" for i in range(100)}  # the fake data set's names
 

@@ -13,21 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar100.augment import one_hot
-from cifar100.batches import ImageBatches
-from cifar100.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cifar100.config import AugmentConfig, ModelConfig, OptimConfig
-from cifar100.data import Split
-from cifar100.engine import (
+from cifar100.config.schema import AugmentConfig, ModelConfig, OptimConfig
+from cifar100.data.augment import one_hot
+from cifar100.data.batches import ImageBatches
+from cifar100.data.cifar import Split
+from cifar100.data.preprocess import Preprocess
+from cifar100.models import REGISTRY, build_model, count_parameters, model_spec
+from cifar100.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cifar100.training.engine import (
     EpochState,
     StepContext,
     TrainingDiverged,
     train_one_epoch,
     train_step,
 )
-from cifar100.models import REGISTRY, build_model, count_parameters, model_spec
-from cifar100.optim import make_optimizer
-from cifar100.preprocess import Preprocess
+from cifar100.training.optim import make_optimizer
 
 TINY = [
     "--set",
@@ -58,7 +58,9 @@ def test_one_batch_can_be_overfitted(name):
                 m.p = 0.0
     images, labels = torch.randn(16, 3, 32, 32), torch.arange(16) % 100
     optimizer = make_optimizer(model.parameters(), OptimConfig(optimizer="adam", lr=3e-3))
-    ctx = StepContext(optimizer, None, 100, 0.0, None)
+    ctx = StepContext(
+        optimizer=optimizer, scheduler=None, num_classes=100, label_smoothing=0.0, augment=None
+    )
     for _ in range(60):
         loss, _ = train_step(model.train(), images, labels, ctx, torch.Generator())
     assert loss < 0.05
@@ -70,7 +72,13 @@ def test_nan_loss_stops_with_a_clear_error():
     with torch.no_grad():
         model.classifier[1].bias.fill_(float("nan"))
     optimizer = make_optimizer(model.parameters(), OptimConfig())
-    ctx = StepContext(optimizer, None, 100, 0.0, AugmentConfig())
+    ctx = StepContext(
+        optimizer=optimizer,
+        scheduler=None,
+        num_classes=100,
+        label_smoothing=0.0,
+        augment=AugmentConfig(),
+    )
     split = Split(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.arange(8), torch.arange(8))
     batches = ImageBatches(split, Preprocess(32, (0.5,) * 3, (0.25,) * 3), torch.device("cpu"))
     # The loss is read (and checked) at sync steps; on CPU that is every step by default.
@@ -79,11 +87,11 @@ def test_nan_loss_stops_with_a_clear_error():
             model,
             batches,
             ctx,
-            4,
-            torch.arange(8),
-            torch.Generator(),
-            EpochState(),
-            lambda state: False,
+            batch_size=4,
+            order=torch.arange(8),
+            generator=torch.Generator(),
+            state=EpochState(),
+            on_pause=lambda state: False,
         )
 
 

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from cifar100.checkpoint import load_checkpoint
-from cifar100.trained import load_trained
-from cifar100.weights import SOURCES
+from cifar100.models.weights import SOURCES
+from cifar100.runs.trained import load_trained
+from cifar100.runtime.checkpoint import load_checkpoint
 
 TINY = [
     "--set",
@@ -96,9 +96,9 @@ def test_both_stages_are_recorded(transfer_run):
 def test_stage_one_kept_the_backbone_frozen(transfer_run, fake_data_dir, shared_dir, tmp_path):
     """A stage-1 run: its features equal the ImageNet weights (BatchNorm statistics too);
     only the head moved."""
-    from cifar100.config import from_saved
+    from cifar100.config.schema import from_saved
     from cifar100.models import build_model
-    from cifar100.weights import load_backbone_state
+    from cifar100.models.weights import load_backbone_state
 
     source = transfer_run[3]
     run_dir = tmp_path / "stage1"

@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from cifar100.batches import ImageBatches, shifted
 from cifar100.cli import main
-from cifar100.config import ConfigError
-from cifar100.data import Split
-from cifar100.engine import predict_logits, tta_views
-from cifar100.preprocess import Preprocess
-from cifar100.recipes import from_flags
-from cifar100.records import make_record
-from cifar100.results_table import table_row
+from cifar100.config.schema import ConfigError
+from cifar100.data.batches import ImageBatches, shifted
+from cifar100.data.cifar import Split
+from cifar100.data.preprocess import Preprocess
+from cifar100.evaluation.inference import predict_logits, tta_views
+from cifar100.recipes.flags import from_flags
+from cifar100.records.record import make_record
+from cifar100.records.table import table_row
 
 TINY = [
     *["--set", "model.widths=[8,16,32,32]", "--set", "train.batch_size=50"],

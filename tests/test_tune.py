@@ -18,9 +18,9 @@ import optuna
 import pytest
 import sqlalchemy
 
-from cifar100.config import Config
+from cifar100.config.schema import Config
 from cifar100.models.cnn import FastCNN
-from cifar100.tune import apply_params, sample_params
+from cifar100.tuning.search import apply_params, sample_params
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 TINY = ["--epochs", "2", "--set", "model.widths=8,16,32", "--set", "train.batch_size=64"]
@@ -208,7 +208,7 @@ def test_a_study_begun_before_newer_settings_still_matches_its_base(tmp_path):
     they count as their defaults, so the study goes on; a real difference is named."""
     import dataclasses
 
-    from cifar100.tune import TuneError, _check_base, _comparable
+    from cifar100.tuning.search import TuneError, _check_base, _comparable
 
     old = _comparable(Config())
     del old["distill"], old["train"]["refit"], old["train"]["ema_warmup"]

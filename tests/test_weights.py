@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar100.config import ModelConfig
-from cifar100.download import file_digest
+from cifar100.config.schema import ModelConfig
 from cifar100.models import build_model
 from cifar100.models.mobilenetv2 import MobileNetV2
-from cifar100.weights import (
+from cifar100.models.weights import (
     DEEPSORT_FILE,
     ENV_VAR,
     MOBILENETV2,
@@ -35,6 +34,7 @@ from cifar100.weights import (
     weight_source,
     weights_cache_dir,
 )
+from cifar100.runtime.download import file_digest
 
 FAILING_PIP = (sys.executable, "-c", "raise SystemExit('pip: no network here')")
 BOTH = pytest.mark.parametrize("source", list(SOURCES.values()), ids=list(SOURCES))

@@ -17,20 +17,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cifar100 import training
-from cifar100.classifier import Classifier, Prediction, load_model
-from cifar100.config import Config
-from cifar100.data import load_cifar100 as load_data
-from cifar100.data import make_splits
+from cifar100.config.schema import Config
+from cifar100.data.cifar import load_cifar100 as load_data
+from cifar100.data.cifar import make_splits
+from cifar100.data.images import read_image
+from cifar100.deploy.classifier import Classifier, Prediction, load_model
+from cifar100.deploy.exports import export_run
+from cifar100.deploy.hub import export_hub
 from cifar100.errors import UserError
-from cifar100.evaluation import evaluate as _evaluate
-from cifar100.exports import export_run
-from cifar100.hub import export_hub
-from cifar100.images import read_image
-from cifar100.recipes import resolve
-from cifar100.records import load_record, make_record
-from cifar100.results_table import compare
-from cifar100.runs import new_run_dir
+from cifar100.evaluation.pipeline import evaluate as _evaluate
+from cifar100.recipes.resolve import resolve
+from cifar100.records.record import load_record, make_record
+from cifar100.records.table import compare
+from cifar100.runs.folders import new_run_dir
+from cifar100.training.train import train as _train
 
 __all__ = [
     "Classifier",
@@ -83,10 +83,10 @@ def train(
     """Train as ``config`` says into ``run_dir``; return the final metrics (results.json).
 
     A ``run_dir`` that holds a run is continued with ``resume=True`` (with its own config
-    and ``config`` ignored: see ``cifar100.resume.resume_config``), replaced with
+    and ``config`` ignored: see ``cifar100.recipes.resume.resume_config``), replaced with
     ``overwrite=True``, and refused otherwise.
     """
-    return training.train(config, run_dir, resume=resume, overwrite=overwrite)
+    return _train(config, run_dir, resume=resume, overwrite=overwrite)
 
 
 def evaluate(
@@ -107,7 +107,7 @@ def evaluate(
     Writes ``report.json``, ``report.md`` (+ PNG figures) and ``report.html`` into ``out``
     (default: RUN/report, or FIRST_RUN/report-ensemble) and returns the report: ``top1``,
     ``top5``, ``superclass_accuracy``, ``macro_f1``, ``ece``, ``nll``, the per-class and
-    superclass reports, the confusion matrices, ...; see ``cifar100.evaluation``.
+    superclass reports, the confusion matrices, ...; see ``cifar100.evaluation.pipeline``.
     """
     run_dirs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     return _evaluate(run_dirs, data_dir, tta, out, device, batch_size, calibrate, select=select)

@@ -7,9 +7,9 @@ import importlib
 import sys
 from typing import NoReturn
 
-from cifar100 import stopping
-from cifar100.allocator import tune_allocator
 from cifar100.errors import UserError
+from cifar100.runtime import stopping
+from cifar100.runtime.allocator import tune_allocator
 
 # Each module defines register(subparsers) and sets ``func`` on its parser.
 COMMANDS = ["data", "models", "train", "evaluate", "compare", "predict", "export", "serve", "tune"]
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # before torch allocates anything: see cifar100.allocator
+    tune_allocator()  # before torch allocates anything: see cifar100.runtime.allocator
     stopping.install()  # SIGINT and SIGTERM stop every phase within seconds
     stopping.reset()
     args = build_parser().parse_args(argv)

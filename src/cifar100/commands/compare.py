@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cifar100.coursework import coursework_table
 from cifar100.errors import UserError
-from cifar100.records import RecordError, load_record, write_record
-from cifar100.results_table import END, START, compare, markdown_table, update_readme
+from cifar100.records.record import write_record
+from cifar100.records.table import END, START, write_tables
 
 
 def register(subparsers) -> None:
@@ -66,15 +65,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.inputs:
         raise UserError("compare: give at least one run directory or run record")
-    records = [load_record(path) for path in args.inputs]
-    table = compare(records, markdown=args.markdown or bool(args.readme))
+    table = write_tables(args.inputs, args.markdown, args.readme, args.out)
     if args.readme:
-        update_readme(args.readme, markdown_table(records), coursework_table(records))
         print(f"updated the results table in {args.readme}")
-    if args.out:
-        try:
-            args.out.write_text(table)
-        except OSError as error:
-            raise RecordError(f"{args.out}: cannot write ({error.strerror or error})") from None
     print(table, end="")
     return 0

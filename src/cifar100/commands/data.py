@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from cifar100.commands.argtypes import fraction, positive_int, seed
-from cifar100.data import load_cifar100
-from cifar100.data_info import describe, sample_grid, summarize
+from cifar100.data.cifar import load_cifar100
+from cifar100.data.summary import describe, sample_grid, summarize
+from cifar100.recipes.argtypes import fraction, positive_int, seed
 
 
 def register(subparsers) -> None:

@@ -11,8 +11,10 @@ import json
 import shlex
 from pathlib import Path
 
-from cifar100.commands.argtypes import positive_int, shift_pixels
-from cifar100.evaluation import HEADLINE, default_out, evaluate, summary
+from cifar100.evaluation.pipeline import default_out, evaluate, headline, summary
+from cifar100.recipes.argtypes import positive_int, shift_pixels
+
+PASSED_ON = ("data_dir", "tta", "device", "batch_size", "tta_translate", "select")
 
 
 def register(subparsers) -> None:
@@ -72,28 +74,13 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out(args.run_dirs)
     report = evaluate(
         args.run_dirs,
-        args.data_dir,
-        args.tta,
-        out,
-        args.device,
-        args.batch_size,
-        not args.no_calibration,
-        shlex.join(args.argv),
-        args.tta_translate,
-        args.select,
+        out=out,
+        calibrate=not args.no_calibration,
+        command=shlex.join(args.argv),
+        **{key: getattr(args, key) for key in PASSED_ON},
     )
-    paths = {kind: out / name for kind, name in report["files"].items()}
     if args.json:
-        print(
-            json.dumps(
-                {
-                    **{k: report[k] for k in HEADLINE if k in report},
-                    "report": {k: str(p) for k, p in paths.items()},
-                },
-                indent=2,
-            )
-        )
-        return 0
-    print(summary(report))
-    print(f"report: {paths['html']}")
+        print(json.dumps(headline(report, out), indent=2))
+    else:
+        print(f"{summary(report)}\nreport: {out / report['files']['html']}")
     return 0

@@ -14,8 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-from cifar100 import exports, hub
-from cifar100.commands.argtypes import positive_int
+from cifar100.api import export
+from cifar100.deploy import exports, hub
+from cifar100.recipes.argtypes import positive_int
+
+EXPORT_OPTIONS = ("out", "data_dir", "check_images", "calibrated")
 
 
 def register(subparsers) -> None:
@@ -63,14 +66,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.format == "hub":
-        report = hub.export_hub(
-            args.run, args.out, args.data_dir, args.check_images, args.calibrated
-        )
-        print(json.dumps(report, indent=2) if args.json else hub.summary(report))
-        return 0
-    report = exports.export_run(
-        args.run, args.format, args.out, args.data_dir, args.check_images, args.calibrated
-    )
-    print(json.dumps(report, indent=2) if args.json else exports.summary(report))
+    options = vars(args)
+    report = export(args.run, args.format, **{k: options[k] for k in EXPORT_OPTIONS})
+    summary = hub.summary if args.format == "hub" else exports.summary
+    print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0

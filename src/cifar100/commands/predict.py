@@ -1,6 +1,6 @@
 """``cifar100 predict``: the top-K CIFAR-100 classes of any photo.
 
-Each image is read by ``cifar100.images.read_image`` (any format and colour mode, centre
+Each image is read by ``cifar100.data.images.read_image`` (any format and colour mode, centre
 square, Lanczos to 32x32), then the model's own preprocessing runs. An image that cannot be
 read gets a one-line error on stderr; the others are still answered, and the exit code is 1.
 """
@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from cifar100.classifier import CHUNK, load_model
-from cifar100.commands.argtypes import positive_int
+from cifar100.deploy.classifier import CHUNK, load_model
+from cifar100.recipes.argtypes import positive_int
 
 
 def register(subparsers) -> None:

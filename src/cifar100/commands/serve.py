@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cifar100.commands.argtypes import positive_int
-from cifar100.serving import choose_model
+from cifar100.deploy.serving import choose_model
+from cifar100.recipes.argtypes import positive_int
 
 
 def register(subparsers) -> None:
@@ -50,7 +50,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     path, why = choose_model(args.model, args.runs_dir)  # before Gradio loads: answers at once
     print(why, file=sys.stderr, flush=True)
-    from cifar100.demo import serve  # Gradio loads only here: the other commands never need it
+    # Gradio loads only here: the other commands never need it.
+    from cifar100.deploy.demo import serve
 
     serve(path, args.host, args.port)
     return 0

@@ -1,7 +1,7 @@
 """Model registry: name -> builder, with the input size and normalisation each model expects.
 
 Models are pure ``nn.Module``s that take normalised float images; they never read files.
-Weights for pretrained models are resolved by ``cifar100.weights`` and loaded by the caller.
+Weights for pretrained models are resolved by ``cifar100.models.weights`` and loaded by the caller.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cifar100.config import ConfigError, ModelConfig
-from cifar100.data import MEAN as CIFAR_MEAN
-from cifar100.data import NUM_CLASSES
-from cifar100.data import STD as CIFAR_STD
+from cifar100.config.schema import ConfigError, ModelConfig
+from cifar100.data.cifar import MEAN as CIFAR_MEAN
+from cifar100.data.cifar import NUM_CLASSES
+from cifar100.data.cifar import STD as CIFAR_STD
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,7 +24,7 @@ LITE_MEAN = (127 / 255,) * 3
 LITE_STD = (128 / 255,) * 3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     name: str
     builder: Callable[[ModelConfig, int], nn.Module]
@@ -33,7 +33,7 @@ class ModelSpec:
     std: tuple[float, float, float]
     pretrained: bool  # needs ImageNet weights
     description: str
-    # The stages it trains: a name in cifar100.plans.PLANS ("scratch": one stage;
+    # The stages it trains: a name in cifar100.training.plans.PLANS ("scratch": one stage;
     # "transfer": frozen backbone, then fine-tuning). A name, not the function: see there.
     plan: str
 
@@ -100,61 +100,61 @@ def _register_builtin() -> None:
 
     register(
         ModelSpec(
-            "cnn-seed",
-            cnn.build_seed_cnn,
-            32,
-            CIFAR_MEAN,
-            CIFAR_STD,
-            False,
-            "the coursework CNN: Conv-BN-ReLU stacks, MaxPool, Dropout, GAP",
+            name="cnn-seed",
+            builder=cnn.build_seed_cnn,
+            input_size=32,
+            mean=CIFAR_MEAN,
+            std=CIFAR_STD,
+            pretrained=False,
+            description="the coursework CNN: Conv-BN-ReLU stacks, MaxPool, Dropout, GAP",
             plan="scratch",
         )
     )
     register(
         ModelSpec(
-            "cnn-fast",
-            cnn.build_fast_cnn,
-            32,
-            CIFAR_MEAN,
-            CIFAR_STD,
-            False,
-            "residual CNN tuned for accuracy per CPU-minute",
+            name="cnn-fast",
+            builder=cnn.build_fast_cnn,
+            input_size=32,
+            mean=CIFAR_MEAN,
+            std=CIFAR_STD,
+            pretrained=False,
+            description="residual CNN tuned for accuracy per CPU-minute",
             plan="scratch",
         )
     )
     register(
         ModelSpec(
-            "resnet18",
-            resnet.build_resnet18,
-            32,
-            CIFAR_MEAN,
-            CIFAR_STD,
-            False,
-            "ResNet-18 with a 3x3 stem for 32 px: the GPU recipe's network",
+            name="resnet18",
+            builder=resnet.build_resnet18,
+            input_size=32,
+            mean=CIFAR_MEAN,
+            std=CIFAR_STD,
+            pretrained=False,
+            description="ResNet-18 with a 3x3 stem for 32 px: the GPU recipe's network",
             plan="scratch",
         )
     )
     register(
         ModelSpec(
-            "mobilenetv2",
-            mobilenetv2.build_mobilenetv2,
-            128,
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-            True,
-            "ImageNet MobileNetV2, frozen then fine-tuned",
+            name="mobilenetv2",
+            builder=mobilenetv2.build_mobilenetv2,
+            input_size=128,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            pretrained=True,
+            description="ImageNet MobileNetV2, frozen then fine-tuned",
             plan="transfer",
         )
     )
     register(
         ModelSpec(
-            "efficientnet-lite0",
-            efficientnet_lite.build_efficientnet_lite0,
-            128,
-            LITE_MEAN,
-            LITE_STD,
-            True,
-            "ImageNet EfficientNet-Lite0, frozen then fine-tuned",
+            name="efficientnet-lite0",
+            builder=efficientnet_lite.build_efficientnet_lite0,
+            input_size=128,
+            mean=LITE_MEAN,
+            std=LITE_STD,
+            pretrained=True,
+            description="ImageNet EfficientNet-Lite0, frozen then fine-tuned",
             plan="transfer",
         )
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cifar100.config import ModelConfig
+from cifar100.config.schema import ModelConfig
 from cifar100.models import REGISTRY, build_model, count_flops, count_parameters
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cifar100.config import ModelConfig
+from cifar100.config.schema import ModelConfig
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:

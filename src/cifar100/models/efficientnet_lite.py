@@ -10,7 +10,7 @@ even input pads one pixel less at the top/left than at the bottom/right. PyTorch
 symmetric padding would shift every downsampled feature map by half a pixel, so stride-2
 convs pad explicitly, computed from the input size. ``from_lukemelas`` renames the keys of
 the widely used lukemelas EfficientNet-PyTorch layout onto this module's names; it is a
-pure function, applied by ``cifar100.weights`` (this module never touches files).
+pure function, applied by ``cifar100.models.weights`` (this module never touches files).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar100.config import ConfigError, ModelConfig
+from cifar100.config.schema import ConfigError, ModelConfig
 from cifar100.models.backbone import Backbone, build_head, init_weights
 
 # n: repeats, k: depthwise kernel, s: stride of the first repeat, e: expansion, c: out channels

@@ -3,7 +3,7 @@
 Keeping torchvision's module names (``features.N.conv.M...``, ``classifier.1``) means any
 torchvision-layout ImageNet checkpoint loads strictly, with no key surgery; the classic
 layout is renamed by a pure function here (``from_classic_layout``) that
-``cifar100.weights``, which does all file I/O, applies. This module never touches files.
+``cifar100.models.weights``, which does all file I/O, applies. This module never touches files.
 Freezing (BatchNorm included) and the head are shared with EfficientNet-Lite0 in
 ``cifar100.models.backbone``; their names are re-exported here for older imports.
 """
@@ -15,7 +15,7 @@ import re
 import torch
 from torch import nn
 
-from cifar100.config import ModelConfig
+from cifar100.config.schema import ModelConfig
 from cifar100.models.backbone import (
     Backbone,
     build_head,

@@ -1,0 +1,1 @@
+"""Run records (what a run showed, without its weights) and the tables made from them."""

@@ -1,0 +1,183 @@
+"""The results table: one row per run record, as text or Markdown.
+
+``update_readme`` puts it between ``<!-- results:start -->`` and ``<!-- results:end -->``,
+so the README's table is generated, never typed; ``write_between`` does the same for the
+benchmarks' tables in docs/.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from cifar100.evaluation.metrics import tta_note
+from cifar100.records.coursework import coursework_table
+from cifar100.records.record import RecordError, load_record
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+COURSEWORK_START, COURSEWORK_END = "<!-- coursework:start -->", "<!-- coursework:end -->"
+COLUMNS = [
+    "Model",
+    "Test accuracy",
+    "Top-5",
+    "Parameters",
+    "Training time",
+    "Hardware",
+    "Date",
+    "Command",
+]
+
+
+def _hardware(info: dict[str, Any]) -> str:
+    if info.get("gpu"):
+        return str(info["gpu"])
+    cpu = re.sub(r"\((R|TM)\)", "", str(info.get("cpu") or "CPU"))
+    cpu = re.sub(r"\s+", " ", cpu.replace(" CPU", "")).strip()
+    threads = info.get("threads") or info.get("cpu_count")
+    cpu = f"{cpu}, {threads} threads" if threads else cpu
+    # bf16 autocast on a CPU (AMX) is not what the other CPU rows ran: the row says so
+    return f"{cpu}, bf16" if info.get("precision") == "bf16" else cpu
+
+
+def _duration(minutes: float | None) -> str:
+    if minutes is None:
+        return ""
+    if minutes < 60:
+        return f"{minutes:.1f} min"
+    return f"{int(minutes // 60)} h {round(minutes % 60):02d} min"
+
+
+def _teacher_cost(record: dict[str, Any]) -> str:
+    """A distilled run's teachers' own training time, beside the student's."""
+    distill = record.get("distill") or {}
+    teachers = distill.get("teachers") or []
+    if not teachers:
+        return ""
+    minutes = [t.get("train_minutes") for t in teachers]
+    if None in minutes:
+        cost = " + teacher (time unknown)"
+    else:
+        cost = f" + {_duration(sum(minutes))} teacher{'s' * (len(minutes) > 1)}"
+    return cost + _logits_cost(distill)
+
+
+def _logits_cost(distill: dict[str, Any]) -> str:
+    """Cached teacher logits that an earlier run computed: a cost the student's minutes
+    do not hold (what this run computed itself is in them, as ``logits_seconds``)."""
+    cache = distill.get("cache_seconds")
+    if not cache:  # online teachers, or a record from before the cost was kept
+        return ""
+    if None in cache:
+        return " + teacher logits (time unknown)"
+    earlier = sum(cache) - distill.get("logits_seconds", 0)
+    return f" + {_duration(earlier / 60)} teacher logits" if earlier >= 3 else ""
+
+
+def table_row(record: dict[str, Any]) -> list[str]:
+    notes = [tta_note(record)] * bool(tta_note(record))
+    notes += ["refit"] * bool(record.get("refit"))
+    # A -dirty commit cannot be checked out again: the run cannot be reproduced exactly.
+    commits = [record.get("commit"), (record.get("evaluated") or {}).get("commit")]
+    notes += ["uncommitted code"] * any(str(c or "").endswith("-dirty") for c in commits)
+    params = record.get("parameters")
+    return [
+        str(record.get("name") or record["model"]),
+        f"{100 * record['test_top1']:.2f}%" + (f" ({', '.join(notes)})" if notes else ""),
+        f"{100 * record['test_top5']:.2f}%",
+        f"{params / 1e6:.2f} M" if params else "",
+        _duration(record.get("train_minutes")) + _teacher_cost(record),
+        _hardware(record.get("hardware") or {}),
+        str(record.get("started") or "")[:10],
+        record.get("command") or "",
+    ]
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    def cell(text: str, code: bool) -> str:
+        text = text.replace("|", "\\|")
+        return f"`{text}`" if code and text else text
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|--:|--:|--:|--:|---|---|---|"]
+    for record in records:
+        row = table_row(record)
+        lines.append(
+            "| " + " | ".join(cell(v, i == len(row) - 1) for i, v in enumerate(row)) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def text_table(records: list[dict[str, Any]]) -> str:
+    rows = [COLUMNS] + [table_row(r) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
+    return (
+        "\n".join(
+            "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[-1]
+            for row in rows
+        )
+        + "\n"
+    )
+
+
+def update_readme(readme: Path, table: str, coursework: str | None = None) -> None:
+    """Replace what lies between the results markers with ``table`` (and, where the README
+    has the coursework markers, what lies between them with ``coursework``)."""
+    try:
+        text = readme.read_text()
+    except OSError as error:
+        raise RecordError(f"{readme}: cannot read ({error.strerror or error})") from None
+    new = _between(text, START, END, table, readme)
+    if coursework is not None and COURSEWORK_START in new:
+        new = _between(new, COURSEWORK_START, COURSEWORK_END, coursework, readme)
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(readme)
+
+
+def write_between(path: Path, marker: str, table: str) -> None:
+    """Replace what lies between ``<!-- MARKER:start -->`` and ``<!-- MARKER:end -->`` in
+    ``path`` with ``table`` (benchmarks' generated tables in docs/)."""
+    text = path.read_text()
+    new = _between(text, f"<!-- {marker}:start -->", f"<!-- {marker}:end -->", table, path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
+
+
+def _between(text: str, start_marker: str, end_marker: str, table: str, readme: Path) -> str:
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start < 0 or end < 0 or end < start:
+        raise RecordError(
+            f"{readme}: needs the markers {start_marker} and then {end_marker} around the table"
+        )
+    return text[: start + len(start_marker)] + "\n" + table + text[end:]
+
+
+def compare(records: Iterable[str | Path | dict[str, Any]], markdown: bool = False) -> str:
+    """The results table, one row per run directory, run record file or record, in order.
+
+    Args:
+        records: run directories, run record files (``results/*.json``), or records as
+            ``load_record`` returns them.
+        markdown: a Markdown table (as in the README) instead of aligned text.
+    """
+    rows = [r if isinstance(r, dict) else load_record(r) for r in records]
+    return markdown_table(rows) if markdown else text_table(rows)
+
+
+def write_tables(
+    inputs: list[Path], markdown: bool = False, readme: Path | None = None, out: Path | None = None
+) -> str:
+    """The table of the records (or run folders) ``inputs`` (Markdown with ``readme``), also
+    spliced into ``readme`` with the coursework table, and written to ``out``."""
+    records = [load_record(path) for path in inputs]
+    table = compare(records, markdown=markdown or bool(readme))
+    if readme:
+        update_readme(readme, markdown_table(records), coursework_table(records))
+    if out:
+        try:
+            out.write_text(table)
+        except OSError as error:
+            raise RecordError(f"{out}: cannot write ({error.strerror or error})") from None
+    return table

@@ -1,0 +1,81 @@
+"""How fast a run goes on its device: CPU runs are left exactly alone unless asked.
+
+On CUDA: cuDNN autotuning and TF32 for the few float32 matmuls outside bf16 autocast (set
+by ``speed_up``), an optional ``torch.compile`` that falls back to eager on any compiler
+failure, and the step cadence at which the host reads results back (``sync_interval``).
+``autocast_dtype`` turns ``train.precision`` into the autocast a step runs under: bf16 on
+CUDA by default, and on a CPU only when asked (``--precision bf16``), since only CPUs with
+AMX or AVX512-BF16 run it natively (there it trains cnn-fast ~3x faster than fp32).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from cifar100.config.schema import ConfigError
+
+# Steps between host read-backs (and cross-rank agreements) on a GPU. A step of these
+# networks takes tens of milliseconds there, so a stop request waits a second or two at
+# most, while the pipeline drains once per 20 steps instead of at every step.
+GPU_SYNC_EVERY = 20
+
+
+def sync_interval(setting: int | None, device: torch.device) -> int:
+    """``train.sync_every``, or its default: every step on CPU, where reading a number back
+    costs nothing (and Ctrl-C stops at the very next step), every 20 on an accelerator."""
+    if setting is not None:
+        if setting < 1:
+            raise ConfigError(f"train.sync_every={setting}: must be 1 or more steps")
+        return setting
+    return 1 if device.type == "cpu" else GPU_SYNC_EVERY
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype a training step autocasts to under ``train.precision`` (None: fp32)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX tiles or AVX512-BF16: without them oneDNN emulates bf16, slower than fp32."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def warn_emulated_bf16(precision: str, device: torch.device) -> None:
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        print(
+            "train.precision=bf16: this CPU has no native bf16 (AMX or AVX512-BF16), so "
+            "training will be slower than in fp32",
+            file=sys.stderr,
+        )
+
+
+def speed_up(device: torch.device) -> None:
+    """Fast defaults on CUDA: the input shapes never change, so cuDNN may time its kernels
+    once and keep the fastest; float32 matmuls may use TF32."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)``, guarded: compiling happens at the first step, and a failure
+    there (no C++ compiler or Triton, an unsupported op) runs that code eagerly instead of
+    ending the run. The caller keeps the plain module for checkpoints and evaluation."""
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True  # compiler errors: eager, with a warning
+        return torch.compile(model)
+    except Exception as error:  # torch built without dynamo, an old Python
+        print(
+            f"torch.compile unavailable ({type(error).__name__}: {error}); training eagerly",
+            file=sys.stderr,
+        )
+        return model

@@ -1,0 +1,328 @@
+"""The loop: a run's stages, each one readable epoch loop with checkpoints and resume.
+
+A run is one or more *stages*; which ones is the model's business (``cifar100.training.plans``),
+not the loop's: it trains whatever ``Stage`` it is handed and knows no model. Each stage
+checkpoints after every epoch, and on Ctrl-C or a timer mid-epoch, so a killed run
+resumes at the exact step it reached with the same RNG state.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifar100.config.schema import Config, ConfigError, to_dict
+from cifar100.data.batches import Batches
+from cifar100.data.cifar import Cifar100, Splits
+from cifar100.data.preprocess import Preprocess
+from cifar100.evaluation.inference import score
+from cifar100.runs.folders import append_metrics, plot_curves, truncate_metrics
+from cifar100.runtime import distributed, stopping
+from cifar100.runtime.checkpoint import rng_state, save_checkpoint
+from cifar100.runtime.speed import autocast_dtype, compile_model, sync_interval
+from cifar100.training.engine import (
+    EpochState,
+    StepContext,
+    TrainingInterrupted,
+    epoch_context,
+    is_sync_step,
+    train_one_epoch,
+)
+from cifar100.training.optim import load_optimizer_state, restore_scheduler
+
+
+@dataclass
+class Run:
+    """What every stage of a run shares."""
+
+    config: Config
+    run_dir: Path
+    device: torch.device
+    dataset: Cifar100
+    splits: Splits
+    preprocess: Preprocess
+    elapsed: float = 0.0  # training seconds, summed over resumes
+    resume: dict[str, Any] | None = None  # last.pt of an interrupted run
+    on_epoch: Callable[[dict[str, Any]], None] | None = None  # gets each epoch's metrics row
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """What training and validation steps autocast to (``train.precision``)."""
+        return autocast_dtype(self.config.train.precision, self.device)
+
+    def metadata(self) -> dict[str, Any]:
+        """What a checkpoint needs so that evaluate/predict/export work from it alone."""
+        p = self.preprocess
+        return {
+            "config": to_dict(self.config),
+            "model_name": self.config.model.name,
+            "class_names": self.dataset.class_names,
+            "superclass_names": self.dataset.superclass_names,
+            "fine_to_coarse": self.dataset.fine_to_coarse().tolist(),
+            "preprocess": {
+                "size": p.size,
+                "mean": p.mean.flatten().tolist(),
+                "std": p.std.flatten().tolist(),
+            },
+        }
+
+
+@dataclass
+class Stage:
+    """One phase of training: a model (or part of one), its batches, optimizer, length."""
+
+    name: str  # recorded in metrics.jsonl and checkpoints; a resume finds its stage by it
+    model: nn.Module
+    epochs: int
+    batch_size: int
+    train_batches: Batches
+    val_batches: Batches | None  # None: a refit (train.refit), which validates nothing
+    ctx: StepContext
+    plateau: Any | None = None  # ReduceLROnPlateau, stepped on validation loss
+    full_model: nn.Module | None = None  # saved in checkpoints when ``model`` is only a part
+    best_top1: float = -1.0
+    bad_epochs: int = 0
+    epoch: int = 0
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The shuffle of one epoch depends only on (seed, epoch): no state to carry across."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def eval_model(stage: Stage) -> nn.Module:
+    return stage.ctx.ema.model if stage.ctx.ema is not None else stage.model
+
+
+def saved_model(stage: Stage, for_eval: bool = False) -> nn.Module:
+    """The whole network, even when a stage trains only its head on cached features."""
+    if stage.full_model is not None:
+        return stage.full_model
+    return eval_model(stage) if for_eval else stage.model
+
+
+def run_stages(run: Run, stages: Iterable[Stage]) -> nn.Module:
+    """Train each stage in turn; return the network the last one evaluates (to test).
+
+    ``stages`` is usually a model's plan (a generator): it builds its next stage only after
+    the loop has trained the previous one, e.g. to fine-tune from the best head.
+    """
+    last = None
+    for stage in stages:
+        run_stage(run, stage)
+        last = stage
+    if last is None:
+        raise ConfigError(f"{run.config.model.name}: its plan has no stage to train")
+    return saved_model(last, for_eval=True)
+
+
+def run_stage(run: Run, stage: Stage) -> None:
+    """The epoch loop: train, validate, keep the best (on validation), checkpoint, stop early.
+
+    A stop signal is deferred to the end of the current step, which then saves ``last.pt``
+    (see ``cifar100.runtime.stopping``): the run resumes at that exact step.
+    """
+    with stopping.deferred():
+        _run_epochs(run, stage)
+
+
+def checkpoint_state(run: Run, stage: Stage, epoch_state: EpochState | None, generator):
+    progress = asdict(epoch_state) if epoch_state else None
+    return {
+        "stage": stage.name,
+        "epoch": stage.epoch,
+        "model": saved_model(stage).state_dict(),
+        "optimizer": stage.ctx.optimizer.state_dict(),
+        "scheduler": (stage.ctx.scheduler or stage.plateau).state_dict()
+        if (stage.ctx.scheduler or stage.plateau)
+        else None,
+        "ema": stage.ctx.ema.model.state_dict() if stage.ctx.ema else None,
+        "ema_updates": stage.ctx.ema.updates if stage.ctx.ema else None,
+        "epoch_state": progress,
+        "best_top1": stage.best_top1,
+        "bad_epochs": stage.bad_epochs,
+        "elapsed": run.elapsed,
+        "rng": rng_state(generator),
+        **distributed.gather_rank_states(rng_state(generator), progress),
+        **run.metadata(),
+    }
+
+
+def restore_stage(stage: Stage, state: dict[str, Any], generator) -> EpochState | None:
+    saved_model(stage).load_state_dict(state["model"])
+    load_optimizer_state(stage.ctx.optimizer, state["optimizer"])  # CUDA file on CPU, and back
+    scheduler = stage.ctx.scheduler or stage.plateau
+    if scheduler is not None and state["scheduler"] is not None:
+        restore_scheduler(scheduler, state["scheduler"], stage.ctx.optimizer)
+    if stage.ctx.ema is not None:
+        stage.ctx.ema.model.load_state_dict(state["ema"])
+        # Checkpoints from before the EMA warm-up have no count: they never used one.
+        stage.ctx.ema.updates = state.get("ema_updates") or 0
+    stage.epoch, stage.best_top1, stage.bad_epochs = (
+        state["epoch"],
+        state["best_top1"],
+        state["bad_epochs"],
+    )
+    progress = distributed.restore_rank_state(state, generator)  # this rank's, under torchrun
+    if progress is None:
+        return None
+    # Checkpoints written before issue 14 also carry an unused, always empty "extra".
+    return EpochState(**{k: v for k, v in progress.items() if k != "extra"})
+
+
+def _resume(run: Run, stage: Stage, generator) -> EpochState | None:
+    """Restore ``stage`` if the interrupted run stopped in it; where its epoch stood."""
+    if run.resume is None or run.resume["stage"] != stage.name:
+        return None
+    epoch_state = restore_stage(stage, run.resume, generator)
+    if distributed.is_main():
+        truncate_metrics(run.run_dir, stage.epoch, stage.name)
+    run.resume = None
+    return epoch_state
+
+
+def _run_epochs(run: Run, stage: Stage) -> None:
+    cfg, ckpt_dir = run.config.train, run.run_dir / "checkpoints"
+    if len(stage.train_batches) < stage.batch_size:
+        raise ConfigError(
+            f"{stage.name}: {len(stage.train_batches)} training images are fewer "
+            f"than one batch of {stage.batch_size}; lower train.batch_size or "
+            "use a larger --train-subset"
+        )
+    # Under torchrun every rank augments its own images: its own generator (seed + rank).
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed + distributed.rank())
+    model = distributed.wrap_model(stage.model, run.device, cfg.sync_bn)  # DDP, or itself
+    if cfg.compile:
+        model = compile_model(model)  # for training only; stage.model is saved and evaluated
+    every, steps = sync_interval(cfg.sync_every, run.device), 0
+    epoch_state = _resume(run, stage, generator)
+    last_save, started = time.monotonic(), time.perf_counter()
+
+    def on_pause(state: EpochState) -> bool:
+        # Only at sync steps: there ``state`` is up to date, and every rank votes at the same
+        # step without a collective at each one. A stop waits at most ``every`` steps.
+        nonlocal last_save, started
+        if not is_sync_step(state.step, steps, every):
+            return False
+        timed = time.monotonic() - last_save > cfg.checkpoint_minutes * 60
+        stop, timed = distributed.agree(stopping.requested() is not None, timed)  # all ranks
+        if stop or timed:
+            run.elapsed += time.perf_counter() - started
+            started = time.perf_counter()
+            last = checkpoint_state(run, stage, state, generator)
+            if distributed.is_main():
+                save_checkpoint(last, ckpt_dir / "last.pt")
+            distributed.barrier()  # no rank exits before last.pt is whole
+            last_save, started = time.monotonic(), time.perf_counter()
+        return stop
+
+    while stage.epoch < stage.epochs and not _early_stop(stage, cfg.early_stopping):
+        started = time.perf_counter()
+        order = epoch_order(cfg.seed, stage.epoch, len(stage.train_batches))
+        order, batch_size = distributed.shard_order(order, stage.batch_size)  # this rank's part
+        steps = len(order) // batch_size
+        desc = f"{stage.name} {stage.epoch + 1}/{stage.epochs}"
+        state = epoch_state or EpochState()
+        ctx = epoch_context(stage.ctx, stage.epoch, stage.epochs)
+        train = train_one_epoch(
+            model,
+            stage.train_batches,
+            ctx,
+            batch_size=batch_size,
+            order=order,
+            generator=generator,
+            state=state,
+            on_pause=on_pause,
+            desc=desc,
+            sync_every=every,
+        )
+        train = distributed.mean_metrics(train)
+        if ctx.input_size is not None:
+            train["input_size"] = ctx.input_size  # progressive resizing: in metrics.jsonl
+        epoch_state = None
+        val = _validate(run, stage, state, generator, started)
+        run.elapsed += time.perf_counter() - started  # wall time: training and validation
+        row = _end_epoch(run, stage, train, val, generator)
+        if run.on_epoch is not None:
+            run.on_epoch(row)  # may raise (a tuning trial pruned): last.pt is already saved
+
+
+def _validate(run: Run, stage: Stage, state: EpochState, generator, started: float) -> dict | None:
+    if stage.val_batches is None:
+        return None  # a refit: every training image is trained on, none validates
+    try:
+        return distributed.evaluate_sharded(
+            score,
+            eval_model(stage),
+            stage.val_batches,
+            run.config.train.eval_batch_size,
+            autocast=stage.ctx.autocast,
+        )
+    except KeyboardInterrupt:
+        # The epoch's training is done: keep it, and validate first thing on resume.
+        run.elapsed += time.perf_counter() - started
+        if distributed.is_main():
+            save_checkpoint(
+                checkpoint_state(run, stage, state, generator),
+                run.run_dir / "checkpoints" / "last.pt",
+            )
+        raise TrainingInterrupted(f"stopped while validating epoch {stage.epoch + 1}") from None
+
+
+def _early_stop(stage: Stage, patience: int | None) -> bool:
+    return patience is not None and stage.bad_epochs >= patience
+
+
+def _end_epoch(run: Run, stage: Stage, train: dict, val: dict | None, generator) -> dict:
+    if stage.plateau is not None:
+        stage.plateau.step(val["loss"])  # a refit with a plateau schedule is refused before
+    stage.epoch += 1
+    ckpt_dir = run.run_dir / "checkpoints"
+    # Without validation (a refit) nothing can choose an epoch: the best is the last.
+    if val is None or val["top1"] > stage.best_top1:
+        stage.best_top1, stage.bad_epochs = (val["top1"] if val else -1.0), 0
+        best = {
+            "stage": stage.name,
+            "epoch": stage.epoch,
+            "val": val,
+            "model": saved_model(stage, for_eval=True).state_dict(),
+            **run.metadata(),
+        }
+        if distributed.is_main():
+            save_checkpoint(best, ckpt_dir / "best.pt")
+    else:
+        stage.bad_epochs += 1
+    lr = stage.ctx.optimizer.param_groups[0]["lr"]
+    row = {
+        "stage": stage.name,
+        "epoch": stage.epoch,
+        "lr": lr,
+        "elapsed_s": round(run.elapsed, 1),
+        **{f"train_{k}": v for k, v in train.items()},
+        **{f"val_{k}": v for k, v in (val or {}).items()},
+    }
+    last = checkpoint_state(run, stage, None, generator)  # a collective under torchrun
+    if distributed.is_main():  # the only rank that writes files (and prints)
+        append_metrics(run.run_dir, row)
+        save_checkpoint(last, ckpt_dir / "last.pt")
+        plot_curves(run.run_dir)
+        validated = (
+            f"val loss {val['loss']:.3f} top1 {val['top1']:.3f} top5 {val['top5']:.3f}"
+            if val
+            else "refit: no validation"
+        )
+        print(
+            f"[{stage.name}] epoch {stage.epoch}/{stage.epochs}  train loss "
+            f"{train['loss']:.3f} top1 {train['top1']:.3f} | {validated} | lr {lr:.2e} | "
+            f"{run.elapsed / 60:.1f} min",
+            file=sys.stderr,
+            flush=True,
+        )  # stderr: stdout stays clean for --json
+    return row

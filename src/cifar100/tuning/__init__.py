@@ -1,0 +1,1 @@
+"""Hyperparameter search with Optuna, and what a study has found."""
