@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from cifar100.config.schema import DistillConfig, load_config
+from cifar100.config.schema import DistillConfig, layered_config
 from cifar100.data.batches import ImageBatches
 from cifar100.data.cifar import load_cifar100
 from cifar100.data.preprocess import Preprocess
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     teachers = [load_teacher(source) for source in args.teacher]
     header(args, teachers)
-    config = load_config(args.student)
+    config = layered_config(args.student)
     dataset = load_cifar100(args.data_dir, download=False)
     split = dataset.train.subset(torch.arange(min(args.images, len(dataset.train))))
     spec = model_spec(config.model.name)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from cifar100.config.schema import Config, load_config
+from cifar100.config.schema import Config, layered_config
 from cifar100.data.cifar import Cifar100, Split, Splits
 from cifar100.data.preprocess import Preprocess
 from cifar100.evaluation.inference import predict_logits
@@ -111,7 +111,7 @@ def build_stage(run: Run) -> Stage:
 
 def measure(preset: str, device: torch.device, args: argparse.Namespace, compiled: bool) -> dict:
     overrides = {"train": {"batch_size": args.batch_size}} if args.batch_size else {}
-    config = load_config(preset, overrides=overrides)
+    config = layered_config(preset, overrides=overrides)
     batch = config.train.batch_size
     run = random_run(config, device, batch * args.steps)
     stage = build_stage(run)

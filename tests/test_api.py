@@ -53,6 +53,7 @@ def test_import_is_light_and_lists_the_api():
     # A module named like an API function would shadow it once imported (cifar100.export).
     package = Path(cifar100.__file__).parent
     assert not [name for name in cifar100.API if (package / f"{name}.py").exists()]
+    assert not [name for name in cifar100.API if (package / name).is_dir()]  # nor a folder
 
 
 def test_load_config_resolves_as_the_train_command(fake_data_dir):

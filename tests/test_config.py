@@ -11,7 +11,7 @@ from cifar100.config.schema import (
     Config,
     ConfigError,
     from_saved,
-    load_config,
+    layered_config,
     parse_overrides,
     preset_names,
     read_yaml,
@@ -48,7 +48,7 @@ def test_precedence_is_preset_then_files_then_set_then_flags(tmp_path):
         "--seed",
         "4",
     )
-    quick = load_config("quick")
+    quick = layered_config("quick")
     assert quick.optim.lr == 0.2 and quick.train.epochs == 4  # what the layers replace
     assert config.optim.optimizer == "sgd"  # the preset's, untouched by the files
     assert config.optim.lr == 0.07  # the later file over the earlier one over the preset
@@ -65,7 +65,7 @@ def test_precedence_is_preset_then_files_then_set_then_flags(tmp_path):
 
 
 def test_values_are_parsed_into_the_annotated_types():
-    config = load_config(
+    config = layered_config(
         overrides=parse_overrides(
             [
                 "model.widths=8,16,32",
@@ -80,7 +80,7 @@ def test_values_are_parsed_into_the_annotated_types():
     assert config.model.widths == (8, 16, 32) and config.train.early_stopping is None
     assert config.train.tta_flip is True and config.optim.lr == 0.01
     assert config.optim.grad_clip is None and config.model.image_size == 64
-    assert load_config(overrides=parse_overrides(["model.widths=[4, 8]"])).model.widths == (4, 8)
+    assert layered_config(overrides=parse_overrides(["model.widths=[4, 8]"])).model.widths == (4, 8)
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_values_are_parsed_into_the_annotated_types():
 )
 def test_bad_values_are_rejected_with_their_name(override, message):
     with pytest.raises(ConfigError) as error:
-        load_config(overrides=parse_overrides([override]))
+        layered_config(overrides=parse_overrides([override]))
     assert message in str(error.value)
 
 
@@ -122,11 +122,11 @@ def test_config_files_that_do_not_fit_name_the_file(tmp_path):
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError, match=name):
-            load_config(files=[tmp_path / name])
+            layered_config(files=[tmp_path / name])
     with pytest.raises(ConfigError, match="cannot read"):
-        load_config(files=[tmp_path])  # a folder
+        layered_config(files=[tmp_path])  # a folder
     with pytest.raises(ConfigError, match="unknown preset 'nope' \\(choose from cnn-fast"):
-        load_config("nope")
+        layered_config("nope")
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -134,7 +134,7 @@ def test_every_preset_sets_only_what_takes_effect(name):
     """Presets obey the honest-settings rule with every key they set counted as set."""
     values = read_yaml(PRESETS_DIR / f"{name}.yaml")
     keys = {f"{section}.{key}" for section, settings in values.items() for key in settings}
-    check_settings(load_config(name), keys)
+    check_settings(layered_config(name), keys)
 
 
 @pytest.mark.parametrize(
@@ -197,9 +197,9 @@ def test_settings_that_take_effect_pass():
 def test_a_full_config_dump_counts_only_its_changes(tmp_path):
     """A study's best.yaml restates every default; only its changed values are 'set'."""
     path = tmp_path / "best.yaml"
-    save_config(load_config("mobilenetv2"), path)
+    save_config(layered_config("mobilenetv2"), path)
     assert resolve(None, [path]).model.name == "mobilenetv2"
-    values = to_dict(load_config("mobilenetv2"))
+    values = to_dict(layered_config("mobilenetv2"))
     values["optim"]["lr"] = 0.5  # a changed value that stage 1 would ignore
     path.write_text(__import__("yaml").safe_dump(values))
     with pytest.raises(ConfigError, match="optim.lr"):

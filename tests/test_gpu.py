@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar100.config.schema import Config, ConfigError, load_config, save_config
+from cifar100.config.schema import Config, ConfigError, layered_config, save_config
 from cifar100.data.cifar import Cifar100, Split, Splits
 from cifar100.data.preprocess import Preprocess
 from cifar100.models import build_model, input_size, model_spec
@@ -61,7 +61,7 @@ def random_run(config: Config, device: torch.device, images: int) -> Run:
 
 
 def _config(preset: str, data_dir: Path, device: str, **train):
-    return load_config(
+    return layered_config(
         preset,
         overrides={
             **TINY,
@@ -73,7 +73,7 @@ def _config(preset: str, data_dir: Path, device: str, **train):
 
 def test_gpu_presets_build_and_step_on_cpu():
     """resnet18-gpu's whole recipe (MixUp/CutMix, EMA, cosine) runs on CPU at toy size."""
-    config = load_config("resnet18-gpu", overrides={"train": {"batch_size": 8}})
+    config = layered_config("resnet18-gpu", overrides={"train": {"batch_size": 8}})
     stage = build_cnn_stage(random_run(config, torch.device("cpu"), 16))
     assert stage.ctx.ema is not None and config.augment.mixup_alpha > 0
     state = EpochState()
@@ -89,7 +89,7 @@ def test_gpu_presets_build_and_step_on_cpu():
     )
     assert state.step == 2 and torch.isfinite(torch.tensor(state.loss_sum))
     for preset in ("mobilenetv2-finetune-gpu", "efficientnet-lite0-finetune-gpu"):
-        finetune = load_config(preset)
+        finetune = layered_config(preset)
         assert model_spec(finetune.model.name).pretrained and finetune.model.image_size == 224
         assert finetune.transfer.stage2_epochs > 0 and finetune.train.batch_size == 256
         build_model(finetune.model)
@@ -120,7 +120,7 @@ def test_speed_settings_leave_cpu_alone():
 @gpu
 @needs_cuda
 def test_an_epoch_on_cuda_waits_for_the_device_only_at_sync_steps():
-    config = load_config(
+    config = layered_config(
         "resnet18-gpu",
         overrides={
             "model": {"widths": [16, 32, 64, 64]},
@@ -185,7 +185,7 @@ def test_a_cuda_run_evaluates_on_cpu_and_resumes_there(fake_data_dir, tmp_path, 
             train(config, run_dir)
     assert json.loads((run_dir / "run.json").read_text())["hardware"]["device"].startswith("cuda")
     save_config(_config("quick", fake_data_dir, "cpu", epochs=2), run_dir / "config.yaml")
-    results = train(load_config(files=[run_dir / "config.yaml"]), run_dir, resume=True)
+    results = train(layered_config(files=[run_dir / "config.yaml"]), run_dir, resume=True)
     assert results["best_epoch"] == 2
     trained = load_trained(run_dir, "cpu")
     assert trained.classifier()(torch.rand(2, 3, 32, 32)).shape == (2, 100)
@@ -201,7 +201,7 @@ def test_a_cpu_run_resumes_on_cuda(fake_data_dir, tmp_path, monkeypatch):
         with pytest.raises(TrainingInterrupted):
             train(_config("quick", fake_data_dir, "cpu", epochs=2), run_dir)
     save_config(_config("quick", fake_data_dir, "cuda", epochs=2), run_dir / "config.yaml")
-    results = train(load_config(files=[run_dir / "config.yaml"]), run_dir, resume=True)
+    results = train(layered_config(files=[run_dir / "config.yaml"]), run_dir, resume=True)
     assert results["best_epoch"] == 2 and 0 <= results["test_top1"] <= 1
 
 

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import torch
 
-from cifar100.config.schema import AugmentConfig, ModelConfig, OptimConfig, load_config
+from cifar100.config.schema import AugmentConfig, ModelConfig, OptimConfig, layered_config
 from cifar100.data.augment import mix_batch_on_device, one_hot
 from cifar100.data.batches import ImageBatches
 from cifar100.data.cifar import Split
@@ -174,7 +174,7 @@ def test_ranks_vote_only_at_sync_steps(fake_data_dir, tmp_path, monkeypatch):
         return flags
 
     monkeypatch.setattr(distributed, "agree", agree)
-    config = load_config(
+    config = layered_config(
         "quick",
         overrides={
             "model": {"widths": [8, 8, 8, 8]},

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cifar100 import models
-from cifar100.config.schema import load_config
+from cifar100.config.schema import layered_config
 from cifar100.data.batches import ImageBatches
 from cifar100.data.cifar import MEAN, STD
 from cifar100.models import REGISTRY, ModelSpec, register
@@ -31,7 +31,7 @@ TIMINGS = ("elapsed_s", "train_minutes", "process", "run_dir")
 
 
 def _config(data_dir: Path, **overrides):
-    return load_config(
+    return layered_config(
         "quick", overrides={**TINY, "data": {"data_dir": str(data_dir)}, **overrides}
     )
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cifar100.cli import main
-from cifar100.config.schema import OptimConfig, load_config
+from cifar100.config.schema import OptimConfig, layered_config
 from cifar100.deploy.exports import export_run
 from cifar100.runs.trained import load_trained
 from cifar100.runtime import distributed
@@ -95,7 +95,7 @@ def test_a_gpu_checkpoint_evaluates_predicts_and_exports_on_cpu(
 
 def _interrupted_run(fake_data_dir: Path, run_dir: Path, monkeypatch, stop_at: int = 3):
     """A tiny run stopped mid-epoch (as by Ctrl-C at step ``stop_at``): last.pt to resume."""
-    config = load_config(
+    config = layered_config(
         "quick",
         overrides={
             "model": {"widths": [8, 8, 8, 8]},
@@ -121,7 +121,7 @@ def test_a_gpu_checkpoint_resumes_on_cpu(fake_data_dir, tmp_path, monkeypatch, c
     last = run_dir / "checkpoints" / "last.pt"
     assert load_checkpoint(last)["epoch_state"]["step"] == 3
     cuda_shaped(last)
-    results = train(load_config(files=[run_dir / "config.yaml"]), run_dir, resume=True)
+    results = train(layered_config(files=[run_dir / "config.yaml"]), run_dir, resume=True)
     # Both epochs ran to the end; which one validates better on 200 fake images is noise.
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").open()]
     assert epochs[-1] == 2 and results["best_epoch"] in (1, 2)

@@ -280,7 +280,7 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def load_config(
+def layered_config(
     preset: str | None = None,
     files: list[str | Path] = (),
     overrides: dict[str, Any] | None = None,

@@ -19,7 +19,7 @@ from typing import Any
 
 from cifar100.config.schema import (
     Config,
-    load_config,
+    layered_config,
     parse_overrides,
     preset_names,
     read_yaml,
@@ -59,7 +59,7 @@ def resolve(
             section, key = name.split(".")
             overrides.setdefault(section, {})[key] = value
             explicit.add(name)
-    config = load_config(preset, files, overrides)
+    config = layered_config(preset, files, overrides)
     explicit |= _changed_in_files(files, config)
     if model_spec(config.model.name).pretrained and (
         config.model.weights or os.environ.get(WEIGHTS_ENV)
