@@ -88,7 +88,14 @@ def toy_model(monkeypatch):
     register_plan("toy-two-stage", two_stages)
     register(
         ModelSpec(
-            "toy-linear", _linear, 32, MEAN, STD, False, "one linear layer", plan="toy-two-stage"
+            name="toy-linear",
+            builder=_linear,
+            input_size=32,
+            mean=MEAN,
+            std=STD,
+            pretrained=False,
+            description="one linear layer",
+            plan="toy-two-stage",
         )
     )
     return trained

@@ -99,16 +99,16 @@ FLAGS = (
         tune="train each trial on a class-balanced subset of N images",
     ),
     Flag(
+        flag="--device",
+        key="train.device",
+        help="auto, cpu, cuda, cuda:N or mps",
+        resumable=True,
+    ),
+    Flag(
         flag="--data-dir",
         key="data.data_dir",
         help=DATA_DIR_HELP,
         tune=DATA_DIR_HELP,
-        resumable=True,
-    ),
-    Flag(
-        flag="--device",
-        key="train.device",
-        help="auto, cpu, cuda, cuda:N or mps",
         resumable=True,
     ),
     Flag(

@@ -1,6 +1,6 @@
 """What a hyperparameter study has found: its trials as rows, and the files that say so.
 
-``write_report`` keeps ``summary.csv``, ``summary.md``, ``history.png``,
+``write_study_summary`` keeps ``summary.csv``, ``summary.md``, ``history.png``,
 ``importances.png`` and ``best.yaml`` up to date in the study folder after every trial;
 each is written through a temporary file, so parallel workers never leave half a report.
 """
@@ -86,7 +86,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_report(study, study_dir: Path) -> None:
+def write_study_summary(study, study_dir: Path) -> None:
     """summary.csv, summary.md, history.png, importances.png and best.yaml in ``study_dir``."""
     rows = trial_rows(study)
     buffer = io.StringIO()

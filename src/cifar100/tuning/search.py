@@ -27,7 +27,7 @@ from cifar100.models.cnn import FastCNN, SeedCNN
 from cifar100.runtime import stopping
 from cifar100.training.engine import TrainingDiverged
 from cifar100.training.train import train
-from cifar100.tuning.report import STUDY_NAME, finished, write_report
+from cifar100.tuning.report import STUDY_NAME, finished, write_study_summary
 
 try:
     import optuna
@@ -227,7 +227,7 @@ def run_study(
     study = open_study(study_dir, base, seed)
 
     def after_trial(study, trial) -> None:
-        write_report(study, study_dir)
+        write_study_summary(study, study_dir)
         if on_trial is not None:
             on_trial(study, trial)
         if finished(study) >= trials:  # counts the trials of parallel workers too
@@ -249,5 +249,5 @@ def run_study(
                 f"{study_dir / 'study.db'} keeps the finished "
                 "trials: rerun the same command to continue",
             ) from None
-    write_report(study, study_dir)
+    write_study_summary(study, study_dir)
     return study
