@@ -176,6 +176,7 @@ def _rename_only_in_label2id(config):
     "edit, message",
     [
         (_set("architecture", "resnet9000"), "architecture 'resnet9000' is not a cifar100 model"),
+        (_set("architecture", ["cnn-fast"]), "architecture ['cnn-fast'] is not a cifar100 model"),
         (
             _set("architecture", "cnn-seed"),
             "architecture 'cnn-seed' does not match the weights (trained as 'cnn-fast')",

@@ -98,7 +98,7 @@ def _agreeing(config: dict[str, Any], trained: TrainedModel, path: Path) -> Trai
         raise refuse("weights", f"{config['weights']!r} is not {WEIGHTS!r}, the file read")
     trained_as = trained.metadata["config_obj"].model.name
     architecture = config.get("architecture", _MISSING)
-    if architecture not in REGISTRY:
+    if not isinstance(architecture, str) or architecture not in REGISTRY:
         raise refuse(
             "architecture",
             f"{_short(architecture)} is not a cifar100 model "
