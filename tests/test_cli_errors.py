@@ -181,3 +181,33 @@ def test_the_installed_command_prints_one_line(argv, expected, tmp_path):
     assert result.stderr.count("\n") == 1 and expected in result.stderr
     assert result.stderr.startswith("cifar100: error: ") and "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["serve", "--port", "70000"], "argument --port: must be a port in [1, 65535], got 70000"),
+        (["serve", "--port", "0"], "argument --port: must be a port in [1, 65535], got 0"),
+        (["serve", "--port", "-1"], "argument --port: must be a port in [1, 65535], got -1"),
+        (["serve", "--port", "http"], "argument --port: must be a whole number, got 'http'"),
+        (["train", "--kd-weight", "2"], "argument --kd-weight: must be in [0, 1], got 2"),
+        (["train", "--kd-weight", "-0.1"], "argument --kd-weight: must be in [0, 1], got -0.1"),
+        (["train", "--kd-weight", "nan"], "argument --kd-weight: must be in [0, 1], got nan"),
+        (
+            ["train", "--kd-temperature", "500"],
+            "argument --kd-temperature: must be in (0, 100], got 500",
+        ),
+    ],
+)
+def test_numeric_flags_out_of_range_are_usage_errors(argv, expected, tmp_path, monkeypatch, capsys):
+    """Refused by the parser (exit 2) before anything runs: no model is loaded, no port bound,
+    no run folder made. The model and data named do not exist, so a value the parser let
+    through would fail later, and differently."""
+    monkeypatch.chdir(tmp_path)
+    missing = ["--model", MISSING] if argv[0] == "serve" else ["--data-dir", MISSING]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, *missing])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert len(err) == 1 and err[0].startswith("cifar100: error: ") and expected in err[0], err
+    assert list(tmp_path.iterdir()) == []

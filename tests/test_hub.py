@@ -106,3 +106,116 @@ def test_serve_shows_the_folders_own_metrics(hub_folder):
     text = header(hub_folder, load_model(hub_folder))
     assert f"Test accuracy **{100 * config['metrics']['top1']:.2f}%" in text  # a note may follow
     assert "flip TTA" not in text and "cifar100 train --preset quick" in text
+
+
+def edited_copy(hub_folder: Path, folder: Path, edit) -> Path:
+    """A copy of the exported folder whose config.json ``edit`` (config -> None) changed."""
+    folder.mkdir()
+    (folder / WEIGHTS).write_bytes((hub_folder / WEIGHTS).read_bytes())
+    config = json.loads((hub_folder / CONFIG).read_text())
+    edit(config)
+    (folder / CONFIG).write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def test_a_class_renamed_in_config_json_answers_under_its_new_name(
+    hub_folder, shared_dir, tmp_path, capsys
+):
+    """config.json's id2label is where the folder's class names come from."""
+    photos = [shared_dir / "samples" / "imagenet" / name for name in SAMPLES]
+    before = predict_json(capsys, hub_folder, photos)
+    old = before[0]["top"][0]["class"]
+    index = json.loads((hub_folder / CONFIG).read_text())["label2id"][old]
+
+    def rename(config):
+        config["id2label"][str(index)] = "my-renamed-class"
+        config["label2id"]["my-renamed-class"] = config["label2id"].pop(old)
+
+    renamed = edited_copy(hub_folder, tmp_path / "renamed", rename)
+    after = predict_json(capsys, renamed, photos)
+    assert after[0]["top"][0]["class"] == "my-renamed-class"
+    assert after[0]["top"][0]["probability"] == pytest.approx(before[0]["top"][0]["probability"])
+    for entry_before, entry_after in zip(before, after, strict=True):
+        names = [t["class"] for t in entry_before["top"]]
+        assert [t["class"] for t in entry_after["top"]] == [
+            "my-renamed-class" if name == old else name for name in names
+        ]
+    model = load_model(renamed)
+    assert model.superclass("my-renamed-class") == load_model(hub_folder).superclass(old)
+
+
+def _set(path: str, value):
+    """An edit of config.json: the field at the dotted ``path`` set to ``value``."""
+
+    def edit(config):
+        *parents, last = path.split(".")
+        for key in parents:
+            config = config[key]
+        config[last] = value
+
+    return edit
+
+
+def _drop_last_label(config):
+    del config["id2label"]["99"]
+
+
+def _skip_an_id(config):
+    config["id2label"]["100"] = config["id2label"].pop("99")
+
+
+def _duplicate_label(config):
+    config["id2label"]["1"] = config["id2label"]["0"]
+
+
+def _rename_only_in_label2id(config):
+    config["label2id"]["someone-else"] = config["label2id"].pop(config["id2label"]["0"])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_set("architecture", "resnet9000"), "architecture 'resnet9000' is not a cifar100 model"),
+        (_set("architecture", ["cnn-fast"]), "architecture ['cnn-fast'] is not a cifar100 model"),
+        (
+            _set("architecture", "cnn-seed"),
+            "architecture 'cnn-seed' does not match the weights (trained as 'cnn-fast')",
+        ),
+        (
+            _set("config.model.name", "cnn-seed"),
+            "config.model.name 'cnn-seed' does not match the weights (trained as 'cnn-fast')",
+        ),
+        (
+            _set("config.model.name", "resnet9000"),
+            "config.model.name 'resnet9000' does not match the weights (trained as 'cnn-fast')",
+        ),
+        (_set("config.optim.lr", 123.0), "config.optim.lr 123.0 does not match the weights"),
+        (_set("num_classes", 10), "num_classes 10 does not match"),
+        (_drop_last_label, "id2label"),
+        (_skip_an_id, "id2label"),
+        (_duplicate_label, "id2label"),
+        (_set("id2label", ["a", "b"]), "id2label"),
+        (_rename_only_in_label2id, "label2id"),
+        (_set("fine_to_coarse", [0] * 99), "fine_to_coarse"),
+        (_set("superclass_names", ["one"]), "superclass_names"),
+        (_set("preprocessing.mean", [0.5, 0.5, 0.5]), "preprocessing.mean"),
+        (_set("preprocessing.std", [1.0, 1.0, 1.0]), "preprocessing.std"),
+        (_set("preprocessing.model_input_size", 64), "preprocessing.model_input_size"),
+        (_set("preprocessing.resize", {"size": 64, "filter": "lanczos"}), "preprocessing.resize"),
+        (_set("temperature", 2.0), "temperature 2.0 does not match the weights"),
+        (_set("weights", "other.safetensors"), "weights 'other.safetensors'"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_a_config_json_that_disagrees_with_the_weights_is_refused(
+    hub_folder, tmp_path, edit, message, capsys
+):
+    folder = edited_copy(hub_folder, tmp_path / "edited", edit)
+    with pytest.raises(HubError) as error:
+        load_model(folder)
+    assert str(error.value).startswith(f"{folder / CONFIG}: ") and message in str(error.value)
+    assert "\n" not in str(error.value)
+    photo = Path(__file__).parent.parent / "README.md"  # never read: the folder is refused first
+    assert main(["predict", str(photo), "--model", str(folder)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"cifar100: error: {error.value}"]

@@ -3,9 +3,11 @@ one upload (bad files included), the example images, and the page's handlers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
+import urllib.request
 
 import numpy as np
 import pytest
@@ -141,3 +143,35 @@ def test_a_bad_model_or_a_taken_port_is_one_line(tiny_run, tmp_path, capsys):
     assert (
         err[-1] == f"cifar100: error: cannot serve on 127.0.0.1:{port} (in use); try another --port"
     )
+
+
+def test_the_page_starts_on_a_machine_too_busy_for_gradios_own_timeouts(
+    classifier, tmp_path, monkeypatch
+):
+    """Gradio gives its server 5 s to start and the page's first answer 3 s (one try),
+    then fails; on a busy 2-core machine either can take longer. Here the server takes 6 s
+    to start and that first check times out: the page must still come up."""
+    import httpx
+    import uvicorn
+
+    startup = uvicorn.Server.startup
+
+    async def slow_startup(self, *args, **kwargs):
+        await asyncio.sleep(6)
+        return await startup(self, *args, **kwargs)
+
+    def timed_out(*args, **kwargs):
+        raise httpx.ReadTimeout("the machine is busy")
+
+    monkeypatch.setattr(uvicorn.Server, "startup", slow_startup)
+    monkeypatch.setattr(httpx, "head", timed_out)  # what gradio's own start-up check sends
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    page = demo.build_page(classifier, "## test page", [])
+    try:
+        demo._launch(page, "127.0.0.1", port, str(tmp_path))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=120) as response:
+            assert response.status == 200
+    finally:
+        page.close(verbose=False)

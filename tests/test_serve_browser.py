@@ -4,6 +4,7 @@ Gradio's API (``gradio_client``), then stopped with SIGTERM like any service."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -19,15 +20,19 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import expect, sync_playwright
 
 import cifar100
 from cifar100.cli import main
 
 CHROMIUM = Path("/usr/bin/chromium")
 SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
+# Ceilings, never waits: each wait below ends as soon as its condition holds. On a busy
+# 2-core machine importing torch and Gradio, or one request, can take far longer than usual.
 START_TIMEOUT_S = 300  # importing torch and Gradio on a busy 2-core CI machine
-ANSWER_TIMEOUT_MS = 120_000
+ANSWER_TIMEOUT_MS = 120_000  # any one step in the browser: launch, load, upload, answer
+REQUEST_TIMEOUT_S = 120  # any one request of gradio_client (httpx's own default: 5 s)
+STOP_TIMEOUT_S = 120  # SIGTERM to exit
 HOST = "127.0.0.1"
 MESSAGE = "#message [data-testid=markdown]"
 
@@ -43,12 +48,14 @@ def wait_until_up(url: str, server: subprocess.Popen) -> None:
     while time.monotonic() < deadline:
         if server.poll() is not None:
             pytest.fail(f"cifar100 serve exited with {server.returncode}: {server.stderr.read()}")
+        left = deadline - time.monotonic()
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with urllib.request.urlopen(url, timeout=max(1.0, min(left, 30))) as response:
                 if response.status == 200:
                     return
-        except OSError:
-            time.sleep(0.5)
+        except (OSError, http.client.HTTPException):  # not up yet, or a half-started answer
+            pass
+        time.sleep(0.5)  # the pace of the polling, not a wait for anything
     pytest.fail(f"{url} did not answer within {START_TIMEOUT_S} s")
 
 
@@ -74,7 +81,7 @@ def server(tiny_run, tmp_path_factory):
         yield url
     finally:
         process.send_signal(signal.SIGTERM)  # a no-op when it already exited
-        out, err = process.communicate(timeout=60)
+        out, err = process.communicate(timeout=STOP_TIMEOUT_S)
     assert process.returncode == 143, err
     assert out.strip() == url.rstrip("/")  # the one result line: where the page was
     assert err.strip().splitlines()[-1].startswith("cifar100: stopped by SIGTERM")
@@ -114,17 +121,25 @@ def test_the_page_in_chromium(server, tiny_run, shared_dir, tmp_path, capsys):
     expected = top1_of_predict(capsys, tiny_run, photo)
     requests: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, timeout=ANSWER_TIMEOUT_MS
+        )
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page.set_default_timeout(ANSWER_TIMEOUT_MS)  # Playwright's own default: 30 s
+            page.set_default_navigation_timeout(ANSWER_TIMEOUT_MS)
             page.on("request", lambda request: requests.append(request.url))
             page.goto(server, wait_until="networkidle")
-            assert "CIFAR-100 classifier: cnn-fast" in page.locator("#header").inner_text()
+            # the page renders after its last request: wait for the text, not for the network
+            header = page.locator("#header")
+            expect(header).to_contain_text(
+                "CIFAR-100 classifier: cnn-fast", timeout=ANSWER_TIMEOUT_MS
+            )  # expect's own default: 5 s
             upload = page.locator("#photo input[type=file]")
             upload.set_input_files(photo)
             message = read_message(page, "superclass")
             assert message.startswith(expected)  # the top class, as `cifar100 predict` says
-            assert expected in page.locator("#top").inner_text()
+            expect(page.locator("#top")).to_contain_text(expected, timeout=ANSWER_TIMEOUT_MS)
             page.screenshot(path=tmp_path / "page.png", full_page=True)
             for error, path in bad_files(tmp_path).items():
                 upload.set_input_files(path)
@@ -153,7 +168,7 @@ def read_message(page, words: str) -> str:
 
 
 def test_gradio_client_predicts_as_the_predict_command(server, tiny_run, shared_dir, capsys):
-    client = Client(server, verbose=False)
+    client = Client(server, verbose=False, httpx_kwargs={"timeout": REQUEST_TIMEOUT_S})
     photos = [shared_dir / "samples" / "imagenet" / name for name in SAMPLES]
     for photo in photos:
         label, message, seen = client.predict(handle_file(str(photo)), api_name="/classify")

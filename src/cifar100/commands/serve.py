@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cifar100.deploy.serving import choose_model
-from cifar100.recipes.argtypes import positive_int
+from cifar100.recipes.argtypes import port
 
 
 def register(subparsers) -> None:
@@ -41,9 +41,7 @@ def register(subparsers) -> None:
         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: "
         "every network the machine is on)",
     )
-    p.add_argument(
-        "--port", type=positive_int, default=7860, help="port to listen on (default: 7860)"
-    )
+    p.add_argument("--port", type=port, default=7860, help="port to listen on (default: 7860)")
     p.set_defaults(func=run)
 
 

@@ -13,10 +13,15 @@ The same predictions are Gradio API endpoints, ``/classify`` (one image) and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,9 @@ CSS = """
 #photo img, #seen img, #gallery img, .gallery-item img { image-rendering: pixelated; }
 """
 TABLE_HEADER = f"| Photo | Top class | Probability | Superclass | Next {TOP - 1} |"
+# How long the server may take to start and the page to answer its first request: Gradio's
+# own limits (5 s to start, 3 s for one try at the page) fail on a busy machine.
+START_TIMEOUT_S = 120
 
 
 def show_one(classifier, upload: dict | None) -> tuple[Any, str, Any]:
@@ -167,24 +175,83 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 7860) -> None:
 def _launch(page: gr.Blocks, host: str, port: int, examples: str) -> None:
     theme = gr.themes.Default(font=FONTS, font_mono=MONO_FONTS)
     try:
-        page.queue(default_concurrency_limit=1).launch(
-            server_name=host,
-            server_port=port,
-            share=False,
-            prevent_thread_lock=True,
-            quiet=True,
-            show_error=False,
-            max_file_size=MAX_UPLOAD,
-            allowed_paths=[examples],
-            theme=theme,
-            css=CSS,
-            footer_links=["api"],
-            ssr_mode=False,
-            mcp_server=False,
-            pwa=False,
-            run_history=False,
-            enable_monitoring=False,
-        )
+        with _patient_server():
+            _start(page, host, port, examples, theme)
     except OSError as error:  # gradio's "Cannot find empty port", a bad host name, ...
         reason = "in use" if "empty port" in str(error) else str(error).splitlines()[0]
         raise UserError(f"cannot serve on {host}:{port} ({reason}); try another --port") from None
+    if not _answers(page.local_url, START_TIMEOUT_S):
+        page.close(verbose=False)
+        raise UserError(
+            f"cannot serve on {host}:{port} (the page did not answer within "
+            f"{START_TIMEOUT_S} s); try another --port"
+        )
+
+
+def _start(page: gr.Blocks, host: str, port: int, examples: str, theme) -> None:
+    page.queue(default_concurrency_limit=1).launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=False,
+        max_file_size=MAX_UPLOAD,
+        allowed_paths=[examples],
+        theme=theme,
+        css=CSS,
+        footer_links=["api"],
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+        run_history=False,
+        enable_monitoring=False,
+        _frontend=False,  # skips Gradio's one 3 s try at the page: _answers waits instead
+    )
+
+
+def _answers(url: str, timeout_s: float) -> bool:
+    """Whether ``url`` answers (any HTTP status) within ``timeout_s``, trying until then."""
+    deadline = time.monotonic() + timeout_s
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            with direct.open(url, timeout=min(left, 30)):
+                return True
+        except urllib.error.HTTPError:
+            return True  # an answer, if not a page: the server is up
+        except (OSError, ValueError):
+            time.sleep(min(0.2, max(left, 0)))
+
+
+@contextlib.contextmanager
+def _patient_server() -> Iterator[None]:
+    """While Gradio starts its server: wait for it until it is up, its thread has died (a
+    port taken after Gradio's check), or ``START_TIMEOUT_S``, where Gradio gives it 5 s."""
+    from gradio import http_server
+    from gradio.exceptions import ServerFailedToStartError
+
+    hasty = http_server.Server
+
+    class PatientServer(hasty):
+        def run_in_thread(self) -> None:
+            if getattr(self, "reloader", None):  # never here: no Spaces, no watched folders
+                return super().run_in_thread()
+            self.thread = threading.Thread(target=self.run, daemon=True)
+            self.thread.start()
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not self.started:
+                if not self.thread.is_alive() or time.monotonic() > deadline:
+                    raise ServerFailedToStartError(
+                        f"server did not start on port {self.config.port}"
+                    )
+                time.sleep(0.01)
+
+    http_server.Server = PatientServer
+    try:
+        yield
+    finally:
+        http_server.Server = hasty

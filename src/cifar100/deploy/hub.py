@@ -4,9 +4,13 @@
     config.json         architecture, classes (id2label), preprocessing, metrics, training record
     README.md           the model card (``cifar100.deploy.model_card``), written from the run record
 
-The weights file is the source of truth when loading (``load_hub``): it carries everything
-needed to rebuild the model, so a ``config.json`` edited on the hub cannot silently change
-what the model does. ``config.json`` is for people and hub tooling.
+``load_hub`` reads both files and never lets ``config.json`` be silently ignored. What only
+names things is taken from it: the class names (``id2label``; ``label2id`` must agree) and
+the superclass names, so a class renamed there answers under its new name. What the
+weights were trained and measured with (``architecture``, the whole ``config``, the
+preprocessing, the temperature, the class count, each class's superclass) is checked
+against the weights' own metadata: a folder whose ``config.json`` disagrees is refused
+with one line naming the file and the field.
 
 The card's metrics are measured here, on the whole test set, with the exported weights
 read back from the folder and without test-time augmentation: what ``predict`` and
@@ -15,7 +19,9 @@ read back from the folder and without test-time augmentation: what ``predict`` a
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -36,13 +42,14 @@ from cifar100.deploy.exports import (
 from cifar100.deploy.model_card import render_card
 from cifar100.errors import UserError
 from cifar100.evaluation.metrics import calibration, nll, softmax, topk_accuracy
-from cifar100.models import model_spec
+from cifar100.models import REGISTRY, model_spec
 from cifar100.records.record import RecordError, make_record
 from cifar100.runs.trained import TrainedModel, load_trained
 from cifar100.runtime.stopping import interrupted
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 HUB_FORMAT = "cifar100-hub/1"  # what load_hub accepts; bump it if the layout changes
+_MISSING = object()  # a field config.json does not have
 
 
 class HubError(UserError):
@@ -69,9 +76,152 @@ def read_hub_config(folder: str | Path) -> dict[str, Any]:
 
 
 def load_hub(folder: str | Path) -> TrainedModel:
-    """The model in a folder ``export_hub`` wrote, ready for ``Classifier``."""
-    read_hub_config(folder)
-    return load_safetensors(Path(folder) / WEIGHTS)
+    """The model in a folder ``export_hub`` wrote, ready for ``Classifier``: the weights
+    with the names ``config.json`` gives, once it is checked to agree with them."""
+    config = read_hub_config(folder)
+    trained = load_safetensors(Path(folder) / WEIGHTS)
+    return _agreeing(config, trained, Path(folder) / CONFIG)
+
+
+def _agreeing(config: dict[str, Any], trained: TrainedModel, path: Path) -> TrainedModel:
+    """``trained`` named as ``config`` (config.json) says, or a ``HubError`` naming the
+    first field of ``config`` that the weights disagree with."""
+
+    def refuse(field: str, why: str) -> HubError:
+        return HubError(f"{path}: {field} {why}")
+
+    def same(field: str, stored: Any) -> None:
+        if field in config and not _equal(config[field], stored):
+            raise refuse(field, f"{_short(config[field])} does not match the weights ({stored})")
+
+    if config.get("weights", WEIGHTS) != WEIGHTS:
+        raise refuse("weights", f"{config['weights']!r} is not {WEIGHTS!r}, the file read")
+    trained_as = trained.metadata["config_obj"].model.name
+    architecture = config.get("architecture", _MISSING)
+    if not isinstance(architecture, str) or architecture not in REGISTRY:
+        raise refuse(
+            "architecture",
+            f"{_short(architecture)} is not a cifar100 model "
+            f"(the weights were trained as {trained_as!r})",
+        )
+    if architecture != trained_as:
+        raise refuse(
+            "architecture",
+            f"{architecture!r} does not match the weights (trained as {trained_as!r})",
+        )
+    stored_config = json.loads(trained.metadata.get("config", "{}"))
+    if "config" in config:
+        field = _first_difference(config["config"], stored_config, "config")
+        if field is not None:
+            keys = field.split(".")[1:]
+            shown, stored = _at(config["config"], keys), _at(stored_config, keys)
+            why = f"trained as {stored!r}" if field == "config.model.name" else _short(stored)
+            raise refuse(field, f"{_short(shown)} does not match the weights ({why})")
+    count = len(trained.class_names)
+    same("num_classes", count)
+    same("temperature", trained.temperature)
+    preprocessing = config.get("preprocessing", {})
+    p = trained.preprocess
+    stored_preprocessing = {
+        "resize": {"size": IMAGE_SIZE, "filter": "lanczos"},
+        "model_input_size": p.size,
+        "mean": p.mean.flatten().tolist(),
+        "std": p.std.flatten().tolist(),
+    }
+    if not isinstance(preprocessing, dict):
+        raise refuse("preprocessing", "is not a JSON object")
+    for key, stored in stored_preprocessing.items():
+        if key in preprocessing and not _equal(preprocessing[key], stored):
+            raise refuse(
+                f"preprocessing.{key}",
+                f"{_short(preprocessing[key])} does not match the weights ({stored})",
+            )
+    names = _labels(config.get("id2label"), count, refuse)
+    if "label2id" in config and config["label2id"] != {name: i for i, name in enumerate(names)}:
+        raise refuse("label2id", "does not match id2label (each name of id2label, to its id)")
+    superclasses = config.get("superclass_names", trained.superclass_names)
+    if (
+        not isinstance(superclasses, list)
+        or len(superclasses) != len(trained.superclass_names)
+        or not _distinct_names(superclasses)
+    ):
+        raise refuse(
+            "superclass_names",
+            f"must list {len(trained.superclass_names)} distinct names, as the weights do",
+        )
+    fine_to_coarse = config.get("fine_to_coarse", trained.fine_to_coarse)
+    if fine_to_coarse != trained.fine_to_coarse:
+        raise refuse("fine_to_coarse", "does not match the weights' superclass of each class")
+    return dataclasses.replace(trained, class_names=names, superclass_names=superclasses)
+
+
+def _labels(id2label: Any, count: int, refuse) -> list[str]:
+    """The class names of config.json's ``id2label``: ids "0" to count - 1, each once."""
+    expected = [str(i) for i in range(count)]
+    if not isinstance(id2label, dict) or sorted(id2label, key=_as_int) != expected:
+        raise refuse(
+            "id2label", f"must map the ids 0 to {count - 1} (one per output of the weights)"
+        )
+    names = [id2label[i] for i in expected]
+    if not _distinct_names(names):
+        raise refuse("id2label", "must give each class a distinct, non-empty name")
+    return names
+
+
+def _as_int(key: str) -> tuple[int, str]:
+    return (int(key), key) if key.isdigit() else (-1, key)
+
+
+def _distinct_names(names: list[Any]) -> bool:
+    return all(isinstance(n, str) and n.strip() for n in names) and len(set(names)) == len(names)
+
+
+def _equal(given: Any, stored: Any) -> bool:
+    """JSON values equal, floats to within rounding (a reformatted file still agrees)."""
+    if isinstance(stored, float) or isinstance(given, float):
+        return (
+            isinstance(given, (int, float))
+            and not isinstance(given, bool)
+            and isinstance(stored, (int, float))
+            and math.isclose(given, stored, rel_tol=1e-6, abs_tol=1e-12)
+        )
+    if isinstance(stored, dict):
+        return (
+            isinstance(given, dict)
+            and given.keys() == stored.keys()
+            and all(_equal(given[k], stored[k]) for k in stored)
+        )
+    if isinstance(stored, list):
+        return (
+            isinstance(given, list)
+            and len(given) == len(stored)
+            and all(_equal(a, b) for a, b in zip(given, stored, strict=True))
+        )
+    return type(given) is type(stored) and given == stored
+
+
+def _first_difference(given: Any, stored: Any, field: str) -> str | None:
+    """The dotted name of the first field where ``given`` and ``stored`` differ."""
+    if isinstance(stored, dict) and isinstance(given, dict):
+        for key in [*stored, *(k for k in given if k not in stored)]:
+            if key not in given or key not in stored:
+                return f"{field}.{key}"
+            inner = _first_difference(given[key], stored[key], f"{field}.{key}")
+            if inner is not None:
+                return inner
+        return None
+    return None if _equal(given, stored) else field
+
+
+def _at(value: Any, keys: list[str]) -> Any:
+    for key in keys:
+        value = value.get(key, _MISSING) if isinstance(value, dict) else _MISSING
+    return value
+
+
+def _short(value: Any) -> str:
+    text = "(missing)" if value is _MISSING else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def run_folder(run: Path) -> Path | None:

@@ -16,7 +16,7 @@ from typing import Any
 from cifar100.config.limits import PRECISIONS
 from cifar100.config.schema import Config, preset_names
 from cifar100.models import REGISTRY
-from cifar100.recipes.argtypes import positive_float, positive_int, seed
+from cifar100.recipes.argtypes import positive_int, probability, seed, setting
 from cifar100.recipes.resolve import choose_preset, resolve
 
 
@@ -142,14 +142,14 @@ FLAGS = (
     Flag(
         flag="--kd-temperature",
         key="distill.temperature",
-        type=positive_float,
+        type=setting("distill.temperature"),
         metavar="T",
         help="distillation temperature (distill.temperature, default 4)",
     ),
     Flag(
         flag="--kd-weight",
         key="distill.weight",
-        type=float,
+        type=probability,
         metavar="W",
         help="weight of the distillation term in [0, 1]; the labels get 1 - W "
         "(distill.weight, default 0.9)",
