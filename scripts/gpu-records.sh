@@ -6,8 +6,8 @@
 #
 #   bash scripts/gpu-records.sh [PRESET ...]
 #
-# Default presets: efficientnet-lite0-finetune-gpu cnn-fast mobilenetv2-finetune-gpu
-# resnet18-gpu. Environment:
+# Default presets: efficientnet-lite0-finetune-gpu efficientnet-lite2-finetune-gpu cnn-fast
+# mobilenetv2-finetune-gpu resnet18-gpu. Environment:
 #   CIFAR100_DATA    folder holding cifar-100-python/ (unset: the download cache)
 #   CIFAR100_PARTS   folder of parts made by ../shared/gpu/stage-cifar100.sh: checked against
 #                    its parts.md5, unpacked into $CIFAR100_DATA, the files' md5 checked
@@ -70,7 +70,7 @@ fi
 data_flag=()
 [[ -z ${CIFAR100_DATA:-} ]] || data_flag=(--data-dir "$CIFAR100_DATA")
 presets=("$@")
-[[ ${#presets[@]} -gt 0 ]] || presets=(efficientnet-lite0-finetune-gpu cnn-fast mobilenetv2-finetune-gpu resnet18-gpu)
+[[ ${#presets[@]} -gt 0 ]] || presets=(efficientnet-lite0-finetune-gpu efficientnet-lite2-finetune-gpu cnn-fast mobilenetv2-finetune-gpu resnet18-gpu)
 runs=${RUNS:-runs}
 mkdir -p "$runs"
 status=0

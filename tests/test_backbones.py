@@ -24,8 +24,8 @@ from cifar100.models.backbone import (
 PRETRAINED = sorted(name for name, spec in REGISTRY.items() if spec.pretrained)
 
 
-def test_both_imagenet_backbones_are_registered() -> None:
-    assert PRETRAINED == ["efficientnet-lite0", "mobilenetv2"]
+def test_the_imagenet_backbones_are_registered() -> None:
+    assert PRETRAINED == ["efficientnet-lite0", "efficientnet-lite2", "mobilenetv2"]
 
 
 def _model(name: str, num_classes: int = 10) -> Backbone:

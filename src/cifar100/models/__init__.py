@@ -146,18 +146,19 @@ def _register_builtin() -> None:
             plan="transfer",
         )
     )
-    register(
-        ModelSpec(
-            name="efficientnet-lite0",
-            builder=efficientnet_lite.build_efficientnet_lite0,
-            input_size=128,
-            mean=LITE_MEAN,
-            std=LITE_STD,
-            pretrained=True,
-            description="ImageNet EfficientNet-Lite0, frozen then fine-tuned",
-            plan="transfer",
+    for variant, input_size in ((efficientnet_lite.LITE0, 128), (efficientnet_lite.LITE2, 160)):
+        register(
+            ModelSpec(
+                name=variant.name,
+                builder=efficientnet_lite.build_efficientnet_lite,
+                input_size=input_size,
+                mean=LITE_MEAN,
+                std=LITE_STD,
+                pretrained=True,
+                description=f"ImageNet EfficientNet-Lite{variant.name[-1]}, frozen then fine-tuned",
+                plan="transfer",
+            )
         )
-    )
 
 
 _register_builtin()

