@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU records in one command, for a CUDA machine (issues 11 and 19): run the `gpu`
-# tests, then train each preset named, quickest-to-matter first, and write each run's record
-# (`cifar100 compare --record`) and one log into $OUT. Commit first: a record names the
+# The GPU records in one command, for a CUDA machine: run the `gpu` tests and the
+# throughput rows, then train each preset named, quickest-to-matter first, and write each
+# run's record (`cifar100 compare --record`) and one log into $OUT. Commit first: a record names the
 # commit it was trained from, and one from a dirty tree does not count.
 #
 #   bash scripts/gpu-records.sh [PRESET ...]
@@ -9,26 +9,48 @@
 # Default presets: efficientnet-lite0-finetune-gpu efficientnet-lite2-finetune-gpu cnn-fast
 # mobilenetv2-finetune-gpu resnet18-gpu. Environment:
 #   CIFAR100_DATA    folder holding cifar-100-python/ (unset: the download cache)
+#   CIFAR100_PACKED  folder holding part-a, part-b and pack-cifar100.py, made by
+#                    ../shared/gpu/stage-cifar100-packed.sh (two transfers): joined and
+#                    unpacked into $CIFAR100_DATA, every rebuilt file md5-checked
 #   CIFAR100_PARTS   folder of parts made by ../shared/gpu/stage-cifar100.sh: checked against
 #                    its parts.md5, unpacked into $CIFAR100_DATA, the files' md5 checked
-#   CIFAR100_WEIGHTS, CIFAR100_EFFICIENTNET_LITE0_WEIGHTS   ImageNet weights (unset: cache,
-#                    then download)
+#   CIFAR100_WEIGHTS, CIFAR100_EFFICIENTNET_LITE0_WEIGHTS, CIFAR100_EFFICIENTNET_LITE2_WEIGHTS
+#                    ImageNet weights (unset: cache, then download)
 #   OUT              where records and the log go (default gpu-records/)
 #   PYTHON           an interpreter whose torch sees the GPU (default python3)
 #   TRAIN_ARGS       more `cifar100 train` flags for every preset, e.g.
 #                    "--set transfer.stage2_epochs=20 --set train.compile=true"
 #   RUNS             where the run folders go (default runs/)
-#   SKIP_TESTS=1     train only; THROUGHPUT=1 also runs benchmarks/gpu_throughput.py
+#   PHASE            all (default); nodata: only what needs no data set (the gpu tests,
+#                    then benchmarks/gpu_throughput.py with and without torch.compile),
+#                    for a first call while the data set is still on its way; records:
+#                    only the presets
+#   DEADLINE_S       seconds from the start by which everything must end (default 780:
+#                    a 15-minute device session less its start); a preset that cannot
+#                    get MIN_PRESET_S (default 60) before it is skipped and logged
+#   PRESET_LIMIT_S   the most one preset may take (default 300); past it the run is stopped
+#                    (SIGINT: state saved, resumable) and no record is written for it
+#   SKIP_TESTS=1     no gpu tests; THROUGHPUT=0 no throughput rows
 #   ALLOW_CPU=1      go on without a GPU (records named "cpu"): the script's own test
 #
-# For a machine that receives files in pieces (each transfer at most 64 MiB beside the
-# checkout): stage the data set here (`bash ../shared/gpu/stage-cifar100.sh` -> .gpu-data/),
-# copy each part and parts.md5 into one folder there (say /root/parts), one transfer each,
-# bring the weight files in a last one, then run this with CIFAR100_PARTS=/root/parts
-# CIFAR100_DATA=/root/c100 and the two weight variables pointing at them.
+# $OUT ends with at most 8 files: gpu-records.log, gpu_throughput.txt and one record per
+# preset.
+#
+# For a device lent for 15 minutes that receives at most 64 MiB a call, in two calls made
+# back to back (the machine goes back ~30 s after a call):
+#   here:  bash ../shared/gpu/stage-cifar100-packed.sh   (-> .gpu-data/part-a, part-b, packer)
+#   call 1, carrying part-a, pack-cifar100.py and the weights: park them outside the
+#          checkout (say /root/p), then  PHASE=nodata bash scripts/gpu-records.sh
+#   call 2, carrying part-b: park it beside part-a, then
+#          PHASE=records CIFAR100_PACKED=/root/p CIFAR100_DATA=/root/c100 \
+#          DEADLINE_S=480 bash scripts/gpu-records.sh
+# with the weight variables pointing at the parked files, and $OUT under the tool's $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+started=$SECONDS
 python=${PYTHON:-python3}
+phase=${PHASE:-all}
+deadline=${DEADLINE_S:-780}
 out=${OUT:-gpu-records}
 log="$out/gpu-records.log"
 mkdir -p "$out"
@@ -49,7 +71,23 @@ b3709b5663d5f61ee1887a2528c97ded  test
 SUMS
 }
 
-[[ -z ${CIFAR100_PARTS:-} ]] || unpack_parts
+unpack_packed() {
+    [[ -n ${CIFAR100_DATA:-} ]] || fail "CIFAR100_PACKED needs CIFAR100_DATA, the folder to unpack into"
+    for file in part-a part-b pack-cifar100.py; do
+        [[ -f $CIFAR100_PACKED/$file ]] || fail "$CIFAR100_PACKED/$file: missing"
+    done
+    cat "$CIFAR100_PACKED/part-a" "$CIFAR100_PACKED/part-b" > "$CIFAR100_PACKED/c100.xz"
+    # The unpacker md5-checks every rebuilt file and exits non-zero on a difference.
+    "$python" "$CIFAR100_PACKED/pack-cifar100.py" unpack "$CIFAR100_PACKED/c100.xz" "$CIFAR100_DATA" \
+        >> "$log" 2>&1 || fail "$CIFAR100_PACKED: the parts do not rebuild CIFAR-100 (see $log)"
+    rm -f "$CIFAR100_PACKED/c100.xz"
+}
+
+case $phase in all | nodata | records) ;; *) fail "PHASE=$phase: choose all, nodata or records" ;; esac
+if [[ $phase != nodata ]]; then
+    [[ -z ${CIFAR100_PACKED:-} ]] || unpack_packed
+    [[ -z ${CIFAR100_PARTS:-} ]] || unpack_parts
+fi
 gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name().split()[-1].lower()
       if torch.cuda.is_available() else "cpu")' | tr -c 'a-z0-9\n' '-')
 [[ $gpu != cpu || -n ${ALLOW_CPU:-} ]] || fail "$python: its torch does not see a CUDA GPU"
@@ -58,14 +96,19 @@ commit=$("$python" -c 'from cifar100.runs.folders import git_commit; print(git_c
 echo "gpu-records: commit $commit, $(date -u '+%F %T UTC')" | tee -a "$log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log" || true
 
-if [[ -z ${SKIP_TESTS:-} ]]; then
+left() { echo $((deadline - (SECONDS - started))); }
+
+if [[ $phase != records && -z ${SKIP_TESTS:-} ]]; then
     # A failing test is logged, not fatal: the records still say what ran and how fast.
-    "$python" -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee -a "$log" \
+    timeout "$(left)" "$python" -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee -a "$log" \
         || echo "gpu-records: gpu tests FAILED (above)" | tee -a "$log"
 fi
-if [[ -n ${THROUGHPUT:-} ]]; then
-    "$python" benchmarks/gpu_throughput.py --compile 2>&1 | tee "$out/gpu_throughput.txt"
+if [[ $phase != records && ${THROUGHPUT:-1} != 0 ]]; then
+    # Eager rows, then the torch.compile rows: whether compiling pays as a CUDA default.
+    timeout "$(left)" "$python" benchmarks/gpu_throughput.py --compile 2>&1 \
+        | tee "$out/gpu_throughput.txt" || echo "gpu-records: throughput FAILED" | tee -a "$log"
 fi
+[[ $phase != nodata ]] || exit 0
 
 data_flag=()
 [[ -z ${CIFAR100_DATA:-} ]] || data_flag=(--data-dir "$CIFAR100_DATA")
@@ -75,14 +118,23 @@ runs=${RUNS:-runs}
 mkdir -p "$runs"
 status=0
 for preset in "${presets[@]}"; do
+    limit=$(( $(left) < ${PRESET_LIMIT_S:-300} ? $(left) : ${PRESET_LIMIT_S:-300} ))
+    if (( limit < ${MIN_PRESET_S:-60} )); then
+        echo "gpu-records: $preset SKIPPED: ${limit}s left before the deadline" | tee -a "$log"
+        status=1
+        continue
+    fi
     # A new folder each time: a trained run is never overwritten.
     run="$runs/$preset-$gpu-$(date -u +%Y%m%d-%H%M%S)"
-    echo "== $preset -> $run" | tee -a "$log"
+    echo "== $preset -> $run (at most ${limit}s)" | tee -a "$log"
     # A preset that fails is logged and the next one still runs (device time is scarce).
+    # Past its limit it gets SIGINT: the loop saves its state (the run resumes with
+    # `cifar100 train --resume`) and no record is written for it; KILL 30 s later if need be.
     # shellcheck disable=SC2086  # TRAIN_ARGS is a list of flags: split on spaces
-    if "$python" -m cifar100 train --preset "$preset" "${data_flag[@]}" ${TRAIN_ARGS:-} \
-        --run-dir "$run" --json 2>&1 | tee -a "$log" \
-        && "$python" -m cifar100 compare --record "$run" --to "$out/$preset-$gpu.json" 2>&1 \
+    timeout --signal=INT --kill-after=30 "$limit" "$python" -m cifar100 train \
+        --preset "$preset" "${data_flag[@]}" ${TRAIN_ARGS:-} --run-dir "$run" --json 2>&1 \
+        | tee -a "$log" || echo "gpu-records: $preset stopped early (above)" | tee -a "$log"
+    if "$python" -m cifar100 compare --record "$run" --to "$out/$preset-$gpu.json" 2>&1 \
         | tee -a "$log"; then
         continue
     fi

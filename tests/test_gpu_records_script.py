@@ -1,9 +1,12 @@
-"""scripts/gpu-records.sh: parts checked, unpacked and verified, a clear stop where no GPU
-is visible, and (ALLOW_CPU, fake data) the training half: a record per preset, a failing
-preset logged without stopping the next."""
+"""scripts/gpu-records.sh: parts checked, unpacked and verified (the four-part tar and the
+two-part packed form), a clear stop where no GPU is visible, and (ALLOW_CPU, fake data) the
+training half: a record per preset, a failing preset logged without stopping the next,
+presets that the deadline leaves no time for skipped and logged, the phase that needs no
+data."""
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +92,95 @@ def test_each_preset_gets_a_record_and_a_failure_does_not_stop_the_next(fake_dat
     assert record["config"]["train"]["epochs"] == 1  # TRAIN_ARGS reached the run
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("quick-cpu-") and (run / "config.yaml").exists()
+
+
+@pytest.fixture
+def bytes_keyed(fake_data_dir, tmp_path) -> Path:
+    """The fake data set with bytes keys, as the real pickles (written by Python 2) have
+    them and the packer expects."""
+    folder = tmp_path / "bytes-keyed" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name in ("train", "test", "meta"):
+        with open(fake_data_dir / "cifar-100-python" / name, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+        keyed = {k.encode() if isinstance(k, str) else k: v for k, v in entry.items()}
+        (folder / name).write_bytes(pickle.dumps(keyed, protocol=4))
+    return folder.parent
+
+
+@pytest.fixture
+def packed(shared_dir, bytes_keyed, tmp_path) -> Path:
+    """A small data set packed by ../shared's packer and cut into the two parts its
+    staging script makes, with the unpacker beside them."""
+    packer = shared_dir / "gpu" / "pack-cifar100.py"
+    folder = tmp_path / "packed"
+    folder.mkdir()
+    subprocess.run(
+        [sys.executable, str(packer), "pack", str(bytes_keyed), str(folder / "c100.xz")],
+        check=True,
+        capture_output=True,
+    )
+    data = (folder / "c100.xz").read_bytes()
+    (folder / "part-a").write_bytes(data[: len(data) // 2])
+    (folder / "part-b").write_bytes(data[len(data) // 2 :])
+    (folder / "c100.xz").unlink()
+    (folder / "pack-cifar100.py").write_bytes(packer.read_bytes())
+    return folder
+
+
+def test_two_packed_parts_are_rebuilt_byte_for_byte(packed, bytes_keyed, tmp_path):
+    result = run_script(None, tmp_path / "data", tmp_path / "out", CIFAR100_PACKED=str(packed))
+    assert result.returncode == 1 and "does not see a CUDA GPU" in result.stderr
+    for name in ("train", "test", "meta"):
+        original = bytes_keyed / "cifar-100-python" / name
+        assert (tmp_path / "data" / "cifar-100-python" / name).read_bytes() == original.read_bytes()
+
+
+def test_a_damaged_packed_part_is_named(packed, tmp_path):
+    part = packed / "part-b"
+    part.write_bytes(part.read_bytes()[:-100])  # a transfer cut short
+    result = run_script(None, tmp_path / "data", tmp_path / "out", CIFAR100_PACKED=str(packed))
+    assert result.returncode == 1
+    assert f"{packed}: the parts do not rebuild CIFAR-100" in result.stderr
+    (part).unlink()
+    result = run_script(None, tmp_path / "data", tmp_path / "out", CIFAR100_PACKED=str(packed))
+    assert f"{part}: missing" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_deadline_skips_presets_it_leaves_no_time_for(fake_data_dir, tmp_path):
+    result = run_script(
+        None,
+        fake_data_dir,
+        tmp_path / "out",
+        "quick",
+        "cnn-fast",
+        ALLOW_CPU="1",
+        SKIP_TESTS="1",
+        THROUGHPUT="0",
+        DEADLINE_S="30",
+        MIN_PRESET_S="60",
+        RUNS=str(tmp_path / "runs"),
+    )
+    log = (tmp_path / "out" / "gpu-records.log").read_text()
+    assert result.returncode == 1, log
+    for preset in ("quick", "cnn-fast"):
+        assert f"gpu-records: {preset} SKIPPED" in log
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["gpu-records.log"]
+
+
+def test_the_no_data_phase_trains_nothing(tmp_path):
+    result = run_script(
+        None,
+        tmp_path / "no-data-yet",
+        tmp_path / "out",
+        ALLOW_CPU="1",
+        SKIP_TESTS="1",
+        THROUGHPUT="0",
+        PHASE="nodata",
+        RUNS=str(tmp_path / "runs"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "runs").exists()
+    bad = run_script(None, tmp_path / "d", tmp_path / "out", PHASE="later", ALLOW_CPU="1")
+    assert bad.returncode == 1 and "PHASE=later: choose all, nodata or records" in bad.stderr
