@@ -46,6 +46,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "+ weight EMA 0.999, timm warm-up of the decay",
         ["train.ema_decay=0.999", "train.ema_warmup=timm"],
     ),
+    "ema-span": (
+        "+ weight EMA sized to the run: the last 5% of its steps",
+        ["train.ema_span=0.05"],
+    ),
     "mixup": ("+ MixUp, alpha 0.2", ["augment.mixup_alpha=0.2"]),
     "cutmix": ("+ CutMix, alpha 1.0", ["augment.cutmix_alpha=1.0"]),
     "cutmix-off-last": (

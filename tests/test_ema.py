@@ -1,5 +1,6 @@
-"""The weight EMA's decay warm-up (``cifar100.training.ema``): early steps follow the warm-up, the
-count survives a checkpoint, and a warm-up without an EMA is refused."""
+"""The weight EMA (``cifar100.training.ema``): early steps follow the warm-up, the count
+survives a checkpoint, a warm-up without an EMA is refused, and an EMA sized to the run
+spans the same share of a short run as of a long one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 from cifar100.config.schema import ConfigError
 from cifar100.recipes.flags import from_flags
 from cifar100.runtime.checkpoint import rng_state
-from cifar100.training.ema import ModelEma, warmup_decay
+from cifar100.training.ema import ModelEma, span_decay, warmup_decay
 from cifar100.training.engine import StepContext
 from cifar100.training.loop import Stage, restore_stage
 
@@ -25,7 +26,7 @@ def test_warmup_decays_start_low_and_rise_to_the_decay():
     assert {warmup_decay(0.99, None, t) for t in (0, 5, 500)} == {0.99}
 
 
-@pytest.mark.parametrize("warmup", [None, "tf", "timm"])
+@pytest.mark.parametrize("warmup", [None, "tf", "timm", "mean"])
 def test_early_updates_follow_the_warmup(warmup):
     """The weight moves 0 -> 1 at once; after each update the average sits where the
     warm-up's decays put it: product of the decays away from the live weight."""
@@ -96,3 +97,78 @@ def test_a_warmup_without_an_ema_is_refused():
     assert config.train.ema_warmup == "tf"
     with pytest.raises(ConfigError, match="unknown train.ema_warmup 'linear'"):
         from_flags("quick", sets=["train.ema_warmup=linear", "train.ema_decay=0.99"])
+
+
+def _ramp_average(ema: ModelEma, steps: int) -> float:
+    """The average after ``steps`` updates of a weight that moves from 0 to 1 in equal
+    steps, as a long run's weights drift away from their initialisation."""
+    model = nn.Linear(1, 1, bias=False)
+    for t in range(1, steps + 1):
+        with torch.no_grad():
+            model.weight.fill_(t / steps)
+        ema.update(model)
+    return ema.model.weight.item()
+
+
+@pytest.mark.parametrize("steps", [200, 2000])
+def test_an_ema_sized_to_the_run_averages_its_last_share(steps):
+    """An exponential average lags a ramp by its window: sized to 5% of the run it sits at
+    ~0.95 whatever the run's length; a fixed 0.999 decay is still far behind in the short
+    run (the lag the GPU's short runs saw)."""
+    decay = span_decay(0.05, steps)
+    assert 1 / (1 - decay) == pytest.approx(0.05 * steps)
+    zero = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(zero.weight)
+    sized = _ramp_average(ModelEma(zero, decay, "mean"), steps)
+    assert sized == pytest.approx(0.95, abs=0.01)
+    if steps == 200:
+        assert _ramp_average(ModelEma(zero, 0.999), steps) < 0.2
+
+
+def test_the_mean_warmup_is_the_plain_mean_until_the_span():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(model.weight, 7.0)  # the initialisation: forgotten at once
+    ema = ModelEma(model, span_decay(1.0, 100), "mean")
+    values = [1.0, 2.0, 3.0, 4.0]
+    for value in values:
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+    assert ema.model.weight.item() == pytest.approx(sum(values) / len(values))
+
+
+def test_ema_span_settings_are_checked():
+    config = from_flags("quick", sets=["train.ema_span=0.05"])
+    assert config.train.ema_span == 0.05 and config.train.ema_decay is None
+    with pytest.raises(ConfigError, match="train.ema_span=0.05 and train.ema_decay=0.99: choose"):
+        from_flags("quick", sets=["train.ema_span=0.05", "train.ema_decay=0.99"])
+    with pytest.raises(ConfigError, match="train.ema_span must be"):
+        from_flags("quick", sets=["train.ema_span=0"])
+    with pytest.raises(ConfigError, match="train.ema_span .*keep no moving average"):
+        from_flags("mobilenetv2", sets=["train.ema_span=0.05"])
+    assert from_flags("resnet18-gpu").train.ema_span == 0.05  # the GPU recipe uses it
+
+
+def test_a_run_with_ema_span_sizes_its_average_from_its_steps(fake_data_dir, tmp_path, monkeypatch):
+    from cifar100.training import plans
+    from cifar100.training.train import train
+
+    made = []
+
+    class Recorded(ModelEma):
+        def __init__(self, model, decay, warmup=None):
+            super().__init__(model, decay, warmup)
+            made.append((decay, warmup))
+
+    monkeypatch.setattr(plans, "ModelEma", Recorded)
+    config = from_flags(
+        "quick",
+        epochs=2,
+        data_dir=str(fake_data_dir),
+        sets=["train.ema_span=0.25", "model.widths=[8,16,32,32]", "train.batch_size=100"],
+    )
+    train(config, tmp_path / "run")
+    steps = 2 * (800 // 100)  # two epochs of the fake train split's 800 images
+    assert made == [(span_decay(0.25, steps), "mean")]
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["ema_updates"] == steps

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
 DISTILL_MODES = ("online", "cached")
-EMA_WARMUPS = ("tf", "timm")  # see cifar100.training.ema; None: a fixed decay
+EMA_WARMUPS = ("tf", "timm", "mean")  # see cifar100.training.ema; None: a fixed decay
 PRECISIONS = ("auto", "fp32", "bf16")  # see cifar100.runtime.speed.autocast_dtype
 CHOICES = {
     "optim.optimizer": OPTIMIZERS,
@@ -81,6 +81,7 @@ RANGES = {
     "train.early_stopping": POSITIVE_INT,
     "train.seed": SEED,
     "train.ema_decay": Range(0, 1, True, True),
+    "train.ema_span": Range(0, 1, True, False),
     "train.checkpoint_minutes": NON_NEGATIVE,
     "train.threads": POSITIVE_INT,
     "train.tta_translate": Range(0, 8),

@@ -87,7 +87,10 @@ class TrainConfig:
     seed: int = 0  # initialisation, shuffling, augmentation (the split has data.split_seed)
     device: str = "auto"  # auto | cpu | cuda | mps
     ema_decay: float | None = None  # exponential moving average of weights
-    ema_warmup: str | None = None  # tf | timm: the decay rises from ~0 (cifar100.training.ema)
+    ema_warmup: str | None = None  # tf | timm | mean: the decay rises from ~0 (training.ema)
+    # A weight average sized to the run: it spans this share of the run's steps (decay
+    # 1 - 1 / (share x steps), after a plain-mean warm-up). Instead of train.ema_decay.
+    ema_span: float | None = None
     tta_flip: bool = False  # average logits with the mirrored image at evaluation
     # Also average over the image moved N pixels up-left and down-right (reflected border)
     # at test time: 0 off. On validation, for cnn-fast, 1 added 1.4 points (docs/tta.md).

@@ -89,7 +89,8 @@ def _common_rules(config: Config) -> list[Rule]:
         (
             config.train.ema_decay is None,
             ("train.ema_warmup",),
-            "it warms up the weight average, and train.ema_decay is off",
+            "it warms up the weight average, and train.ema_decay is off (train.ema_span "
+            "brings its own warm-up)",
         ),
         (
             o.optimizer != "sgd",
@@ -127,8 +128,8 @@ def _transfer_rules(config: Config) -> list[Rule]:
             "stage 1 has no warm-up; stage 2's is transfer.stage2_warmup_epochs",
         ),
         (
-            config.train.ema_decay is not None,
-            ("train.ema_decay", "train.ema_warmup"),
+            config.train.ema_decay is not None or config.train.ema_span is not None,
+            ("train.ema_decay", "train.ema_warmup", "train.ema_span"),
             "the transfer stages keep no moving average of the weights",
         ),
         (True, ("model.widths",), f"{name}'s widths follow model.width_mult"),
@@ -171,6 +172,16 @@ def check_settings(config: Config, explicit: set[str]) -> None:
     _check_refit(config)
     _check_distill(config)
     _check_resize(config)
+    _check_ema(config)
+
+
+def _check_ema(config: Config) -> None:
+    train = config.train
+    if train.ema_span is not None and train.ema_decay is not None:
+        raise ConfigError(
+            f"train.ema_span={train.ema_span} and train.ema_decay={train.ema_decay}: choose "
+            "one (the span sizes the decay to the run; ema_decay fixes it)"
+        )
 
 
 def _check_resize(config: Config) -> None:

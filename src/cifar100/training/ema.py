@@ -7,7 +7,13 @@ evaluated in a short CPU run can look worse than the live model. A warm-up of th
 spans the recent past: ``"tf"`` is TensorFlow's ``ExponentialMovingAverage(num_updates=t)``
 rule, ``min(decay, (1 + t) / (10 + t))``; ``"timm"`` is timm's ``ModelEmaV3`` warm-up,
 ``min(decay, 1 - (1 + t) ** -0.75)`` (gamma 1, power 3/4: its advice for runs shorter
-than about a million steps). None keeps the decay fixed.
+than about a million steps); ``"mean"`` is the plain mean of the weights so far,
+``min(decay, t / (1 + t))``, until the average spans ``1 / (1 - decay)`` steps. None keeps
+the decay fixed.
+
+``span_decay`` sizes the decay to a run (``train.ema_span``): an average over the last
+share of its steps whatever its length, so a 15-epoch run is not judged on weights a
+200-epoch decay still remembers from its first epochs.
 """
 
 from __future__ import annotations
@@ -22,8 +28,15 @@ from cifar100.config.limits import EMA_WARMUPS
 TIMM_POWER = 0.75
 
 
+def span_decay(span: float, steps: int) -> float:
+    """The decay whose average spans ``span`` of ``steps`` (1 / (1 - decay) steps)."""
+    return 1.0 - 1.0 / max(1.0, span * steps)
+
+
 def warmup_decay(decay: float, warmup: str | None, updates: int) -> float:
     """The decay of update number ``updates`` (0 for the first) under ``warmup``."""
+    if warmup == "mean":
+        return min(decay, updates / (1 + updates))
     if warmup == "tf":
         return min(decay, (1 + updates) / (10 + updates))
     if warmup == "timm":

@@ -28,7 +28,7 @@ from cifar100.training.distill.teachers import (
     record_teachers,
     refuse_changed,
 )
-from cifar100.training.ema import ModelEma
+from cifar100.training.ema import ModelEma, span_decay
 from cifar100.training.engine import SoftTargets, StepContext
 from cifar100.training.features import COMPILE_MIN_IMAGES
 from cifar100.training.loop import Run, Stage
@@ -49,11 +49,12 @@ def build_cnn_stage(run: Run) -> Stage:
     steps = len(train_batches) // config.train.batch_size
     optimizer = make_optimizer(model.parameters(), config.optim)
     scheduler, per_step = make_scheduler(optimizer, config.optim, config.train.epochs, steps)
-    ema = (
-        ModelEma(model, config.train.ema_decay, config.train.ema_warmup)
-        if config.train.ema_decay
-        else None
-    )
+    ema = None
+    if config.train.ema_span is not None:
+        decay = span_decay(config.train.ema_span, config.train.epochs * steps)
+        ema = ModelEma(model, decay, "mean")
+    elif config.train.ema_decay:
+        ema = ModelEma(model, config.train.ema_decay, config.train.ema_warmup)
     ctx = StepContext(
         optimizer=optimizer,
         scheduler=scheduler if per_step else None,
