@@ -1,6 +1,6 @@
 """The documentation site: built with ``mkdocs build --strict`` (as scripts/test.sh builds it),
 opened from file:// in a real headless Chromium (Playwright, the system's /usr/bin/chromium)
-that follows every navigation link and must not send a single request off the machine; the
+that follows every navigation link, searches, and must not send a request off the machine; the
 tables in the README and on the Results page are what the records in results/ generate."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import expect, sync_playwright
 
 from cifar100.api import __all__ as API_NAMES
 from cifar100.cli import COMMANDS, build_parser
@@ -81,15 +81,33 @@ def test_every_page_opens_offline_in_chromium(site):
                 page.goto(url, wait_until="load")
                 visited[url] = page.locator("article h1").first.inner_text().rstrip("¶").strip()
                 check_links(page, url)
+            assert_local(requests)
+            search_from_file(page, site)
         finally:
             browser.close()
     titles = set(visited.values())
     for title in ["Getting started", "Results", "CLI reference", "Python API", "Reproducibility"]:
         assert title in titles, f"no page titled {title!r} in the navigation: {sorted(titles)}"
     assert len(visited) == len(list(site.glob("*.html"))) - 1  # every page but 404.html
+    assert_local(requests)
+    assert any(url.endswith(".css") for url in requests)  # the recording saw the page load
+
+
+def search_from_file(page, site: Path) -> None:
+    """The search box answers from file:// (its worker runs through the vendored shim, the
+    index is inlined by the offline plugin) and leads to the page that holds the word."""
+    page.goto((site / "index.html").as_uri(), wait_until="load")
+    page.keyboard.press("/")  # Material's shortcut: focus the search box
+    page.keyboard.type("distillation")
+    meta = page.locator(".md-search-result__meta")
+    expect(meta).to_contain_text("matching document", timeout=STEP_TIMEOUT_MS)
+    first = page.locator(".md-search-result__link").first.get_attribute("href")
+    assert urlsplit(first).path.endswith("/distillation.html"), first
+
+
+def assert_local(requests: list[str]) -> None:
     outside = [url for url in requests if not url.startswith(LOCAL)]
     assert not outside, f"the site asked for something outside the machine: {outside}"
-    assert any(url.endswith(".css") for url in requests)  # the recording saw the page load
 
 
 def record(route, requests: list[str]) -> None:
