@@ -12,4 +12,8 @@ fi
 export CIFAR100_SHARED="${CIFAR100_SHARED:-$(cd .. && pwd)/shared}"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
+# The documentation site (mkdocs.yml): any broken link, missing page or unknown anchor fails.
+site_dir="$(mktemp -d)"
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$site_dir"
+rm -rf "$site_dir"
 .venv/bin/python -m pytest -q "$@"

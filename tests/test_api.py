@@ -19,7 +19,7 @@ from cifar100 import api
 from cifar100.cli import build_parser, main
 from cifar100.recipes.flags import config_from_args
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "api.md"  # the site's Python API page
 SAMPLES = ["bird.png", "cat.png", "dragonfly.png", "missvickie_potato_chips.png"]
 WIDTHS = [16, 32, 32, 32]  # the narrow quick recipe of conftest's tiny_run: seconds per epoch
 
@@ -135,14 +135,14 @@ def test_evaluate_export_and_compare(api_run, fake_data_dir, photos):
     assert rows[3].startswith("| cnn-fast |")
 
 
-def test_the_readme_example_runs(fake_data_dir, tmp_path, monkeypatch, capsys):
-    section = README.read_text().split("## Python API", 1)[1]
+def test_the_documented_example_runs(fake_data_dir, tmp_path, monkeypatch, capsys):
+    section = API_PAGE.read_text().split("# Python API", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CIFAR100_DATA", str(fake_data_dir))
     pixels = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "photo.jpg")
-    exec(compile(code, str(README), "exec"), {})
+    exec(compile(code, str(API_PAGE), "exec"), {})
     out = capsys.readouterr().out
     assert out.startswith("photo.jpg\n") and "test top-1" in out and "| cnn-fast |" in out
     assert (tmp_path / "runs" / "api-demo" / "model.onnx").is_file()

@@ -2,9 +2,15 @@
 
 A *run record* is a small JSON file (``results/NAME.json``) that keeps what a run showed
 without its weights: metrics, resolved config, commit, hardware, wall time, command.
-``--record RUN_DIR --to FILE`` writes one; ``--readme README.md`` puts the table between
-``<!-- results:start -->`` and ``<!-- results:end -->``, so the README's table is
-generated, never typed.
+``--record RUN_DIR --to FILE`` writes one. ``--readme FILE`` (repeatable) puts each
+generated table between its markers in FILE, wherever FILE has them: every record between
+``<!-- results:start -->`` and ``<!-- results:end -->``, the best record of each model family
+on each kind of hardware between ``<!-- headline:start -->`` and ``<!-- headline:end -->``,
+the coursework's table between ``<!-- coursework:start -->`` and ``<!-- coursework:end -->``.
+So the project's tables are generated, never typed:
+
+    cifar100 compare results/*.json --readme README.md --readme docs/index.md \\
+        --readme docs/results.md
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from pathlib import Path
 
 from cifar100.errors import UserError
 from cifar100.records.record import write_record
-from cifar100.records.table import END, START, write_tables
+from cifar100.records.table import END, HEADLINE_END, HEADLINE_START, START, write_tables
 
 
 def register(subparsers) -> None:
@@ -37,8 +43,10 @@ def register(subparsers) -> None:
     p.add_argument(
         "--readme",
         type=Path,
+        action="append",
         metavar="FILE",
-        help=f"replace the text between {START} and {END} in FILE with the table",
+        help=f"replace the text between {START} and {END} in FILE with the table, and "
+        f"between {HEADLINE_START} and {HEADLINE_END} with the headline table (repeatable)",
     )
     p.add_argument(
         "--record",
@@ -66,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.inputs:
         raise UserError("compare: give at least one run directory or run record")
     table = write_tables(args.inputs, args.markdown, args.readme, args.out)
-    if args.readme:
-        print(f"updated the results table in {args.readme}")
+    for readme in args.readme or []:
+        print(f"updated the results tables in {readme}")
     print(table, end="")
     return 0

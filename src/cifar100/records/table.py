@@ -1,8 +1,13 @@
-"""The results table: one row per run record, as text or Markdown.
+"""The results tables, generated from run records, never typed: every record (one row each,
+as text or Markdown), the headline (the best record of each model family on each kind of
+hardware) and the coursework's table.
 
-``update_readme`` puts it between ``<!-- results:start -->`` and ``<!-- results:end -->``,
-so the README's table is generated, never typed; ``write_between`` does the same for the
-benchmarks' tables in docs/.
+``update_readme`` puts each table between its markers in a Markdown file, wherever the
+file has them: every record between ``<!-- results:start -->`` and ``<!-- results:end -->``
+(the documentation's Results page), the headline between ``<!-- headline:start -->`` and
+``<!-- headline:end -->`` (the README), the coursework table between
+``<!-- coursework:start -->`` and ``<!-- coursework:end -->``. ``write_between`` does the
+same for the benchmarks' tables in docs/.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from cifar100.records.record import RecordError, load_record
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COURSEWORK_START, COURSEWORK_END = "<!-- coursework:start -->", "<!-- coursework:end -->"
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+HEADLINE_COLUMNS = ["Model family", "Hardware", "Test top-1", "Training time", "Record", "Command"]
 COLUMNS = [
     "Model",
     "Test accuracy",
@@ -30,13 +37,19 @@ COLUMNS = [
 ]
 
 
-def _hardware(info: dict[str, Any]) -> str:
+def _machine(info: dict[str, Any]) -> str:
+    """The GPU's or the CPU's name, without the trademark signs."""
     if info.get("gpu"):
         return str(info["gpu"])
     cpu = re.sub(r"\((R|TM)\)", "", str(info.get("cpu") or "CPU"))
-    cpu = re.sub(r"\s+", " ", cpu.replace(" CPU", "")).strip()
+    return re.sub(r"\s+", " ", cpu.replace(" CPU", "")).strip()
+
+
+def _hardware(info: dict[str, Any]) -> str:
+    if info.get("gpu"):
+        return _machine(info)
     threads = info.get("threads") or info.get("cpu_count")
-    cpu = f"{cpu}, {threads} threads" if threads else cpu
+    cpu = f"{_machine(info)}, {threads} threads" if threads else _machine(info)
     # bf16 autocast on a CPU (AMX) is not what the other CPU rows ran: the row says so
     return f"{cpu}, bf16" if info.get("precision") == "bf16" else cpu
 
@@ -108,6 +121,49 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def model_family(record: dict[str, Any]) -> str:
+    """The registry model a record trained, or ``ensemble`` for several averaged."""
+    return "ensemble" if "members" in record else str(record["model"])
+
+
+def hardware_kind(record: dict[str, Any]) -> str:
+    """``GPU`` or ``N-thread CPU``: runs of one kind compare, whatever the CPU's make."""
+    info = record.get("hardware") or {}
+    if info.get("gpu"):
+        return "GPU"
+    threads = info.get("threads") or info.get("cpu_count")
+    return f"{threads}-thread CPU" if threads else "CPU"
+
+
+def headline_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: the record with the best test top-1 of each model family on each kind of
+    hardware, CPUs first, then by accuracy. Every record was itself selected on validation;
+    this only picks which finished record to show."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in records:
+        key = (hardware_kind(record), model_family(record))
+        if key not in best or record["test_top1"] > best[key]["test_top1"]:
+            best[key] = record
+    ordered = sorted(best.items(), key=lambda kv: (kv[0][0] == "GPU", -kv[1]["test_top1"]))
+    lines = ["| " + " | ".join(HEADLINE_COLUMNS) + " |", "|---|---|--:|--:|---|---|"]
+    for (kind, family), record in ordered:
+        row = table_row(record)
+        machine = _machine(record.get("hardware") or {})
+        command = row[7].replace("|", "\\|")
+        cells = [family, f"{kind} ({machine})", row[1], row[4], f"`{row[0]}`", f"`{command}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def generated_tables(records: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """Each generated Markdown table under its (start, end) markers."""
+    return {
+        (START, END): markdown_table(records),
+        (HEADLINE_START, HEADLINE_END): headline_table(records),
+        (COURSEWORK_START, COURSEWORK_END): coursework_table(records),
+    }
+
+
 def text_table(records: list[dict[str, Any]]) -> str:
     rows = [COLUMNS] + [table_row(r) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
@@ -120,16 +176,20 @@ def text_table(records: list[dict[str, Any]]) -> str:
     )
 
 
-def update_readme(readme: Path, table: str, coursework: str | None = None) -> None:
-    """Replace what lies between the results markers with ``table`` (and, where the README
-    has the coursework markers, what lies between them with ``coursework``)."""
+def update_readme(readme: Path, tables: dict[tuple[str, str], str]) -> None:
+    """Replace what lies between each pair of markers in ``readme`` with its table from
+    ``tables`` ((start, end) -> table); the file must have at least one pair."""
     try:
         text = readme.read_text()
     except OSError as error:
         raise RecordError(f"{readme}: cannot read ({error.strerror or error})") from None
-    new = _between(text, START, END, table, readme)
-    if coursework is not None and COURSEWORK_START in new:
-        new = _between(new, COURSEWORK_START, COURSEWORK_END, coursework, readme)
+    present = [markers for markers in tables if markers[0] in text]
+    if not present:
+        pairs = " or ".join(f"{start} and then {end}" for start, end in tables)
+        raise RecordError(f"{readme}: needs the markers {pairs} around a table")
+    new = text
+    for start, end in present:
+        new = _between(new, start, end, tables[start, end], readme)
     tmp = readme.with_name(readme.name + ".tmp")
     tmp.write_text(new)
     tmp.replace(readme)
@@ -167,14 +227,19 @@ def compare(records: Iterable[str | Path | dict[str, Any]], markdown: bool = Fal
 
 
 def write_tables(
-    inputs: list[Path], markdown: bool = False, readme: Path | None = None, out: Path | None = None
+    inputs: list[Path],
+    markdown: bool = False,
+    readme: Path | list[Path] | None = None,
+    out: Path | None = None,
 ) -> str:
-    """The table of the records (or run folders) ``inputs`` (Markdown with ``readme``), also
-    spliced into ``readme`` with the coursework table, and written to ``out``."""
+    """The table of the records (or run folders) ``inputs`` (Markdown with ``readme``); each
+    generated table is also spliced into each ``readme`` file that has its markers, and the
+    table is written to ``out``."""
     records = [load_record(path) for path in inputs]
-    table = compare(records, markdown=markdown or bool(readme))
-    if readme:
-        update_readme(readme, markdown_table(records), coursework_table(records))
+    readmes = [readme] if isinstance(readme, Path) else list(readme or [])
+    table = compare(records, markdown=markdown or bool(readmes))
+    for path in readmes:
+        update_readme(path, generated_tables(records))
     if out:
         try:
             out.write_text(table)
