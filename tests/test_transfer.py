@@ -33,7 +33,7 @@ TINY = [
 # Per backbone, the smallest input size whose features still tell the fake classes apart:
 # at 32 px (1x1 before pooling) 98% of Lite0's pooled features of CIFAR images are zeros
 # (MobileNetV2: 90%), too few for two short head epochs to learn the fake classes.
-SIZES = {"mobilenetv2": 32, "efficientnet-lite0": 64}
+SIZES = {"mobilenetv2": 32, "efficientnet-lite0": 64, "efficientnet-lite2": 64}
 
 
 def _env(shared_dir, cache) -> dict[str, str]:
