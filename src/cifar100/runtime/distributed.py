@@ -254,14 +254,27 @@ class Shard:
 
 
 def evaluate_sharded(evaluate, model: nn.Module, batches: Any, *args, **kwargs) -> dict:
-    """``evaluate(model, batches, ...)`` with each rank on its slice; metrics all-reduced."""
+    """``evaluate(model, batches, ...)`` with each rank on its slice; metrics all-reduced.
+
+    A ``KeyboardInterrupt`` on any rank during its slice is raised on every rank, after
+    the same collectives: the caller's handler then runs on all of them together.
+    """
     world = world_size()
     if world == 1:
         return evaluate(model, batches, *args, **kwargs)
     sync_buffers(model)
     n, r = len(batches), rank()
     part = Shard(batches, n * r // world, n * (r + 1) // world)
-    return mean_metrics(evaluate(model, part, *args, **kwargs), len(part))
+    try:
+        metrics, stop = evaluate(model, part, *args, **kwargs), None
+    except KeyboardInterrupt as interrupt:  # "stop now" on this rank, perhaps on this one only
+        metrics, stop = {}, interrupt
+    # Every rank votes before any leaves: a rank that stopped alone would leave the others
+    # waiting in the all-reduce below, and the caller saves with a collective.
+    (stopped,) = agree(stop is not None)
+    if stopped:
+        raise stop if stop is not None else KeyboardInterrupt("another rank was stopped")
+    return mean_metrics(metrics, len(part))
 
 
 def gather_rank_states(rng: dict[str, Any], progress: dict | None) -> dict[str, Any]:
