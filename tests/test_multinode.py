@@ -201,6 +201,11 @@ def _two_machines(argv: list[str], root: Path, cwd: Path, **extra: str) -> list[
     return outputs
 
 
+def _cache(root: Path, rank: int, kind: str) -> Path:
+    """A folder of one simulated machine's cache (``$CIFAR100_CACHE/cifar100/<kind>``)."""
+    return root / f"machine{rank}" / "cache" / "cifar100" / kind
+
+
 def test_a_transfer_run_on_two_machines_fills_each_machines_feature_cache(
     fake_data_dir, shared_dir, tmp_path
 ):
@@ -217,12 +222,7 @@ def test_a_transfer_run_on_two_machines_fills_each_machines_feature_cache(
     outputs = _two_machines(argv, tmp_path, shared, CIFAR100_WEIGHTS=weights)
     for rank in (0, 1):  # each machine extracted its own features: none were read as zeros
         assert "extracting backbone features" in outputs[rank], outputs[rank][-3000:]
-        assert (
-            len(
-                list((tmp_path / f"machine{rank}" / "cache" / "cifar100" / "features").glob("*.pt"))
-            )
-            == 1
-        )
+        assert len(list(_cache(tmp_path, rank, "features").glob("*.pt"))) == 1
     (run_dir,) = (shared / "runs").iterdir()  # one folder, both stages trained into it
     assert [(r["stage"], r["epoch"]) for r in _rows(run_dir)] == [("frozen", 1), ("finetune", 1)]
     processes = json.loads((run_dir / "run.json").read_text())["processes"]
@@ -237,21 +237,15 @@ def test_a_cached_distillation_on_two_machines_fills_each_machines_logits(
         *["--set", "model.widths=8,16,32", "--set", "train.batch_size=50"],
         *["--set", "train.eval_batch_size=100", "--teacher", str(tiny_run)],
         *["--set", "distill.mode=cached", "--set", "distill.views=2"],
+        *["--set", "train.ema_decay=0.9"],  # the EMA model validates, sharded
         *["--data-dir", str(fake_data_dir), "--run-dir", str(tmp_path / "run")],
     ]
     outputs = _two_machines(argv, tmp_path, tmp_path)
     for rank in (0, 1):  # each machine computed its own logits: no uniform targets
         assert "teacher logits: 400 image views to compute" in outputs[rank], outputs[rank]
-        assert (
-            len(
-                list(
-                    (
-                        tmp_path / f"machine{rank}" / "cache" / "cifar100" / "teacher-logits"
-                    ).iterdir()
-                )
-            )
-            == 1
-        )
+        assert len(list(_cache(tmp_path, rank, "teacher-logits").iterdir())) == 1
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["ema"] is not None and len(last["ranks"]) == 2
 
 
 def test_a_cache_lacking_rows_is_refused_not_read_as_zeros(tmp_path):
