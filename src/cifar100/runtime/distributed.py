@@ -33,6 +33,7 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -94,11 +95,60 @@ def init(device: torch.device) -> torch.device:
     _COLLECTIVE_DEVICE = device if device.type == "cuda" else torch.device("cpu")
     if not dist.is_initialized():
         backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
-        # Rank 0 alone measures the test set at the end while the others wait: give it time.
-        dist.init_process_group(backend, timeout=timedelta(minutes=60))
+        # Rank 0 alone measures the test set at the end, and the first process of each
+        # machine fills its feature caches, while the others wait: give them time.
+        dist.init_process_group(backend, timeout=timedelta(minutes=group_timeout_minutes()))
         atexit.register(shutdown)
         _quiet_print(is_main())
     return device
+
+
+TIMEOUT_VAR = "CIFAR100_DIST_TIMEOUT_MIN"
+DEFAULT_TIMEOUT_MIN = 60.0
+
+
+def group_timeout_minutes() -> float:
+    """How long a rank waits in a collective for the others: $CIFAR100_DIST_TIMEOUT_MIN or 60.
+
+    Raise it where one process extracts features or tests for longer than an hour (a slow
+    CPU, a large cache to fill) while the others wait at a barrier.
+    """
+    raw = os.environ.get(TIMEOUT_VAR, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_MIN
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise DistributedError(f"{TIMEOUT_VAR}={raw!r}: expected a number of minutes above 0")
+    return minutes
+
+
+def launch() -> dict[str, Any]:
+    """How many processes train, on how many machines, started by which command.
+
+    ``nodes`` comes from torchrun's GROUP_WORLD_SIZE (else WORLD_SIZE / LOCAL_WORLD_SIZE);
+    ``launcher`` is the command line of torchrun itself (the parent process, read from
+    /proc on Linux; None elsewhere or without torchrun): the workers' own argv does not
+    say how many processes there were.
+    """
+    world = env_world_size()
+    if world <= 1:
+        return {"world_size": 1, "nodes": 1, "launcher": None}
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", max(world // max(per_node, 1), 1)))
+    return {"world_size": world, "nodes": nodes, "launcher": _launcher_command()}
+
+
+def _launcher_command() -> list[str] | None:
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not started by torchrun's agent
+        return None
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part] or None
 
 
 def shutdown() -> None:
@@ -254,14 +304,27 @@ class Shard:
 
 
 def evaluate_sharded(evaluate, model: nn.Module, batches: Any, *args, **kwargs) -> dict:
-    """``evaluate(model, batches, ...)`` with each rank on its slice; metrics all-reduced."""
+    """``evaluate(model, batches, ...)`` with each rank on its slice; metrics all-reduced.
+
+    A ``KeyboardInterrupt`` on any rank during its slice is raised on every rank, after
+    the same collectives: the caller's handler then runs on all of them together.
+    """
     world = world_size()
     if world == 1:
         return evaluate(model, batches, *args, **kwargs)
     sync_buffers(model)
     n, r = len(batches), rank()
     part = Shard(batches, n * r // world, n * (r + 1) // world)
-    return mean_metrics(evaluate(model, part, *args, **kwargs), len(part))
+    try:
+        metrics, stop = evaluate(model, part, *args, **kwargs), None
+    except KeyboardInterrupt as interrupt:  # "stop now" on this rank, perhaps on this one only
+        metrics, stop = {}, interrupt
+    # Every rank votes before any leaves: a rank that stopped alone would leave the others
+    # waiting in the all-reduce below, and the caller saves with a collective.
+    (stopped,) = agree(stop is not None)
+    if stopped:
+        raise stop if stop is not None else KeyboardInterrupt("another rank was stopped")
+    return mean_metrics(metrics, len(part))
 
 
 def gather_rank_states(rng: dict[str, Any], progress: dict | None) -> dict[str, Any]:

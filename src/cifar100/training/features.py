@@ -26,6 +26,7 @@ from tqdm import tqdm
 from cifar100.config.schema import Config
 from cifar100.data.batches import ImageBatches, capped_batch
 from cifar100.data.cifar import default_cache_dir
+from cifar100.errors import UserError
 from cifar100.runtime.checkpoint import save_checkpoint
 from cifar100.runtime.stopping import interrupted
 
@@ -34,6 +35,10 @@ VIEWS = ("plain", "mirrored")
 SAVE_EVERY_S = 300.0  # periodic saves bound what a hard kill (SIGKILL, power) can lose
 COMPILE_MIN_IMAGES = 20_000  # torch.compile costs ~30-60 s on 2 cores: worth it past this
 LOG_EVERY = 5_000  # at most this many images between progress lines (no terminal)
+
+
+class IncompleteCacheError(UserError):
+    """A cache another process should have filled lacks rows this run needs."""
 
 
 @dataclass
@@ -109,6 +114,22 @@ def open_cache(path: Path, rows: int, channels: int) -> FeatureCache:
         {v: torch.zeros(rows, channels, dtype=torch.float16) for v in VIEWS},
         {v: torch.zeros(rows, dtype=torch.bool) for v in VIEWS},
     )
+
+
+def require_rows(cache: FeatureCache, wanted: dict[str, torch.Tensor]) -> None:
+    """Refuse a cache that lacks rows of ``wanted``: an empty row would be read as zeros.
+
+    Under torchrun the processes that did not fill the cache read it; where their cache
+    folder is not the one their machine's first process filled, they stop here.
+    """
+    missing = {view: len(cache.missing(view, index)) for view, index in wanted.items()}
+    if any(missing.values()):
+        counts = ", ".join(f"{n:,} {view}" for view, n in missing.items() if n)
+        raise IncompleteCacheError(
+            f"{cache.path}: the feature cache lacks rows this run needs ({counts}); the "
+            "first process of this machine filled another cache folder: give every "
+            "process of a machine the same CIFAR100_CACHE"
+        )
 
 
 def fill_cache(

@@ -266,13 +266,14 @@ def _validate(run: Run, stage: Stage, state: EpochState, generator, started: flo
             autocast=stage.ctx.autocast,
         )
     except KeyboardInterrupt:
-        # The epoch's training is done: keep it, and validate first thing on resume.
+        # The epoch's training is done: keep it, and validate first thing on resume. Every
+        # rank is here (evaluate_sharded raises on all when one stops): checkpoint_state
+        # gathers each rank's state, a collective that all of them must join.
         run.elapsed += time.perf_counter() - started
+        last = checkpoint_state(run, stage, state, generator)
         if distributed.is_main():
-            save_checkpoint(
-                checkpoint_state(run, stage, state, generator),
-                run.run_dir / "checkpoints" / "last.pt",
-            )
+            save_checkpoint(last, run.run_dir / "checkpoints" / "last.pt")
+        distributed.barrier()  # no rank exits before last.pt is whole
         raise TrainingInterrupted(f"stopped while validating epoch {stage.epoch + 1}") from None
 
 

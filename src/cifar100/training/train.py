@@ -23,7 +23,7 @@ from cifar100.data.preprocess import Preprocess
 from cifar100.evaluation.inference import score
 from cifar100.models import input_size, model_spec
 from cifar100.runs import lock
-from cifar100.runs.folders import read_json, resume_run, start_run, write_json
+from cifar100.runs.folders import new_run_dir, read_json, resume_run, start_run, write_json
 from cifar100.runtime import distributed, stopping
 from cifar100.runtime.allocator import tune_allocator
 from cifar100.runtime.checkpoint import load_checkpoint
@@ -62,11 +62,27 @@ def prepare_run(
     # from the start, with its recorded config.
     state = load_checkpoint(last) if resume and last.exists() else None
     if distributed.is_main():
-        (resume_run if resume else start_run)(run_dir, config, device, command)
+        (resume_run if resume else start_run)(
+            run_dir, config, device, command, distributed.launch()
+        )
     run = Run(config, run_dir, device, dataset, splits, preprocess, resume=state)
     if state is not None:
         run.elapsed = state["elapsed"]
     return run
+
+
+def new_shared_run_dir(config: Config, root: str | Path = "runs") -> Path:
+    """A new run folder under ``root``, the same on every rank under torchrun.
+
+    Rank 0 picks it and broadcasts it: were every rank to pick its own, a later rank would
+    find rank 0's folder taken (or the clock a second on) and train into another, and a
+    transfer run would then look for stage 1's ``best.pt`` where nothing saved it.
+    """
+    if distributed.env_world_size() <= 1:
+        return new_run_dir(root, config.model.name)
+    distributed.init(select_device(config.train.device))  # joins the group (kept after)
+    chosen = new_run_dir(root, config.model.name) if distributed.is_main() else None
+    return Path(distributed.share(chosen))
 
 
 def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from cifar100.training.features import (
     cache_path,
     fill_cache,
     open_cache,
+    require_rows,
 )
 from cifar100.training.loop import Run, Stage
 from cifar100.training.optim import make_optimizer, make_scheduler
@@ -44,8 +45,9 @@ def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> FeatureC
     """Pooled backbone features of the images this run uses, from the cache or computed.
 
     Training images need both views (the mirror is stage 1's flip augmentation) unless
-    flipping is off; validation images only the plain one. Under torchrun rank 0 computes
-    and saves while the other ranks wait, then read the file.
+    flipping is off; validation images only the plain one. Under torchrun the first process
+    of each machine computes what its cache lacks (rank 0 first: a cache on shared storage
+    is then complete for the others) while the other processes wait, then read the file.
     """
     dataset, size = run.dataset.train, run.preprocess.size
     path = cache_path(run.config, size, weights_sha256, dataset.images)
@@ -53,8 +55,12 @@ def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> FeatureC
     if run.config.augment.flip:
         wanted["mirrored"] = run.splits.train_index
     channels = feature_channels(model.features, size, run.device)
-    if distributed.is_main():
+
+    def extract(may_compute: bool) -> FeatureCache:
         cache = open_cache(path, len(dataset), channels)
+        if not may_compute:  # another process of this machine has just filled it
+            require_rows(cache, wanted)
+            return cache
         compile_allowed = run.config.transfer.compile and run.device.type == "cpu"
         fill_cache(
             cache,
@@ -63,8 +69,9 @@ def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> FeatureC
             wanted,
             size,
         )
-    distributed.barrier()
-    return cache if distributed.is_main() else open_cache(path, len(dataset), channels)
+        return cache
+
+    return distributed.main_first(extract)
 
 
 def feature_channels(features: nn.Module, size: int, device: torch.device) -> int:
@@ -189,7 +196,11 @@ def pretrained_model(run: Run) -> tuple[nn.Module, str]:
     """The network with its ImageNet weights loaded, and the sha256 of the weights file."""
     torch.manual_seed(run.config.train.seed)
     model = build_model(run.config.model).to(run.device, memory_format=torch.channels_last)
-    weights = resolve_weights(run.config.model.weights, source=weight_source(run.config.model.name))
+    source = weight_source(run.config.model.name)
+    # One download per machine: its first process fetches, the others then find the file.
+    weights = distributed.main_first(
+        lambda may_download: resolve_weights(run.config.model.weights, may_download, source=source)
+    )
     load_pretrained(model, weights)
     weights_sha256 = file_digest(weights)  # names the feature cache and goes into run.json
     record_weights(run.run_dir, weights, weights_sha256)

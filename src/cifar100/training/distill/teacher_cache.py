@@ -41,7 +41,7 @@ from cifar100.runtime.checkpoint import save_checkpoint
 from cifar100.runtime.stopping import interrupted
 from cifar100.training.distill.loss import Distiller
 from cifar100.training.distill.teachers import Teacher, TeacherRunner
-from cifar100.training.features import COMPILE_MIN_IMAGES, Progress
+from cifar100.training.features import COMPILE_MIN_IMAGES, IncompleteCacheError, Progress
 from cifar100.training.loop import Run
 
 VERSION = 1  # of the file's layout and of the way views are drawn
@@ -133,6 +133,18 @@ def open_logits(key: dict[str, Any], rows: int, classes: int) -> LogitCache:
     return LogitCache(
         path, key, torch.zeros(shape, dtype=torch.float16), torch.zeros(shape[:2], dtype=torch.bool)
     )
+
+
+def require_logits(cache: LogitCache, rows: torch.Tensor) -> None:
+    """Refuse a cache that lacks logits of ``rows``: an empty row would be read as zeros
+    (uniform targets)."""
+    missing = sum(len(cache.missing(v, rows)) for v in range(len(cache.done)))
+    if missing:
+        raise IncompleteCacheError(
+            f"{cache.path}: the teacher-logit cache lacks {missing:,} image views this run "
+            "needs; the first process of this machine filled another cache folder: give "
+            "every process of a machine the same CIFAR100_CACHE"
+        )
 
 
 def fill_logits(
@@ -243,7 +255,9 @@ def cached_teacher(
     The time spent computing logits counts as this run's training time (as the feature
     extraction of transfer stage 1 does); a run that finds them cached pays nothing here,
     and records each file's own cost (``cache_seconds``, whoever paid it) instead.
-    Under torchrun rank 0 computes and saves while the others wait, then read the files.
+    Under torchrun the first process of each machine computes what its cache lacks (rank 0
+    first: a cache on shared storage is then complete for the others) while the other
+    processes wait, then read the files.
     """
     cfg, full, rows = run.config.distill, run.dataset.train, run.splits.train_index
     policy = view_policy(run.config.augment)
@@ -252,14 +266,18 @@ def cached_teacher(
     for teacher in teachers:
         key = cache_key(teacher.sha256, full.images, policy, cfg.views, cfg.view_seed, run.autocast)
         classes = len(teacher.trained.class_names)
-        if distributed.is_main():
+
+        def fill(may_compute: bool, key=key, classes=classes, teacher=teacher) -> LogitCache:
+            nonlocal computed
             cache = open_logits(key, len(full), classes)
-            computed += fill_logits(
-                cache, _runner_of(run, teacher), full.images, rows, draws, policy, run.device
-            )
-        distributed.barrier()
-        if not distributed.is_main():
-            cache = open_logits(key, len(full), classes)
+            if not may_compute:  # another process of this machine has just filled it
+                require_logits(cache, rows)
+                return cache
+            runner = _runner_of(run, teacher)
+            computed += fill_logits(cache, runner, full.images, rows, draws, policy, run.device)
+            return cache
+
+        cache = distributed.main_first(fill)
         logits.append(cache.logits[:, rows].to(run.device))
         files.append(cache.path.name)
         costs.append(None if cache.seconds is None else round(cache.seconds, 3))
