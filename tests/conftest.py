@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 SHARED = Path(os.environ.get("CIFAR100_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -78,6 +79,104 @@ def tiny_run(fake_data_dir, tmp_path_factory) -> Path:
     )
     assert code == 0
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def learned_run(fake_data_dir, tmp_path_factory) -> Path:
+    """Four epochs on the fake data (~10 s): unlike ``tiny_run`` (1% on every split, two
+    classes predicted), its answers differ between images and classes (about 35% top-1,
+    val and test figures apart), so that parity checks compare something."""
+    from cifar100.cli import main
+
+    run_dir = tmp_path_factory.mktemp("learned") / "run"
+    code = main(
+        [
+            "train",
+            "--preset",
+            "quick",
+            "--epochs",
+            "4",
+            "--data-dir",
+            str(fake_data_dir),
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "model.widths=[16,32,32,32]",
+            "--set",
+            "train.batch_size=50",
+            "--set",
+            "optim.lr=0.1",
+            "--set",
+            "optim.label_smoothing=0.0",
+        ]
+    )
+    assert code == 0
+    return run_dir
+
+
+class FirstEpochWatch:
+    """What the loop's next epoch starts from, recorded at its call of ``train_one_epoch``:
+    the model's weights, the optimizer's state (on the CPU) and the step it resumes at."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self._monkeypatch = monkeypatch
+        self.model: dict | None = None
+        self.optimizer: dict | None = None
+        self.step: int | None = None
+
+    def watch(self) -> None:
+        """Record the next epoch the loop starts (call after any run it should not see)."""
+        from cifar100.training import loop
+
+        original = loop.train_one_epoch
+
+        def recording(model, batches, ctx, **kwargs):
+            if self.model is None:
+                self.model = {
+                    _plain_key(k): v.detach().cpu().clone() for k, v in model.state_dict().items()
+                }
+                self.optimizer = _on_cpu(ctx.optimizer.state_dict())
+                self.step = kwargs["state"].step
+            return original(model, batches, ctx, **kwargs)
+
+        self._monkeypatch.setattr(loop, "train_one_epoch", recording)
+
+    def assert_starts_from(self, checkpoint: dict) -> None:
+        """The epoch started from ``checkpoint``'s weights, optimizer state and step."""
+        assert self.model is not None, "no epoch started"
+        assert self.step == (checkpoint["epoch_state"] or {}).get("step", 0)
+        assert self.model.keys() == checkpoint["model"].keys()
+        for key, value in checkpoint["model"].items():
+            assert torch.equal(self.model[key], value.cpu()), key
+        saved = _on_cpu(checkpoint["optimizer"])["state"]
+        assert saved and saved.keys() == self.optimizer["state"].keys()
+        for index, entry in saved.items():
+            for name, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:  # moments, momentum
+                    assert torch.equal(self.optimizer["state"][index][name], value), name
+
+
+def _plain_key(key: str) -> str:
+    """A parameter's name without the wrappers' prefixes (torch.compile, DDP)."""
+    for prefix in ("_orig_mod.", "module."):
+        key = key.removeprefix(prefix)
+    return key
+
+
+def _on_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_on_cpu(v) for v in value]
+    return value
+
+
+@pytest.fixture
+def first_epoch(monkeypatch) -> FirstEpochWatch:
+    """Check that a resumed run starts from its checkpoint (see ``FirstEpochWatch``)."""
+    return FirstEpochWatch(monkeypatch)
 
 
 @pytest.fixture(scope="session")

@@ -34,12 +34,14 @@ def test_fit_recovers_the_temperature_that_made_the_labels():
 
 
 @pytest.fixture(scope="module")
-def calibrated_run(tiny_run, fake_data_dir, tmp_path_factory):
-    """A copy of the shared tiny run, evaluated (which fits and writes the temperature),
-    with every split that the fit was given recorded."""
+def calibrated_run(learned_run, fake_data_dir, tmp_path_factory):
+    """A copy of the shared learned run, evaluated with flip and shift TTA (which fits and
+    writes the temperature), with every split that the fit was given recorded. The shift
+    is what moves its figures: the fake images' stripes run along the rows, so a mirror
+    changes little."""
     run_dir = tmp_path_factory.mktemp("calibrated") / "run"
     shutil.copytree(
-        tiny_run,
+        learned_run,
         run_dir,
         ignore=shutil.ignore_patterns("report*", "model.*", "calibration.json", "predictions"),
     )
@@ -52,7 +54,8 @@ def calibrated_run(tiny_run, fake_data_dir, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(predictions, "predict_logits", spy)
-        assert main(["evaluate", str(run_dir), "--data-dir", str(fake_data_dir), "--tta"]) == 0
+        evaluate = ["evaluate", str(run_dir), "--tta", "--tta-translate", "1"]
+        assert main([*evaluate, "--data-dir", str(fake_data_dir)]) == 0
     return run_dir, seen
 
 
@@ -89,8 +92,10 @@ def test_the_report_gives_ece_before_and_after(calibrated_run):
 
 def test_the_report_scores_the_runs_on_their_validation_split(calibrated_run, fake_data_dir):
     """val_top1 is the model's accuracy on its own validation split, with the report's TTA:
-    what picks an ensemble or a TTA without the test set. Computed here on its own."""
+    what picks an ensemble or a TTA without the test set. Computed here on its own; the
+    control, without TTA, differs (catches a report that scores the plain logits)."""
     from cifar100.data.batches import ImageBatches
+    from cifar100.evaluation.metrics import topk_accuracy
     from cifar100.evaluation.pipeline import validation_accuracy
 
     run_dir, _ = calibrated_run
@@ -98,10 +103,15 @@ def test_the_report_scores_the_runs_on_their_validation_split(calibrated_run, fa
     trained = load_trained(run_dir, torch.device("cpu"))
     val = make_splits(load_cifar100(fake_data_dir), 0.2, 0).val
     batches = ImageBatches(val, trained.preprocess, torch.device("cpu"))
-    logits = inference.predict_logits(trained.model, batches, 100, tta_flip=True)
-    expected = (logits.argmax(1) == val.labels).float().mean().item()
-    assert report["val_top1"] == pytest.approx(expected)
-    assert report["val_top1"] <= report["val_top5"] <= 1.0
+
+    def accuracy(logits: torch.Tensor) -> tuple[float, float]:
+        return tuple(topk_accuracy(logits.numpy(), val.labels.numpy(), k) for k in (1, 5))
+
+    logits = inference.predict_logits(trained.model, batches, 100, tta_flip=True, tta_translate=1)
+    expected, expected_top5 = accuracy(logits)
+    assert (report["val_top1"], report["val_top5"]) == pytest.approx((expected, expected_top5))
+    plain = accuracy(inference.predict_logits(trained.model, batches, 100))
+    assert plain != pytest.approx((expected, expected_top5))  # the precondition: TTA shows
 
     # Runs on different splits: one's validation images trained the other, so no figure.
     other = load_trained(run_dir, torch.device("cpu"))

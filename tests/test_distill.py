@@ -275,3 +275,37 @@ def test_cached_teacher_logits_are_computed_once_for_the_training_images(
     reader = make_record(tmp_path / "b")
     reader["distill"]["cache_seconds"] = [600.0]  # as if the first run had taken 10 minutes
     assert table_row(reader)[4].endswith(" + 10.0 min teacher logits")
+
+
+def _last_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def unaided(fake_data_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The student's recipe without a teacher: the weights it ends with."""
+    run_dir = tmp_path_factory.mktemp("unaided") / "run"
+    assert main([*STUDENT, "--data-dir", str(fake_data_dir), "--run-dir", str(run_dir)]) == 0
+    return _last_weights(run_dir)
+
+
+@pytest.mark.parametrize("mode", ["online", "cached"])
+def test_the_teacher_changes_what_the_student_learns(
+    fake_data_dir, learned_run, tmp_path, unaided, mode
+):
+    """Catches a training step that ignores the teacher: every other distillation test
+    checks bookkeeping, which such a step keeps. The same seed and views at --kd-weight 0
+    and 0.9 must end with different weights; online, the run at 0 ends exactly where the
+    unaided run does (the control: same seed, same weights, so a difference is the
+    teacher's). Cached views replace the augmentation, so there the control does not hold."""
+    settings = ["--set", f"distill.mode={mode}"]
+    if mode == "cached":
+        settings += ["--set", "distill.views=1"]
+    _student(fake_data_dir, tmp_path / "ignored", learned_run, *settings, "--kd-weight", "0")
+    ignored = _last_weights(tmp_path / "ignored")
+    if mode == "online":
+        assert all(torch.equal(ignored[k], unaided[k]) for k in unaided)
+    _student(fake_data_dir, tmp_path / "taught", learned_run, *settings, "--kd-weight", "0.9")
+    taught = _last_weights(tmp_path / "taught")
+    weights = [k for k in unaided if k.endswith("weight")]
+    assert [k for k in weights if torch.equal(taught[k], ignored[k])] == []

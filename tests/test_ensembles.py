@@ -15,7 +15,7 @@ from cifar100.data.cifar import load_cifar100, make_splits
 from cifar100.evaluation.ensembles import greedy_selection
 from cifar100.evaluation.inference import InferenceSettings
 from cifar100.evaluation.metrics import ensemble_probs, topk_accuracy
-from cifar100.evaluation.predictions import cache_path, run_logits
+from cifar100.evaluation.predictions import cache_path, images_digest, run_logits
 from cifar100.runs.trained import load_trained
 
 
@@ -52,6 +52,14 @@ def run_copy(tiny_run, tmp_path) -> Path:
     """The shared tiny run copied, without any logits a previous test kept in it."""
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("predictions", "report*"))
+    return run_dir
+
+
+@pytest.fixture
+def learned_copy(learned_run, tmp_path) -> Path:
+    """The shared learned run (answers that differ between images) copied the same way."""
+    run_dir = tmp_path / "learned"
+    shutil.copytree(learned_run, run_dir, ignore=shutil.ignore_patterns("predictions", "report*"))
     return run_dir
 
 
@@ -96,24 +104,32 @@ def test_a_retrained_checkpoint_is_never_scored_with_old_logits(run_copy, fake_d
 
 
 def test_evaluate_select_chooses_on_validation_and_reports_every_candidate(
-    run_copy, fake_data_dir, tmp_path, capsys
+    learned_copy, fake_data_dir, tmp_path, capsys
 ):
+    """Catches a selection scored on the test images (the same number as the validation
+    split's here): the logits it kept must be of the validation images, and a learned model
+    scores the two splits apart."""
     twin = tmp_path / "twin"
-    shutil.copytree(run_copy, twin)
+    shutil.copytree(learned_copy, twin)
     out = tmp_path / "chosen"
-    args = [str(run_copy), str(twin), "--data-dir", str(fake_data_dir), "--tta"]
+    args = [str(learned_copy), str(twin), "--data-dir", str(fake_data_dir), "--tta"]
     assert main(["evaluate", *args, "--select", "--out", str(out), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((out / "report.json").read_text())
     # Two identical runs: the second adds nothing on validation, so it is left out.
-    assert printed["runs"] == report["runs"] == [str(run_copy)] and report["weights"] == [1]
+    assert printed["runs"] == report["runs"] == [str(learned_copy)] and report["weights"] == [1]
     candidates = report["selection"]["candidates"]
-    assert [c["run"] for c in candidates] == [str(run_copy), str(twin)]
+    assert [c["run"] for c in candidates] == [str(learned_copy), str(twin)]
     assert [c["weight"] for c in candidates] == [1, 0]
     assert candidates[0]["val_top1"] == candidates[1]["val_top1"] == report["val_top1"]
-    val = make_splits(load_cifar100(fake_data_dir), 0.2, 0).val
-    assert (twin / "predictions" / "val-flip.pt").is_file()  # scored, then left out
-    assert len(torch.load(twin / "predictions" / "val-flip.pt")["logits"]) == len(val)
+    dataset = load_cifar100(fake_data_dir)
+    val = make_splits(dataset, 0.2, 0).val
+    for run_dir in (learned_copy, twin):  # both scored, then the twin left out
+        saved = torch.load(run_dir / "predictions" / "val-flip.pt", weights_only=True)
+        assert saved["images_sha256"] == images_digest(val.images)
+        scored = topk_accuracy(saved["logits"].numpy(), val.labels.numpy(), 1)
+        assert candidates[0]["val_top1"] == pytest.approx(scored)
+    assert report["val_top1"] != report["top1"]  # the precondition: the splits differ
 
 
 def test_evaluate_select_refuses_runs_on_different_splits(

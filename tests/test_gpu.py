@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from cifar100.data.preprocess import Preprocess
 from cifar100.models import build_model, input_size, model_spec
 from cifar100.runs.trained import load_trained
 from cifar100.runtime import distributed
+from cifar100.runtime.checkpoint import load_checkpoint
 from cifar100.runtime.speed import GPU_SYNC_EVERY, compile_model, speed_up, sync_interval
 from cifar100.training.engine import EpochState, TrainingInterrupted, train_one_epoch
 from cifar100.training.loop import Run
@@ -175,17 +177,26 @@ def test_collectives_run_on_a_real_nccl_group(monkeypatch):
 
 @gpu
 @needs_cuda
-def test_a_cuda_run_evaluates_on_cpu_and_resumes_there(fake_data_dir, tmp_path, monkeypatch):
+def test_a_cuda_run_evaluates_on_cpu_and_resumes_there(
+    fake_data_dir, tmp_path, monkeypatch, first_epoch
+):
+    """Catches a resume that loads neither model nor optimizer: the resumed first step
+    starts from last.pt's weights, momentum and step."""
     run_dir = tmp_path / "run"
-    config = _config("quick", fake_data_dir, "cuda", epochs=2)
+    # A vote at every step: at the GPU's default (every 20) an epoch of 16 steps votes once.
+    config = _config("quick", fake_data_dir, "cuda", epochs=2, sync_every=1)
     votes = []
     with monkeypatch.context() as patch:  # stop at the 3rd vote, as Ctrl-C would
         patch.setattr(distributed, "agree", lambda *f: (votes.append(f) or len(votes) == 3, False))
         with pytest.raises(TrainingInterrupted):
             train(config, run_dir)
     assert json.loads((run_dir / "run.json").read_text())["hardware"]["device"].startswith("cuda")
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 0 and saved["epoch_state"]["step"] == 3  # stopped mid-run
     save_config(_config("quick", fake_data_dir, "cpu", epochs=2), run_dir / "config.yaml")
+    first_epoch.watch()
     results = train(layered_config(files=[run_dir / "config.yaml"]), run_dir, resume=True)
+    first_epoch.assert_starts_from(saved)
     assert results["best_epoch"] == 2
     trained = load_trained(run_dir, "cpu")
     assert trained.classifier()(torch.rand(2, 3, 32, 32)).shape == (2, 100)
@@ -193,22 +204,65 @@ def test_a_cuda_run_evaluates_on_cpu_and_resumes_there(fake_data_dir, tmp_path, 
 
 @gpu
 @needs_cuda
-def test_a_cpu_run_resumes_on_cuda(fake_data_dir, tmp_path, monkeypatch):
+def test_a_cpu_run_resumes_on_cuda(fake_data_dir, tmp_path, monkeypatch, first_epoch):
     run_dir = tmp_path / "run"
     votes = []
     with monkeypatch.context() as patch:
         patch.setattr(distributed, "agree", lambda *f: (votes.append(f) or len(votes) == 3, False))
         with pytest.raises(TrainingInterrupted):
             train(_config("quick", fake_data_dir, "cpu", epochs=2), run_dir)
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 0 and saved["epoch_state"]["step"] == 3  # stopped mid-run
     save_config(_config("quick", fake_data_dir, "cuda", epochs=2), run_dir / "config.yaml")
+    first_epoch.watch()
     results = train(layered_config(files=[run_dir / "config.yaml"]), run_dir, resume=True)
+    first_epoch.assert_starts_from(saved)  # the CPU file's weights, now on the GPU
     assert results["best_epoch"] == 2 and 0 <= results["test_top1"] <= 1
+
+
+@contextmanager
+def compiled_without_fallback(monkeypatch):
+    """The loop's ``torch.compile`` with dynamo's error suppression off: a compiler failure
+    (no Triton, an unsupported op, the recompile limit) fails the test instead of running
+    that code eagerly with a warning. Yields dynamo's counters."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from cifar100.training import loop
+
+    calls = []
+
+    def strict(model):
+        compiled = compile_model(model)
+        torch._dynamo.config.suppress_errors = False  # compile_model turns it on
+        # Only now: torch.compile refuses the two settings together.
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+        calls.append(model)
+        return compiled
+
+    torch._dynamo.reset()
+    counters.clear()
+    # Restored by hand: monkeypatch's undo deletes a setting from dynamo's config module.
+    names = ("suppress_errors", "fail_on_recompile_limit_hit")
+    before = {name: getattr(torch._dynamo.config, name) for name in names}
+    torch._dynamo.config.suppress_errors = False
+    monkeypatch.setattr(loop, "compile_model", strict)
+    try:
+        yield counters
+    finally:
+        for name, value in before.items():
+            setattr(torch._dynamo.config, name, value)
+    assert calls, "the loop never compiled its model"
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    assert counters["frames"]["ok"] >= 1, dict(counters["frames"])
 
 
 @gpu
 @needs_cuda
-def test_compiled_training_on_cuda(fake_data_dir, tmp_path):
-    results = train(_config("quick", fake_data_dir, "cuda", compile=True), tmp_path / "run")
+def test_compiled_training_on_cuda(fake_data_dir, tmp_path, monkeypatch):
+    """Catches a compiled run that fell back to eager: graphs were compiled, none failed."""
+    with compiled_without_fallback(monkeypatch):
+        results = train(_config("quick", fake_data_dir, "cuda", compile=True), tmp_path / "run")
     assert 0 <= results["test_top1"] <= 1
 
 

@@ -115,13 +115,18 @@ def _interrupted_run(fake_data_dir: Path, run_dir: Path, monkeypatch, stop_at: i
             train(config, run_dir)
 
 
-def test_a_gpu_checkpoint_resumes_on_cpu(fake_data_dir, tmp_path, monkeypatch, capfd):
+def test_a_gpu_checkpoint_resumes_on_cpu(fake_data_dir, tmp_path, monkeypatch, capfd, first_epoch):
+    """Catches a resume that loads neither the model nor the optimizer from the CUDA-shaped
+    file: the first resumed step must start from last.pt's weights and momentum."""
     run_dir = tmp_path / "run"
     _interrupted_run(fake_data_dir, run_dir, monkeypatch)
     last = run_dir / "checkpoints" / "last.pt"
-    assert load_checkpoint(last)["epoch_state"]["step"] == 3
+    saved = load_checkpoint(last)
+    assert saved["epoch_state"]["step"] == 3
     cuda_shaped(last)
+    first_epoch.watch()
     results = train(layered_config(files=[run_dir / "config.yaml"]), run_dir, resume=True)
+    first_epoch.assert_starts_from(saved)  # step 3 of epoch 1, from the saved state
     # Both epochs ran to the end; which one validates better on 200 fake images is noise.
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").open()]
     assert epochs[-1] == 2 and results["best_epoch"] in (1, 2)

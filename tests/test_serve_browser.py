@@ -60,15 +60,26 @@ def wait_until_up(url: str, server: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run, tmp_path_factory):
-    """The page at its URL; stopped with SIGTERM afterwards, which must end it cleanly."""
+def server(learned_run, tmp_path_factory):
+    """The page at its URL; stopped with SIGTERM afterwards, which must end it cleanly.
+    It serves a model whose answers differ between the photos, so that a server that
+    prepares images differently from ``cifar100 predict`` (BGR, another resize) shows."""
     port = free_port()
     # The server imports the cifar100 these tests import, whatever PYTHONPATH said.
     source = str(Path(cifar100.__file__).resolve().parents[1])
     path = os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "cifar100", "serve", "--model", str(tiny_run), "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "cifar100",
+            "serve",
+            "--model",
+            str(learned_run),
+            "--port",
+            str(port),
+        ],
         cwd=tmp_path_factory.mktemp("serve"),  # no runs/ here: only --model can be served
         env=env,
         stdout=subprocess.PIPE,
@@ -109,16 +120,20 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
-def top1_of_predict(capsys, model: Path, photo: Path) -> str:
+def top5_of_predict(capsys, model: Path, photo: Path) -> list[tuple[str, float]]:
+    """``cifar100 predict``'s top five (class, probability), most likely first."""
     assert main(["predict", str(photo), "--model", str(model), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)[0]["top"][0]["class"]
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    return [(entry["class"], entry["probability"]) for entry in top]
 
 
-def test_the_page_in_chromium(server, tiny_run, shared_dir, tmp_path, capsys):
+def test_the_page_in_chromium(server, learned_run, shared_dir, tmp_path, capsys):
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} not found: install it (apt-get install -y chromium)")
     photo = shared_dir / "samples" / "imagenet" / "cat.png"
-    expected = top1_of_predict(capsys, tiny_run, photo)
+    top5 = top5_of_predict(capsys, learned_run, photo)
+    best, probability = top5[0]
+    expected = f"{best} ({probability:.1%})"  # the message's start: "class_35 (19.2%) · ..."
     requests: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(
@@ -138,8 +153,9 @@ def test_the_page_in_chromium(server, tiny_run, shared_dir, tmp_path, capsys):
             upload = page.locator("#photo input[type=file]")
             upload.set_input_files(photo)
             message = read_message(page, "superclass")
-            assert message.startswith(expected)  # the top class, as `cifar100 predict` says
-            expect(page.locator("#top")).to_contain_text(expected, timeout=ANSWER_TIMEOUT_MS)
+            assert message.startswith(expected)  # class and probability, as `predict` says
+            for name, _ in top5:  # all five, in the label
+                expect(page.locator("#top")).to_contain_text(name, timeout=ANSWER_TIMEOUT_MS)
             page.screenshot(path=tmp_path / "page.png", full_page=True)
             for error, path in bad_files(tmp_path).items():
                 upload.set_input_files(path)
@@ -167,14 +183,22 @@ def read_message(page, words: str) -> str:
     return page.locator(MESSAGE).inner_text().strip()
 
 
-def test_gradio_client_predicts_as_the_predict_command(server, tiny_run, shared_dir, capsys):
+def test_gradio_client_predicts_as_the_predict_command(server, learned_run, shared_dir, capsys):
+    """The full top five with probabilities, photo by photo: catches a server that feeds the
+    model other pixels than ``predict`` does (BGR, another resize)."""
     client = Client(server, verbose=False, httpx_kwargs={"timeout": REQUEST_TIMEOUT_S})
     photos = [shared_dir / "samples" / "imagenet" / name for name in SAMPLES]
+    answers = []
     for photo in photos:
         label, message, seen = client.predict(handle_file(str(photo)), api_name="/classify")
-        expected = top1_of_predict(capsys, tiny_run, photo)
-        assert label["label"] == expected and message.startswith(f"**{expected}**")
-        assert len(label["confidences"]) == 5 and Image.open(seen).size == (256, 256)
+        expected = top5_of_predict(capsys, learned_run, photo)
+        served = [(c["label"], c["confidence"]) for c in label["confidences"]]
+        assert [name for name, _ in served] == [name for name, _ in expected], photo.name
+        assert [p for _, p in served] == pytest.approx([p for _, p in expected], rel=1e-5)
+        assert label["label"] == expected[0][0] and message.startswith(f"**{expected[0][0]}**")
+        assert Image.open(seen).size == (256, 256)
+        answers.append(expected[0][0])
+    assert len(set(answers)) > 1  # the precondition: the model tells the photos apart
     table, gallery = client.predict(
         [handle_file(str(p)) for p in photos], api_name="/classify_many"
     )

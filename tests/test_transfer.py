@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cifar100.models.weights import SOURCES
+from cifar100.runs.folders import read_metrics
 from cifar100.runs.trained import load_trained
 from cifar100.runtime.checkpoint import load_checkpoint
 
@@ -154,8 +155,11 @@ def test_trained_transfer_model_loads_for_inference(transfer_run):
 
 
 def test_resume_across_the_stage_boundary(fake_data_dir, shared_dir, tmp_path, transfer_run):
-    """Interrupt at the start of stage 2 (SIGTERM), resume, and match the straight run."""
-    _, straight, cache, source = transfer_run
+    """Interrupt at the start of stage 2 (SIGTERM), resume, and match the straight run: its
+    figures, every ``metrics.jsonl`` row and ``last.pt``'s weights. Catches a resumed stage 2
+    that restores neither its weights nor its optimizer (the best checkpoint alone cannot:
+    it may come from stage 1, saved before the interrupt)."""
+    straight_dir, straight, cache, source = transfer_run
     run_dir = tmp_path / "run"
     env = _env(shared_dir, cache)  # the feature cache is shared: stage 1 is quick
     cmd = [
@@ -176,12 +180,17 @@ def test_resume_across_the_stage_boundary(fake_data_dir, shared_dir, tmp_path, t
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
+    interrupted = False
     while proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             proc.terminate()
+            interrupted = True
             break
         time.sleep(0.05)
     proc.communicate(timeout=120)
+    # The interrupt landed mid-run: after stage 1, before the run finished.
+    assert interrupted and not (run_dir / "results.json").exists()
+    assert [r["stage"] for r in read_metrics(run_dir)] == ["frozen", "frozen"]
     resumed = subprocess.run(
         [sys.executable, "-m", "cifar100", "train", "--resume", str(run_dir), "--json"],
         env=env,
@@ -192,3 +201,19 @@ def test_resume_across_the_stage_boundary(fake_data_dir, shared_dir, tmp_path, t
     results = json.loads(resumed.stdout)
     for key in ("val_top1", "test_top1", "test_top5", "best_stage", "best_epoch"):
         assert results[key] == straight[key], key
+    # The best checkpoint comes from either stage, so the figures above can match after a
+    # stage 2 that restored nothing: its rows and last weights must match too.
+    assert _training_rows(run_dir) == _training_rows(straight_dir)
+    resumed_last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    straight_last = load_checkpoint(straight_dir / "checkpoints" / "last.pt")
+    assert resumed_last["stage"] == "finetune"
+    for key, value in straight_last["model"].items():
+        assert torch.allclose(resumed_last["model"][key].float(), value.float(), atol=1e-5), key
+
+
+def _training_rows(run_dir) -> list[dict]:
+    """``metrics.jsonl`` without its wall-clock figures."""
+    return [
+        {k: v for k, v in row.items() if not k.endswith("_s") and "per_s" not in k}
+        for row in read_metrics(run_dir)
+    ]

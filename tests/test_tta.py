@@ -8,14 +8,16 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cifar100.cli import main
 from cifar100.config.schema import ConfigError
 from cifar100.data.batches import ImageBatches, shifted
-from cifar100.data.cifar import Split
+from cifar100.data.cifar import Split, load_cifar100
 from cifar100.data.preprocess import Preprocess
 from cifar100.evaluation.inference import predict_logits, tta_views
+from cifar100.evaluation.predictions import cache_path
 from cifar100.recipes.flags import from_flags
 from cifar100.records.record import make_record
 from cifar100.records.table import table_row
@@ -73,6 +75,9 @@ def test_a_shift_beyond_8_pixels_is_refused(capsys):
 
 
 def test_a_run_with_shift_tta_is_reproduced_by_evaluate(fake_data_dir, tmp_path, capsys):
+    """Catches a training figure scored without the shift views: top-1 alone agrees at
+    chance level, so the test loss is compared with the cross-entropy of the logits that
+    evaluate averaged, and of flip-only TTA's (the control: they differ)."""
     run_dir = tmp_path / "tta"
     argv = ["train", "--preset", "quick", "--epochs", "1", *TINY]
     argv += ["--set", "train.tta_flip=true", "--set", "train.tta_translate=1"]
@@ -80,11 +85,23 @@ def test_a_run_with_shift_tta_is_reproduced_by_evaluate(fake_data_dir, tmp_path,
     results = json.loads((run_dir / "results.json").read_text())
     assert results["tta_translate"] == 1
     assert "flip + shift 1 TTA" in table_row(make_record(run_dir))[1]
-    capsys.readouterr()
-    evaluate = ["evaluate", str(run_dir), "--tta", "--tta-translate", "1", "--no-calibration"]
-    assert main([*evaluate, "--data-dir", str(fake_data_dir), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["top1"] == pytest.approx(results["test_top1"])
+    labels = load_cifar100(fake_data_dir).test.labels
+
+    def test_loss(*tta: str) -> float:
+        """Evaluate with ``tta``: the cross-entropy of the test logits it kept."""
+        capsys.readouterr()
+        evaluate = ["evaluate", str(run_dir), *tta, "--no-calibration", "--json"]
+        assert main([*evaluate, "--data-dir", str(fake_data_dir)]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["top1"] == pytest.approx(results["test_top1"])  # at chance: all agree
+        shift = int(tta[-1]) if "--tta-translate" in tta else 0
+        kept = torch.load(cache_path(run_dir, "test", True, shift), weights_only=True)
+        return F.cross_entropy(kept["logits"], labels).item()
+
+    assert test_loss("--tta", "--tta-translate", "1") == pytest.approx(
+        results["test_loss"], rel=1e-5
+    )
+    assert test_loss("--tta") != pytest.approx(results["test_loss"], rel=1e-3)
 
 
 def test_a_run_evaluated_again_with_shift_tta_becomes_its_own_record(
