@@ -173,7 +173,7 @@ def _assert_same_run(a, b):
 
 @pytest.mark.parametrize("kill_after", [1.0, 2.5])
 def test_sigkill_then_resume_equals_uninterrupted(
-    fake_data_dir, tmp_path, uninterrupted, kill_after
+    fake_data_dir, tmp_path, uninterrupted, kill_after, assert_tensorboard_mirrors_metrics
 ):
     """Checkpoints every step (checkpoint_minutes=0), so the kill often lands mid-write."""
     run_dir = tmp_path / "killed"
@@ -195,6 +195,7 @@ def test_sigkill_then_resume_equals_uninterrupted(
     _assert_same_run(_final_state(run_dir), uninterrupted)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert_tensorboard_mirrors_metrics(run_dir)  # the same curves, no epoch twice
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

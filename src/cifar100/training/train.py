@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar100.config.schema import Config
+from cifar100.config.schema import Config, to_dict
 from cifar100.data.batches import ImageBatches
 from cifar100.data.cifar import load_cifar100, make_splits
 from cifar100.data.preprocess import Preprocess
 from cifar100.evaluation.inference import score
 from cifar100.models import input_size, model_spec
-from cifar100.runs import lock
+from cifar100.runs import lock, tensorboard
 from cifar100.runs.folders import read_json, resume_run, start_run, write_json
 from cifar100.runtime import distributed, stopping
 from cifar100.runtime.allocator import tune_allocator
@@ -121,6 +121,7 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
     if run.config.distill.teachers:  # which teachers, their checkpoints and their cost
         results["distill"] = read_json(run.run_dir / "run.json").get("distill")
     write_json(run.run_dir / "results.json", results)
+    tensorboard.log_results(run.run_dir, results, to_dict(run.config))
     return results
 
 
