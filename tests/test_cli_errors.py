@@ -64,6 +64,7 @@ def _cases() -> list[tuple[str, list[str]]]:
         ("kd weight out of range", [*train, "--teacher", "run", "--kd-weight", "2"]),
         ("kd setting without a teacher", [*train, "--kd-temperature", "2"]),
         ("distil into a transfer model", [*train, "--model", "mobilenetv2", "--teacher", "run"]),
+        ("tracking store not a URI", [*train, "--set", "track.mlflow=mlruns"]),
         ("refit with a plateau schedule", [*train, "--refit", "--set", "optim.schedule=plateau"]),
         ("resume nothing", [*train, "--resume", MISSING]),
         ("resume with a teacher", [*train, "--resume", "run", "--teacher", "run"]),

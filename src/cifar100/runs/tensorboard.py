@@ -68,7 +68,7 @@ def log_epoch(run_dir: Path) -> None:
 
 
 def log_results(run_dir: Path, results: dict[str, Any], settings: dict[str, Any]) -> None:
-    """The final figures of ``results`` and the run's ``settings`` (a nested config dict)
+    """The final figures of ``results`` and the run's ``settings`` (``flat_settings``)
     against them; closes the run's event file."""
     global _open
     # Always from metrics.jsonl: a run resumed only to be tested writes its curves too.
@@ -82,7 +82,7 @@ def log_results(run_dir: Path, results: dict[str, Any], settings: dict[str, Any]
     for tag, value in final.items():
         log.writer.add_scalar(tag, value, step)
     if final:
-        _add_hparams(log.writer, _flat(settings), final)
+        _add_hparams(log.writer, {k: _shown(v) for k, v in settings.items()}, final)
     log.writer.close()
     _open = None
 
@@ -123,19 +123,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"optim": {"lr": 0.1}}`` as ``{"optim.lr": 0.1}``, every value a number, a bool
-    or a string (what the HParams view can show)."""
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{name}."))
-        elif isinstance(value, bool | int | float | str):
-            flat[name] = value
-        else:  # None, lists
-            flat[name] = str(value)
-    return flat
+def _shown(value: Any) -> bool | int | float | str:
+    """A setting as the HParams view can show it: lists and None as text."""
+    return value if isinstance(value, bool | int | float | str) else str(value)
 
 
 def _add_hparams(writer, settings: dict[str, Any], final: dict[str, float]) -> None:

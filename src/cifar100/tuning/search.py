@@ -285,6 +285,7 @@ def sampler_seed(seed: int, trials_before: int) -> int:
 def _comparable(config: Config) -> dict[str, Any]:
     values = to_dict(config)
     values["data"].pop("data_dir")  # the data may live elsewhere on another worker
+    values.pop("track", None)  # where a worker also logs its trials changes no trial
     return values
 
 
