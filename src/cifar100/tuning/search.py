@@ -172,9 +172,8 @@ def storage_label(study_dir: Path, storage: str | None = None) -> str:
     try:
         return make_url(storage).render_as_string(hide_password=True)
     except ArgumentError:
-        raise TuneError(
-            f"--storage {storage!r}: not a database URL "
-            "(expected e.g. postgresql://USER:PASSWORD@HOST/DATABASE)"
+        raise TuneError(  # not echoed: a mistyped URL may still hold a password
+            "--storage: not a database URL (expected e.g. postgresql://USER:PASSWORD@HOST/DATABASE)"
         ) from None
 
 
