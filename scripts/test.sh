@@ -9,6 +9,13 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" =
   (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
     || echo "warning: could not install chromium; the browser tests will fail" >&2
 fi
+# The shared-study test of `cifar100 tune --storage` starts a real PostgreSQL server (Debian
+# package `postgresql`; the test runs it on 127.0.0.1 in a temporary folder).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null \
+  && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null 2>&1 \
+    || echo "warning: could not install postgresql; the shared-study test will fail" >&2
+fi
 export CIFAR100_SHARED="${CIFAR100_SHARED:-$(cd .. && pwd)/shared}"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks

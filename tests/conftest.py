@@ -199,3 +199,40 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("CIFAR100_DATA", raising=False)
     monkeypatch.delenv("CIFAR100_WEIGHTS", raising=False)
     monkeypatch.delenv("CIFAR100_EFFICIENTNET_LITE0_WEIGHTS", raising=False)
+
+
+def _tensorboard_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of ``run_dir/tensorboard/``, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+
+
+def _curves_of_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """What the event file should hold for ``metrics.jsonl``: one point per epoch of every
+    number, tagged STAGE/NAME, as float32 (the precision of a TensorBoard scalar)."""
+    import json
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for key, value in row.items():
+            if key not in ("stage", "epoch") and isinstance(value, int | float):
+                point = (row["epoch"], float(np.float32(value)))
+                curves.setdefault(f"{row['stage']}/{key}", []).append(point)
+    return curves
+
+
+@pytest.fixture
+def assert_tensorboard_mirrors_metrics():
+    """``check(run_dir)``: the epoch curves of the event file are exactly metrics.jsonl's."""
+
+    def check(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+        curves = _tensorboard_curves(run_dir)
+        epochs = {tag: points for tag, points in curves.items() if not tag.startswith("final/")}
+        assert epochs == _curves_of_metrics(run_dir)
+        return curves
+
+    return check

@@ -136,7 +136,7 @@ def test_two_processes_match_one_with_the_same_global_batch(single, ddp):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=LOSS_RTOL)
 
 
-def test_only_rank_zero_writes_and_prints(ddp):
+def test_only_rank_zero_writes_and_prints(ddp, assert_tensorboard_mirrors_metrics):
     run_dir, result = ddp
     assert result.stderr.count("[main] epoch") == EPOCHS  # not once more from rank 1
     assert result.stdout.count("test top-1") == 1
@@ -148,6 +148,8 @@ def test_only_rank_zero_writes_and_prints(ddp):
         "curves.png",
         "results.json",
     }
+    assert len(list((run_dir / "tensorboard").iterdir())) == 1  # one writer: rank 0's
+    assert_tensorboard_mirrors_metrics(run_dir)
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert len(last["ranks"]) == 2  # every rank's RNG state, for an exact resume
     assert last["ranks"][0]["rng"]["generator"].ne(last["ranks"][1]["rng"]["generator"]).any()

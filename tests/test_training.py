@@ -174,7 +174,7 @@ def _assert_same_run(a, b):
 
 @pytest.mark.parametrize("epochs_done", [0, 1])
 def test_sigkill_then_resume_equals_uninterrupted(
-    fake_data_dir, tmp_path, uninterrupted, epochs_done
+    fake_data_dir, tmp_path, uninterrupted, epochs_done, assert_tensorboard_mirrors_metrics
 ):
     """Checkpoints every step (checkpoint_minutes=0), so the kill often lands mid-write.
 
@@ -210,6 +210,7 @@ def test_sigkill_then_resume_equals_uninterrupted(
     _assert_same_run(_final_state(run_dir), uninterrupted)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert_tensorboard_mirrors_metrics(run_dir)  # the same curves, no epoch twice
 
 
 def _metric_rows(run_dir: Path) -> int:

@@ -78,7 +78,7 @@ def transfer_run(request, fake_data_dir, shared_dir, tmp_path_factory):
     return run_dir, json.loads(result.stdout), root / "cache", SOURCES[request.param]
 
 
-def test_both_stages_are_recorded(transfer_run):
+def test_both_stages_are_recorded(transfer_run, assert_tensorboard_mirrors_metrics):
     run_dir, results, cache, source = transfer_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in rows] == [
@@ -86,6 +86,8 @@ def test_both_stages_are_recorded(transfer_run):
         ("frozen", 2),
         ("finetune", 1),
     ]
+    curves = assert_tensorboard_mirrors_metrics(run_dir)  # each stage its own curves
+    assert len(curves["frozen/val_top1"]) == 2 and len(curves["finetune/val_top1"]) == 1
     assert results["best_stage"] in {"frozen", "finetune"}
     assert results["test_top1"] > 0.05  # the fake classes are learnable: well above 1%
     assert results["model"] == source.model

@@ -212,7 +212,17 @@ def test_a_study_begun_before_newer_settings_still_matches_its_base(tmp_path):
 
     old = _comparable(Config())
     del old["distill"], old["train"]["refit"], old["train"]["ema_warmup"]
-    _check_base(_Study(old), Config(), tmp_path)
+    _check_base(_Study(old), Config(), str(tmp_path / "study.db"))
     refit = dataclasses.replace(Config(), train=dataclasses.replace(Config().train, refit=True))
     with pytest.raises(TuneError, match=r"differs in train\.refit"):
-        _check_base(_Study(old), refit, tmp_path)
+        _check_base(_Study(old), refit, str(tmp_path / "study.db"))
+
+
+def test_workers_with_different_seeds_never_share_a_sampler_seed():
+    """Worker A (--seed 0) opens the study after one trial, worker B (--seed 1) before any:
+    with ``seed + trials`` both would sample the same start-up points."""
+    from cifar100.tuning.search import sampler_seed
+
+    seeds = {(s, n): sampler_seed(s, n) for s in range(4) for n in range(50)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert sampler_seed(0, 3) == sampler_seed(0, 3)  # a rerun samples as before

@@ -1,7 +1,8 @@
 """``cifar100 tune``: search hyperparameters with Optuna on the validation split.
 
-The study lives in STUDY_DIR/study.db: rerun the same command after a crash, or start
-more workers on the same folder, and they carry on with the same study.
+The study lives in STUDY_DIR/study.db, or in the database --storage names: rerun the same
+command after a crash, or start more workers on the same study (the same folder, or the same
+--storage from other machines), and they carry on with the same study.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def register(subparsers) -> None:
         type=Path,
         help="folder for study.db, trials/, summary and best.yaml (default: studies/PRESET)",
     )
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="database holding the study, shared by workers on several machines, e.g. "
+        "postgresql://USER:PASSWORD@HOST/DATABASE (default: STUDY_DIR/study.db, SQLite)",
+    )
     add_flags(p, "tune")
     p.set_defaults(preset="quick")
     p.add_argument(
@@ -53,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
         args.timeout,
         args.seed,
         on_trial=lambda _, trial: print(report.trial_line(trial), flush=True),
+        storage=args.storage,
     )
     print(
-        f"\n{report.finished(study)} finished trials in {study_dir / 'study.db'}; "
+        f"\n{report.finished(study)} finished trials in "
+        f"{search.storage_label(study_dir, args.storage)}; "
         f"summary: {study_dir / 'summary.md'}"
     )
     if report.best_config(study) is None:

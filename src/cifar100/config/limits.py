@@ -21,6 +21,8 @@ CHOICES = {
     "train.precision": PRECISIONS,
     "distill.mode": DISTILL_MODES,
 }
+# The stores an MLflow tracking URI may name: local files, a database, a tracking server.
+MLFLOW_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "http", "https", "databricks")
 SEED_MAX = 2**32 - 1
 MOBILENETV2_BLOCKS = 19  # feature blocks that transfer.stage2_unfreeze counts
 
@@ -109,6 +111,12 @@ def problem(name: str, value: Any) -> str | None:
         return f"unknown {name} '{value}' (choose from {', '.join(CHOICES[name])})"
     if name == "model.widths" and (not value or min(value) < 1):
         return f"model.widths must list positive channel counts, got {list(value)}"
+    if name == "track.mlflow" and value.partition(":")[0] not in MLFLOW_SCHEMES:
+        return (
+            f"track.mlflow must be a tracking URI starting with one of "
+            f"{', '.join(s + ':' for s in MLFLOW_SCHEMES)}, got '{value}' "
+            "(e.g. file:./mlruns)"
+        )
     if isinstance(value, float) and not math.isfinite(value):
         return f"{name} must be a finite number, got {value}"
     if name in RANGES and value not in RANGES[name]:

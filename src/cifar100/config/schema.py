@@ -149,6 +149,15 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class TrackConfig:
+    """Where else a run is recorded, besides its folder (``cifar100.runs.tracking``)."""
+
+    # An MLflow tracking URI (file:./mlruns, sqlite:///mlflow.db, http://host:5000): the
+    # finished run is logged there (params, curves, final figures, its record); None: off.
+    mlflow: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,11 +166,21 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 def to_dict(config: Config) -> dict[str, Any]:
     """Plain nested dict (tuples as lists), ready for YAML or JSON."""
     return _plain(dataclasses.asdict(config))
+
+
+def flat_settings(config: Config) -> dict[str, Any]:
+    """Every setting by its ``--set`` name: ``{"optim.lr": 0.1, ...}`` (lists stay lists)."""
+    return {
+        f"{section}.{key}": value
+        for section, values in to_dict(config).items()
+        for key, value in values.items()
+    }
 
 
 def _plain(value: Any) -> Any:

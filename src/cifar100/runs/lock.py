@@ -35,6 +35,7 @@ RUN_MARKERS = ("config.yaml", "run.json", "metrics.jsonl", "results.json", "chec
 RUN_OUTPUTS = (
     *RUN_MARKERS,
     "curves.png",
+    "tensorboard",
     "calibration.json",
     "report",
     "report-ensemble",

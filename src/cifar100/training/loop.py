@@ -23,6 +23,7 @@ from cifar100.data.batches import Batches
 from cifar100.data.cifar import Cifar100, Splits
 from cifar100.data.preprocess import Preprocess
 from cifar100.evaluation.inference import score
+from cifar100.runs import tensorboard
 from cifar100.runs.folders import append_metrics, plot_curves, truncate_metrics
 from cifar100.runtime import distributed, stopping
 from cifar100.runtime.checkpoint import rng_state, save_checkpoint
@@ -312,6 +313,7 @@ def _end_epoch(run: Run, stage: Stage, train: dict, val: dict | None, generator)
     last = checkpoint_state(run, stage, None, generator)  # a collective under torchrun
     if distributed.is_main():  # the only rank that writes files (and prints)
         append_metrics(run.run_dir, row)
+        tensorboard.log_epoch(run.run_dir)  # the same row, for `tensorboard --logdir runs`
         save_checkpoint(last, ckpt_dir / "last.pt")
         plot_curves(run.run_dir)
         validated = (

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cifar100.config.schema import Config
+from cifar100.config.schema import Config, flat_settings
 from cifar100.data.batches import ImageBatches
 from cifar100.data.cifar import load_cifar100, make_splits
 from cifar100.data.preprocess import Preprocess
 from cifar100.evaluation.inference import score
 from cifar100.models import input_size, model_spec
-from cifar100.runs import lock
+from cifar100.runs import lock, tensorboard, tracking
 from cifar100.runs.folders import new_run_dir, read_json, resume_run, start_run, write_json
 from cifar100.runtime import distributed, stopping
 from cifar100.runtime.allocator import tune_allocator
@@ -137,6 +137,10 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
     if run.config.distill.teachers:  # which teachers, their checkpoints and their cost
         results["distill"] = read_json(run.run_dir / "run.json").get("distill")
     write_json(run.run_dir / "results.json", results)
+    settings = flat_settings(run.config)
+    tensorboard.log_results(run.run_dir, results, settings)
+    if run.config.track.mlflow:
+        tracking.log_run_or_warn(run.run_dir, run.config.track.mlflow, results, settings)
     return results
 
 
@@ -175,6 +179,7 @@ def train(
     ``overwrite=True``, and refused otherwise; a run another process is writing (its
     lock is held) is never touched (see ``cifar100.runs.lock``).
     """
+    tracking.require_mlflow(config.track.mlflow)  # before the folder is touched
     run_dir = Path(run_dir)
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone owns the folder
         return _train(config, run_dir, resume, on_epoch, test_set, command)

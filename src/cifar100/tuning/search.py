@@ -1,13 +1,15 @@
-"""Hyperparameter search with Optuna: TPE sampling, median pruning, a study in SQLite.
+"""Hyperparameter search with Optuna: TPE sampling, median pruning, a study in a database.
 
 Every trial is an ordinary ``train()`` run in ``STUDY_DIR/trials/trial-NNNN/`` that sees
 only the train and validation splits: the objective is the best validation top-1, and the
 test set is never evaluated (``test_set=False``), so it stays an unbiased final check.
 
-The study lives in ``STUDY_DIR/study.db`` and is opened with ``load_if_exists``: a killed
-``cifar100 tune`` continues where it stopped, and several processes (or machines sharing
-the folder) can work on one study at once. ``--trials N`` is the number of finished
-(complete or pruned) trials the study should hold; each worker tops it up.
+The study lives in ``STUDY_DIR/study.db`` (SQLite), or in the database that ``--storage URL``
+names (PostgreSQL, MySQL: any SQLAlchemy URL Optuna accepts), and is opened with
+``load_if_exists``: a killed ``cifar100 tune`` continues where it stopped, and several
+processes (or machines sharing the database) can work on one study at once. ``--trials N``
+is the number of finished (complete or pruned) trials the study should hold; each worker
+tops it up.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cifar100.config.schema import Config, ConfigError, from_saved, to_dict
 from cifar100.errors import UserError
@@ -41,6 +47,10 @@ DEFAULT_WIDTHS = {
 # Augmentation strength 1.0: the coursework recipe's rotation/zoom/contrast plus a 4 px
 # random crop. A trial scales all four together, so one number says "how much".
 AUGMENT_AT_1 = {"translate": 4, "rotation": 15.0, "zoom": 0.1, "contrast": 0.1}
+# Seconds between a worker's heartbeats; a trial silent for three of them belongs to a
+# killed worker, and the next worker to start a trial marks it FAIL.
+HEARTBEAT_SECONDS = 60
+HEARTBEAT_ENV = "CIFAR100_TUNE_HEARTBEAT"
 
 
 class TuneError(UserError):
@@ -152,46 +162,133 @@ def quiet_interrupts() -> None:
     optuna.logging.get_logger("optuna").addHandler(handler)
 
 
-def open_study(study_dir: Path, base: Config, seed: int = 0):
-    """Create or reopen ``study_dir/study.db``; a reopened study must keep its base recipe."""
-    require_optuna()
+def storage_label(study_dir: Path, storage: str | None = None) -> str:
+    """Where the study lives, for messages: the SQLite file, or the URL without its password."""
+    if storage is None:
+        return str(study_dir / "study.db")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except ArgumentError:
+        raise TuneError(  # not echoed: a mistyped URL may still hold a password
+            "--storage: not a database URL (expected e.g. postgresql://USER:PASSWORD@HOST/DATABASE)"
+        ) from None
+
+
+def database_url(study_dir: Path, storage: str | None = None) -> str:
+    """The SQLAlchemy URL of the study. A bare ``postgresql://`` means psycopg2, the driver
+    the ``tune`` extra installs (SQLAlchemy 2.1 would otherwise look for psycopg 3)."""
+    if storage is None:
+        return f"sqlite:///{study_dir / 'study.db'}"
+    from sqlalchemy.engine import make_url
+
+    url = make_url(storage)
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg2")
+    return url.render_as_string(hide_password=False)
+
+
+def heartbeat() -> tuple[int, int]:
+    """Seconds between heartbeats, and the silence after which a running trial is FAIL."""
+    value = os.environ.get(HEARTBEAT_ENV, str(HEARTBEAT_SECONDS))
+    try:
+        seconds = int(value)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise TuneError(f"{HEARTBEAT_ENV}={value!r}: expected whole seconds above 0")
+    return seconds, 3 * seconds
+
+
+def _first_line(error: Exception) -> str:
+    """A database error's own words: SQLAlchemy's wrapper adds the SQL and a link."""
+    text = str(getattr(error, "orig", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _rdb_storage(url: str, interval: int, grace: int, attempts: int = 5):
+    """Optuna's storage on ``url``, its tables created if missing. Workers started together
+    on a new database race to create them, and all but one fail: those try again."""
+    import sqlalchemy.exc
+
+    for attempt in range(1, attempts + 1):
+        try:
+            # Heartbeats let a restarted or parallel worker mark a killed one's trials FAIL.
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's terms
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=interval, grace_period=grace
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+            text = str(error)
+            if attempt == attempts or not ("duplicate" in text or "already exists" in text):
+                raise
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _make_folder(study_dir: Path) -> None:
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TuneError(f"{study_dir}: cannot create the study folder ({error.strerror})") from None
+
+
+def open_study(study_dir: Path, base: Config, seed: int = 0, storage: str | None = None):
+    """Create or reopen the study (``study_dir/study.db``, or the ``storage`` database URL);
+    a reopened study must keep its base recipe."""
+    require_optuna()
+    where = storage_label(study_dir, storage)
+    if storage is None:  # SQLite creates study.db in it
+        _make_folder(study_dir)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    interval, grace = heartbeat()
     try:
-        # Heartbeats let a restarted or parallel worker mark a killed one's trials FAIL.
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's terms
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(
-                f"sqlite:///{study_dir / 'study.db'}", heartbeat_interval=60, grace_period=180
-            )
         study = optuna.create_study(
             study_name=STUDY_NAME,
-            storage=storage,
+            storage=_rdb_storage(database_url(study_dir, storage), interval, grace),
             direction="maximize",
             pruner=pruner,
             load_if_exists=True,
         )
-    except Exception as error:  # SQLAlchemy raises many kinds for a file that is no study
+    except ImportError as error:  # the URL names a database whose driver is not installed
+        missing = getattr(error.__cause__, "name", None) or error.name or "for it"
         raise TuneError(
-            f"{study_dir / 'study.db'}: not a readable Optuna study ({type(error).__name__})"
+            f"{where}: the database driver {missing} is missing "
+            "(pip install 'cifar100[tune]' brings PostgreSQL's, psycopg2)"
         ) from None
-    _check_base(study, base, study_dir)
-    # Seeded, and shifted by the trials already there: a restarted worker does not
-    # repeat the first worker's random start-up points.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=5)
+    except Exception as error:  # SQLAlchemy raises many kinds for a file that is no study
+        if storage is None:
+            raise TuneError(
+                f"{where}: not a readable Optuna study ({type(error).__name__})"
+            ) from None
+        raise TuneError(f"{where}: cannot open the study ({_first_line(error)})") from None
+    _check_base(study, base, where)
+    _make_folder(study_dir)  # trials and summaries: a --storage that failed made none
+    study.sampler = optuna.samplers.TPESampler(
+        seed=sampler_seed(seed, len(study.trials)), n_startup_trials=5
+    )
     return study
+
+
+def sampler_seed(seed: int, trials_before: int) -> int:
+    """The sampler's seed, drawn from ``--seed`` and the trials already in the study: a
+    restarted worker does not repeat the first one's random start-up points, and workers
+    with different seeds never share one (as ``seed + trials_before`` would: seed 1 on an
+    empty study, seed 0 one trial later)."""
+    return int(np.random.SeedSequence([seed, trials_before]).generate_state(1)[0])
 
 
 def _comparable(config: Config) -> dict[str, Any]:
     values = to_dict(config)
     values["data"].pop("data_dir")  # the data may live elsewhere on another worker
+    values.pop("track", None)  # where a worker also logs its trials changes no trial
     return values
 
 
-def _check_base(study, base: Config, study_dir: Path) -> None:
+def _check_base(study, base: Config, where: str) -> None:
     stored = study.user_attrs.get("base_config")
     if stored is None:
         study.set_user_attr("base_config", _comparable(base))
@@ -204,7 +301,7 @@ def _check_base(study, base: Config, study_dir: Path) -> None:
     changed = [f"{s}.{k}" for s in mine for k in mine[s] if stored.get(s, {}).get(k) != mine[s][k]]
     if changed:
         raise TuneError(
-            f"{study_dir / 'study.db'}: this study was started with another base "
+            f"{where}: this study was started with another base "
             f"recipe (differs in {', '.join(changed)}); use the same options or "
             "another --study-dir"
         )
@@ -217,14 +314,18 @@ def run_study(
     timeout_minutes: float | None = None,
     seed: int = 0,
     on_trial=None,
+    storage: str | None = None,
 ):
-    """Run trials until the study holds ``trials`` finished ones (or the timeout)."""
+    """Run trials until the study holds ``trials`` finished ones (or the timeout).
+
+    ``storage`` is a database URL for the study; by default ``study_dir/study.db``.
+    """
     if base.train.refit:
         raise ConfigError(
             "train.refit: tuning selects on the validation split, and a refit has none "
             "(refit the recipe the study found, with cifar100 train --refit)"
         )
-    study = open_study(study_dir, base, seed)
+    study = open_study(study_dir, base, seed, storage)
 
     def after_trial(study, trial) -> None:
         write_study_summary(study, study_dir)
@@ -246,7 +347,7 @@ def run_study(
         except KeyboardInterrupt as stop:  # SIGINT/SIGTERM, in a trial or between trials
             raise stopping.interrupted(
                 stop,
-                f"{study_dir / 'study.db'} keeps the finished "
+                f"{storage_label(study_dir, storage)} keeps the finished "
                 "trials: rerun the same command to continue",
             ) from None
     write_study_summary(study, study_dir)
