@@ -152,8 +152,10 @@ def test_an_epoch_on_cuda_waits_for_the_device_only_at_sync_steps():
             run_epoch()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) <= 20 // 5, [str(w.message)[:200] for w in syncs]  # steps 5, 10, 15, 20
+    # Each sync the debug mode sees is one "called a synchronizing CUDA operation" warning;
+    # the mode's own one-off "... is a prototype feature ..." notice is not a sync.
+    syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
+    assert 1 <= len(syncs) <= 20 // 5, [str(w.message)[:200] for w in caught]  # 5, 10, 15, 20
 
 
 @gpu
