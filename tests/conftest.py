@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +238,24 @@ def assert_tensorboard_mirrors_metrics():
         return curves
 
     return check
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    """``python -m torch.distributed.run`` with two processes on this machine, then ``args``
+    (``-m cifar100 train ...``)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *args,
+    ]

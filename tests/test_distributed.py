@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 
 from cifar100.runs.trained import load_trained
 from cifar100.runtime import distributed
@@ -56,29 +56,12 @@ RECIPE = [
 LOSS_RTOL = 0.06
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _torchrun(*args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "-m",
-        "cifar100",
-        "train",
-        *args,
-    ]
+    return torchrun("-m", "cifar100", "train", *args)
 
 
 def _rows(run_dir: Path) -> list[dict]:

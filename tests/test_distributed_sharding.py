@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
+
+from conftest import torchrun
 
 from cifar100.runtime.checkpoint import load_checkpoint
 
@@ -33,23 +33,11 @@ RECIPE = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_each_rank_trains_on_half_of_every_global_batch(fake_data_dir, tmp_path):
     """Catches a loop that skips ``distributed.shard_order``: every rank would count the
     whole global batch per step."""
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+    cmd = torchrun(
         "-m",
         "cifar100",
         "train",
@@ -58,7 +46,7 @@ def test_each_rank_trains_on_half_of_every_global_batch(fake_data_dir, tmp_path)
         str(fake_data_dir),
         "--run-dir",
         str(run_dir),
-    ]
+    )
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

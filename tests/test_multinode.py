@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import free_port, torchrun
 
 from cifar100.cli import main
 from cifar100.commands import train as train_command
@@ -66,12 +66,6 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
@@ -114,18 +108,6 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _torchrun(*args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        *args,
-    ]
-
-
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -138,7 +120,7 @@ def test_a_stop_during_validation_saves_the_epoch_on_every_rank_and_resumes(
     script.write_text(STOP_IN_VALIDATION)
     env = _env(STOP_RANKS=stop_ranks, STOPPED_AT=str(stamp), TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120")
     argv = ["train", *TINY_CNN, "--data-dir", str(fake_data_dir), "--run-dir", str(run_dir)]
-    code, output = _run(_torchrun(str(script), *argv), env)
+    code, output = _run(torchrun(str(script), *argv), env)
     ended = time.time()
     assert code != 0, output[-3000:]
     stopped = min(float(p.read_text()) for p in tmp_path.glob("stopped-at-*"))
@@ -149,7 +131,7 @@ def test_a_stop_during_validation_saves_the_epoch_on_every_rank_and_resumes(
     assert state["epoch"] == 0 and state["epoch_state"]["step"] == 4  # 400 images, 100 a step
     assert len(state["ranks"]) == 2  # every rank's state: the resume is exact
 
-    code, output = _run(_torchrun("-m", "cifar100", "train", "--resume", str(run_dir)), _env())
+    code, output = _run(torchrun("-m", "cifar100", "train", "--resume", str(run_dir)), _env())
     assert code == 0, output[-3000:]
     assert [row["epoch"] for row in _rows(run_dir)] == [1, 2]
     # The record says how many processes trained, and how they were launched.
@@ -167,7 +149,7 @@ def test_a_stop_during_validation_saves_the_epoch_on_every_rank_and_resumes(
 # with its own cache folder, as torchrun sets them with --nnodes=2 --nproc_per_node=1.
 def _two_machines(argv: list[str], root: Path, cwd: Path, **extra: str) -> list[str]:
     """Run ``cifar100 <argv>`` as rank 0 and rank 1 on two machines; each rank's output."""
-    port, procs = str(_free_port()), []
+    port, procs = str(free_port()), []
     for rank in (0, 1):
         env = _env(
             RANK=str(rank),

@@ -11,7 +11,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import free_port
 
 from cifar100.tuning.search import HEARTBEAT_ENV
 
@@ -35,17 +35,11 @@ def _postgres_bin() -> Path:
     return Path(found[-1]).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Postgres:
     """A throwaway server: initdb, pg_ctl start, one database per test."""
 
     def __init__(self, folder: Path) -> None:
-        self.bin, self.folder, self.port = _postgres_bin(), folder, _free_port()
+        self.bin, self.folder, self.port = _postgres_bin(), folder, free_port()
         # PostgreSQL refuses to run as root: then the package's `postgres` user runs it.
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self.as_user:
@@ -213,7 +207,7 @@ def test_a_killed_workers_trial_is_marked_failed(postgres, fake_data_dir, tmp_pa
 
 
 def test_an_unreachable_server_is_one_line_without_the_password(tmp_path):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     result = subprocess.run(
         [
             sys.executable,
