@@ -50,7 +50,7 @@ def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> FeatureC
     is then complete for the others) while the other processes wait, then read the file.
     """
     dataset, size = run.dataset.train, run.preprocess.size
-    path = cache_path(run.config, size, weights_sha256, dataset.images)
+    path = cache_path(run.config, size, weights_sha256, dataset.images, run.autocast)
     wanted = {"plain": torch.cat([run.splits.train_index, run.splits.val_index]).unique()}
     if run.config.augment.flip:
         wanted["mirrored"] = run.splits.train_index
@@ -68,6 +68,7 @@ def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> FeatureC
             ImageBatches(dataset, run.preprocess, run.device),
             wanted,
             size,
+            run.autocast,
         )
         return cache
 
