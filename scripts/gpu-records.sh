@@ -31,19 +31,30 @@
 #   PRESET_LIMIT_S   the most one preset may take (default 300); past it the run is stopped
 #                    (SIGINT: state saved, resumable) and no record is written for it
 #   SKIP_TESTS=1     no gpu tests; THROUGHPUT=0 no throughput rows
+#   TESTS_LIMIT_S    the most the gpu tests may take (default 90; they took 43 s on an H200)
+#   THROUGHPUT_LIMIT_S  the most benchmarks/gpu_throughput.py may take (default 180): it
+#                    starts no row after two thirds of it (--budget-s; the rows left are
+#                    listed as skipped) and is stopped at the limit, keeping every row it
+#                    finished in gpu_throughput.json
+#   THROUGHPUT_ARGS  more flags for it, e.g. "--levers compile-max-autotune" or
+#                    "--presets mobilenetv2-finetune-gpu"
 #   ALLOW_CPU=1      go on without a GPU (records named "cpu"): the script's own test
 #
-# $OUT ends with at most 8 files: gpu-records.log, gpu_throughput.txt and one record per
-# preset.
+# The nodata phase takes at most TESTS_LIMIT_S + THROUGHPUT_LIMIT_S (and never passes
+# DEADLINE_S). $OUT ends with at most 8 files: gpu-records.log, gpu_throughput.txt (the
+# table), gpu_throughput.json (the same rows, with what each lever decides) and one record
+# per preset; more presets than fit are refused before anything runs.
 #
 # For a device lent for 15 minutes that receives at most 64 MiB a call, in two calls made
 # back to back (the machine goes back ~30 s after a call):
 #   here:  bash ../shared/gpu/stage-cifar100-packed.sh   (-> .gpu-data/part-a, part-b, packer)
 #   call 1, carrying part-a, pack-cifar100.py and the weights: park them outside the
 #          checkout (say /root/p), then  PHASE=nodata bash scripts/gpu-records.sh
+#          (at most 90 + 180 s: the gpu tests, then the throughput rows)
 #   call 2, carrying part-b: park it beside part-a, then
 #          PHASE=records CIFAR100_PACKED=/root/p CIFAR100_DATA=/root/c100 \
 #          DEADLINE_S=480 bash scripts/gpu-records.sh
+# Both calls together stay within 750 s of the 15 minutes, leaving the machine's start.
 # with the weight variables pointing at the parked files, and $OUT under the tool's $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -84,6 +95,13 @@ unpack_packed() {
 }
 
 case $phase in all | nodata | records) ;; *) fail "PHASE=$phase: choose all, nodata or records" ;; esac
+presets=("$@")
+[[ ${#presets[@]} -gt 0 ]] || presets=(efficientnet-lite0-finetune-gpu efficientnet-lite2-finetune-gpu cnn-fast mobilenetv2-finetune-gpu resnet18-gpu)
+# $OUT holds at most 8 files: the log, the throughput table and JSON, one record a preset.
+files=1
+[[ $phase == records || ${THROUGHPUT:-1} == 0 ]] || files=$((files + 2))
+[[ $phase == nodata ]] || files=$((files + ${#presets[@]}))
+(( files <= 8 )) || fail "${#presets[@]} presets: \$OUT would hold $files files, 8 at most (fewer presets, or PHASE=records)"
 if [[ $phase != nodata ]]; then
     [[ -z ${CIFAR100_PACKED:-} ]] || unpack_packed
     [[ -z ${CIFAR100_PARTS:-} ]] || unpack_parts
@@ -97,23 +115,40 @@ echo "gpu-records: commit $commit, $(date -u '+%F %T UTC')" | tee -a "$log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$log" || true
 
 left() { echo $((deadline - (SECONDS - started))); }
+# The seconds a step may take: its own cap, or what the deadline leaves if that is less.
+capped() { local cap=$1 rest; rest=$(left); echo $((rest < cap ? rest : cap)); }
 
 if [[ $phase != records && -z ${SKIP_TESTS:-} ]]; then
-    # A failing test is logged, not fatal: the records still say what ran and how fast.
-    timeout "$(left)" "$python" -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee -a "$log" \
-        || echo "gpu-records: gpu tests FAILED (above)" | tee -a "$log"
+    limit=$(capped "${TESTS_LIMIT_S:-90}")
+    if (( limit < 10 )); then
+        echo "gpu-records: gpu tests SKIPPED: ${limit}s left before the deadline" | tee -a "$log"
+    else
+        # A failing test is logged, not fatal: the records still say what ran and how fast.
+        timeout "$limit" "$python" -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee -a "$log" \
+            || echo "gpu-records: gpu tests FAILED or stopped at ${limit}s (above)" | tee -a "$log"
+    fi
 fi
 if [[ $phase != records && ${THROUGHPUT:-1} != 0 ]]; then
-    # Eager rows, then the torch.compile rows: whether compiling pays as a CUDA default.
-    timeout "$(left)" "$python" benchmarks/gpu_throughput.py --compile 2>&1 \
-        | tee "$out/gpu_throughput.txt" || echo "gpu-records: throughput FAILED" | tee -a "$log"
+    limit=$(capped "${THROUGHPUT_LIMIT_S:-180}")
+    if (( limit < 30 )); then
+        echo "gpu-records: throughput SKIPPED: ${limit}s left before the deadline" | tee -a "$log"
+    else
+        # Every lever (eager, the torch.compile modes, memory format, BatchNorm precision)
+        # for ResNet-18 and cnn-fast, quickest first; a third of the time is kept for the
+        # row in flight (a first compile takes a minute or more).
+        echo "== throughput (at most ${limit}s)" | tee -a "$log"
+        # shellcheck disable=SC2086  # THROUGHPUT_ARGS is a list of flags: split on spaces
+        timeout --kill-after=10 "$limit" "$python" benchmarks/gpu_throughput.py \
+            --budget-s $((limit * 2 / 3)) --json "$out/gpu_throughput.json" ${THROUGHPUT_ARGS:-} \
+            2>> "$log" | tee "$out/gpu_throughput.txt" \
+            || echo "gpu-records: throughput FAILED or stopped at ${limit}s" | tee -a "$log"
+        rm -f "$out/gpu_throughput.json.partial"  # a write cut off by the limit
+    fi
 fi
 [[ $phase != nodata ]] || exit 0
 
 data_flag=()
 [[ -z ${CIFAR100_DATA:-} ]] || data_flag=(--data-dir "$CIFAR100_DATA")
-presets=("$@")
-[[ ${#presets[@]} -gt 0 ]] || presets=(efficientnet-lite0-finetune-gpu efficientnet-lite2-finetune-gpu cnn-fast mobilenetv2-finetune-gpu resnet18-gpu)
 runs=${RUNS:-runs}
 mkdir -p "$runs"
 status=0

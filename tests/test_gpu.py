@@ -98,7 +98,7 @@ def test_gpu_presets_build_and_step_on_cpu():
 
 
 def test_compile_falls_back_to_the_plain_model_when_unavailable(monkeypatch, capsys):
-    def broken(model):
+    def broken(model, **kwargs):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(torch, "compile", broken)
@@ -234,8 +234,8 @@ def compiled_without_fallback(monkeypatch):
 
     calls = []
 
-    def strict(model):
-        compiled = compile_model(model)
+    def strict(model, mode="default"):
+        compiled = compile_model(model, mode)
         torch._dynamo.config.suppress_errors = False  # compile_model turns it on
         # Only now: torch.compile refuses the two settings together.
         torch._dynamo.config.fail_on_recompile_limit_hit = True

@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,59 @@ def test_the_no_data_phase_trains_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
     bad = run_script(None, tmp_path / "d", tmp_path / "out", PHASE="later", ALLOW_CPU="1")
     assert bad.returncode == 1 and "PHASE=later: choose all, nodata or records" in bad.stderr
+
+
+def test_the_no_data_phase_runs_the_gpu_tests_then_the_throughput_rows(tmp_path):
+    result = run_script(
+        None,
+        tmp_path / "no-data-yet",
+        tmp_path / "out",
+        ALLOW_CPU="1",
+        PHASE="nodata",
+        THROUGHPUT_ARGS="--smoke --presets cnn-fast --levers eager compile",
+        TESTS_LIMIT_S="400",  # generous: two busy cores are slow, and only the order is checked
+        THROUGHPUT_LIMIT_S="400",
+    )
+    log = (tmp_path / "out" / "gpu-records.log").read_text()
+    assert result.returncode == 0, log
+    assert "deselected" in log  # pytest -m gpu ran (and found no CUDA to test)
+    assert "== throughput (at most 400s)" in log
+    names = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert names == ["gpu-records.log", "gpu_throughput.json", "gpu_throughput.txt"]
+    rows = json.loads((tmp_path / "out" / "gpu_throughput.json").read_text())["rows"]
+    assert [(row["lever"], row["preset"]) for row in rows] == [
+        ("eager", "cnn-fast"),
+        ("compile", "cnn-fast"),
+    ]
+    assert all(row["train_img_s"] > 0 for row in rows)
+    assert "compile" in (tmp_path / "out" / "gpu_throughput.txt").read_text()
+
+
+def test_the_throughput_rows_end_by_the_deadline(tmp_path):
+    common = dict(ALLOW_CPU="1", PHASE="nodata", SKIP_TESTS="1", THROUGHPUT_ARGS="--smoke")
+    started = time.monotonic()
+    result = run_script(None, tmp_path / "d", tmp_path / "out", DEADLINE_S="40", **common)
+    took = time.monotonic() - started
+    log = (tmp_path / "out" / "gpu-records.log").read_text()
+    assert result.returncode == 0, log
+    assert took < 40 + 10 + 5, log  # the deadline, timeout's grace, the script's start
+    # Cut short by --budget-s (rows skipped) or by the limit (rows missing, or on a busy
+    # machine no JSON yet): never all 12 rows, never a half-written file.
+    names = {path.name for path in (tmp_path / "out").iterdir()}
+    assert names <= {"gpu-records.log", "gpu_throughput.txt", "gpu_throughput.json"}, names
+    if "gpu_throughput.json" in names:
+        report = json.loads((tmp_path / "out" / "gpu_throughput.json").read_text())
+        assert len([row for row in report["rows"] if "train_img_s" in row]) < 12
+    late = run_script(None, tmp_path / "d", tmp_path / "late", DEADLINE_S="20", **common)
+    assert late.returncode == 0
+    assert "throughput SKIPPED: " in (tmp_path / "late" / "gpu-records.log").read_text()
+
+
+def test_more_presets_than_out_can_hold_are_refused_before_anything_runs(tmp_path):
+    presets = ["quick", "cnn-fast", "resnet18-gpu", "a", "b", "c"]
+    result = run_script(
+        None, tmp_path / "d", tmp_path / "out", *presets, ALLOW_CPU="1", RUNS=str(tmp_path / "r")
+    )
+    assert result.returncode == 1
+    assert "6 presets: $OUT would hold 9 files, 8 at most" in result.stderr
+    assert not (tmp_path / "r").exists()

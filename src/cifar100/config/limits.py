@@ -14,11 +14,14 @@ SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
 DISTILL_MODES = ("online", "cached")
 EMA_WARMUPS = ("tf", "timm", "mean")  # see cifar100.training.ema; None: a fixed decay
 PRECISIONS = ("auto", "fp32", "bf16")  # see cifar100.runtime.speed.autocast_dtype
+# torch.compile's modes (cifar100.runtime.speed.compile_model); reduce-overhead: CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHOICES = {
     "optim.optimizer": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
     "train.ema_warmup": EMA_WARMUPS,
     "train.precision": PRECISIONS,
+    "train.compile_mode": COMPILE_MODES,
     "distill.mode": DISTILL_MODES,
 }
 # The stores an MLflow tracking URI may name: local files, a database, a tracking server.

@@ -101,6 +101,9 @@ class TrainConfig:
     sync_every: int | None = None  # steps between host read-backs / rank votes; None: 1 on
     # CPU, 20 on a GPU (reading a GPU value makes the host wait for the device)
     compile: bool = False  # torch.compile the training forward/backward (falls back to eager)
+    # torch.compile's mode when train.compile is on: default, reduce-overhead (CUDA graphs),
+    # max-autotune, max-autotune-no-cudagraphs. benchmarks/gpu_throughput.py measures each.
+    compile_mode: str = "default"
     # auto: bf16 autocast on CUDA, fp32 elsewhere. bf16: autocast on any device; on a CPU it
     # pays only with native bf16 (AMX, AVX512-BF16), elsewhere it is emulated and slower.
     precision: str = "auto"

@@ -23,6 +23,7 @@ EXECUTION_KEYS = {
     "sync_every",
     "sync_bn",
     "compile",
+    "compile_mode",
     "cache_features",
     "weights",
 }

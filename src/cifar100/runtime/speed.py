@@ -15,6 +15,7 @@ import sys
 import torch
 from torch import nn
 
+from cifar100.config.limits import COMPILE_MODES
 from cifar100.config.schema import ConfigError
 
 # Steps between host read-backs (and cross-rank agreements) on a GPU. A step of these
@@ -64,15 +65,19 @@ def speed_up(device: torch.device) -> None:
     torch.set_float32_matmul_precision("high")
 
 
-def compile_model(model: nn.Module) -> nn.Module:
-    """``torch.compile(model)``, guarded: compiling happens at the first step, and a failure
-    there (no C++ compiler or Triton, an unsupported op) runs that code eagerly instead of
-    ending the run. The caller keeps the plain module for checkpoints and evaluation."""
+def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
+    """``torch.compile(model, mode=mode)``, guarded: compiling happens at the first step, and
+    a failure there (no C++ compiler or Triton, an unsupported op) runs that code eagerly
+    instead of ending the run. The caller keeps the plain module for checkpoints and
+    evaluation. ``mode`` is ``train.compile_mode`` (``COMPILE_MODES``); ``reduce-overhead``
+    records CUDA graphs (on a CPU torch skips them and compiles as in ``default``)."""
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     try:
         import torch._dynamo
 
         torch._dynamo.config.suppress_errors = True  # compiler errors: eager, with a warning
-        return torch.compile(model)
+        return torch.compile(model, mode=mode)
     except Exception as error:  # torch built without dynamo, an old Python
         print(
             f"torch.compile unavailable ({type(error).__name__}: {error}); training eagerly",

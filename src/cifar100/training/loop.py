@@ -201,7 +201,7 @@ def _run_epochs(run: Run, stage: Stage) -> None:
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed + distributed.rank())
     model = distributed.wrap_model(stage.model, run.device, cfg.sync_bn)  # DDP, or itself
     if cfg.compile:
-        model = compile_model(model)  # for training only; stage.model is saved and evaluated
+        model = compile_model(model, cfg.compile_mode)  # training only; stage.model is saved
     every, steps = sync_interval(cfg.sync_every, run.device), 0
     epoch_state = _resume(run, stage, generator)
     last_save, started = time.monotonic(), time.perf_counter()
