@@ -247,3 +247,19 @@ def test_missing_model_is_a_one_line_error(tmp_path, capsys):
     code = main(["predict", str(_write(tmp_path, "bmp")), "--model", str(tmp_path / "nope")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and str(tmp_path / "nope") in err[0]
+
+
+def test_predict_each_answers_a_chunk_before_reading_the_next(tiny_run, shared_dir, monkeypatch):
+    """``cifar100 predict`` prints as it goes: the first answer comes before the second
+    chunk of files is even read."""
+    from cifar100.deploy import classifier
+
+    read = []
+    monkeypatch.setattr(classifier, "CHUNK", 1)
+    monkeypatch.setattr(
+        classifier, "read_image", lambda path: read.append(path) or read_image(path)
+    )
+    photos = [shared_dir / "samples" / "imagenet" / name for name in SAMPLES[:2]]
+    answers = classifier.load_model(tiny_run).predict_each(photos, top=3)
+    assert next(answers).image == str(photos[0]) and read == [photos[0]]
+    assert next(answers).image == str(photos[1]) and read == photos

@@ -18,8 +18,9 @@ import optuna
 import pytest
 import sqlalchemy
 
-from cifar100.config.schema import Config
+from cifar100.config.schema import Config, to_dict
 from cifar100.models.cnn import FastCNN
+from cifar100.tuning import report
 from cifar100.tuning.search import apply_params, sample_params
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -226,3 +227,34 @@ def test_workers_with_different_seeds_never_share_a_sampler_seed():
     seeds = {(s, n): sampler_seed(s, n) for s in range(4) for n in range(50)}
     assert len(set(seeds.values())) == len(seeds)
     assert sampler_seed(0, 3) == sampler_seed(0, 3)  # a rerun samples as before
+
+
+def _study_with(*values: float | None) -> optuna.Study:
+    """An in-memory study: a finished trial per value (None: pruned at 0.25)."""
+    study = optuna.create_study(direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)
+    for number, value in enumerate(values):
+        state = optuna.trial.TrialState.COMPLETE if value is not None else FINISHED[1]
+        trial = optuna.trial.create_trial(
+            params={"lr": 0.01 * (number + 1)},
+            distributions={"lr": lr},
+            value=value,
+            state=state,
+            intermediate_values={0: 0.25},
+            user_attrs={"config": to_dict(Config())},
+        )
+        study.add_trial(trial)
+    return study
+
+
+def test_the_closing_lines_name_the_best_trial_and_how_to_train_it(tmp_path):
+    where = "studies/quick/study.db"
+    assert report.outcome(_study_with(None), tmp_path, where) == (
+        f"\n1 finished trials in {where}; summary: {tmp_path / 'summary.md'}\n"
+        "no trial completed yet: no best.yaml"
+    )
+    assert report.outcome(_study_with(0.5, None, 0.625), tmp_path, where) == (
+        f"\n3 finished trials in {where}; summary: {tmp_path / 'summary.md'}\n"
+        "best: trial 2, validation top-1 62.50%, lr=0.03\n"
+        f"train it: cifar100 train --config {tmp_path / 'best.yaml'}"
+    )

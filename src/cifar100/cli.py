@@ -11,8 +11,21 @@ from cifar100.errors import UserError
 from cifar100.runtime import stopping
 from cifar100.runtime.allocator import tune_allocator
 
-# Each module defines register(subparsers) and sets ``func`` on its parser.
-COMMANDS = ["data", "models", "train", "evaluate", "compare", "predict", "export", "serve", "tune"]
+# Each command, with its line in ``cifar100 --help``. Its module in ``cifar100.commands``
+# gives the rest: the docstring (the command's description, unless the module sets
+# DESCRIPTION), add_arguments(parser), and run(args), which returns the exit code (a module
+# without run gives its sub-commands their own).
+COMMANDS = {
+    "data": "inspect the data set",
+    "models": "list the models: input size, parameters, FLOPs",
+    "train": "train a model and report its test accuracy",
+    "evaluate": "test-set report: metrics, confusion, calibration",
+    "compare": "results table from runs or run records",
+    "predict": "top-K classes of any image file",
+    "export": "export a trained run to ONNX / safetensors / a model-hub folder",
+    "serve": "the demo page: drop a photo, see the top-5",
+    "tune": "search hyperparameters (Optuna, validation only)",
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,9 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cifar100", description="Train, evaluate, compare and ship CIFAR-100 classifiers."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"cifar100.commands.{name}").register(subparsers)
+    for name, summary in COMMANDS.items():
+        module = importlib.import_module(f"cifar100.commands.{name}")
+        add_command(subparsers, name, summary, module)
     return parser
+
+
+def add_command(subparsers, name: str, summary: str, module) -> None:
+    parser = subparsers.add_parser(
+        name,
+        help=summary,
+        description=getattr(module, "DESCRIPTION", module.__doc__),
+        formatter_class=getattr(module, "FORMATTER", argparse.HelpFormatter),
+    )
+    module.add_arguments(parser)
+    if hasattr(module, "run"):
+        parser.set_defaults(func=module.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,17 +19,14 @@ import argparse
 from pathlib import Path
 
 from cifar100.errors import UserError
+from cifar100.recipes.shared_flags import add_shared
 from cifar100.records.record import write_record
 from cifar100.records.table import END, HEADLINE_END, HEADLINE_START, START, write_tables
 
+FORMATTER = argparse.RawDescriptionHelpFormatter  # the example keeps its lines
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "compare",
-        help="results table from runs or run records",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "inputs",
         nargs="*",
@@ -39,7 +36,7 @@ def register(subparsers) -> None:
         "record JSON files, one table row each, in this order",
     )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    p.add_argument("--out", type=Path, metavar="FILE", help="also write the table to FILE")
+    add_shared(p, "compare", "out")
     p.add_argument(
         "--readme",
         type=Path,
@@ -58,7 +55,6 @@ def register(subparsers) -> None:
         "--to", type=Path, metavar="FILE", help="where --record writes, e.g. results/cnn-seed.json"
     )
     p.add_argument("--name", help="the record's name in the table (default: --to's stem)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

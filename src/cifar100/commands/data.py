@@ -8,20 +8,16 @@ from pathlib import Path
 
 from cifar100.data.cifar import load_cifar100
 from cifar100.data.summary import describe, sample_grid, summarize
-from cifar100.recipes.argtypes import fraction, positive_int, seed
+from cifar100.recipes.argtypes import fraction, positive_int
+from cifar100.recipes.shared_flags import add_shared
+
+DESCRIPTION = None  # its --help shows the usage and flags only
 
 
-def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="inspect the data set")
-    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     info = actions.add_parser("info", help="counts, class names, split sizes, sample grid")
-    info.add_argument("--data-dir", help="folder holding cifar-100-python/ (or $CIFAR100_DATA)")
-    info.add_argument(
-        "--seed",
-        type=seed,
-        default=0,
-        help="seed of the train/validation split, as data.split_seed in a run (default 0)",
-    )
+    add_shared(info, "data", "data_dir", "seed")
     info.add_argument(
         "--val-fraction",
         type=fraction,
@@ -42,16 +38,14 @@ def register(subparsers) -> None:
         action="store_true",
         help="show augmented views (the cnn-seed recipe's augmentation)",
     )
-    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_shared(info, "data", "json")
     info.set_defaults(func=run_info)
 
 
 def run_info(args: argparse.Namespace) -> int:
     dataset = load_cifar100(args.data_dir)
     summary = summarize(dataset, args.seed, args.val_fraction)
-    if args.grid:
-        summary["grid"] = str(
-            sample_grid(dataset, args.grid, args.per_class, args.augmented, args.seed)
-        )
+    grid = sample_grid(dataset, args.grid, args.per_class, args.augmented, args.seed)
+    summary["grid"] = str(grid)
     print(json.dumps(summary, indent=2) if args.json else describe(summary, dataset))
     return 0

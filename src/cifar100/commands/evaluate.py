@@ -13,14 +13,12 @@ from pathlib import Path
 
 from cifar100.evaluation.pipeline import default_out, evaluate, headline, summary
 from cifar100.recipes.argtypes import positive_int, shift_pixels
+from cifar100.recipes.shared_flags import add_shared
 
 PASSED_ON = ("data_dir", "tta", "device", "batch_size", "tta_translate", "select")
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "evaluate", help="test-set report: metrics, confusion, calibration", description=__doc__
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run_dirs",
         nargs="+",
@@ -29,7 +27,7 @@ def register(subparsers) -> None:
         help="trained run folder(s); several are evaluated as an ensemble "
         "(their softmax probabilities averaged)",
     )
-    p.add_argument("--data-dir", help="folder holding cifar-100-python/ (or $CIFAR100_DATA)")
+    add_shared(p, "evaluate", "data_dir")
     p.add_argument(
         "--tta",
         action="store_true",
@@ -43,12 +41,7 @@ def register(subparsers) -> None:
         help="also average over the images moved N pixels up-left and down-right "
         "(each mirrored too with --tta): multi-crop TTA; 0 (default): off",
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        help="report folder (default: RUN_DIR/report, or "
-        "FIRST_RUN_DIR/report-ensemble for several runs)",
-    )
+    add_shared(p, "evaluate", "out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument(
         "--batch-size", type=positive_int, default=500, help="images per inference batch"
@@ -66,8 +59,7 @@ def register(subparsers) -> None:
         "split (greedy forward selection with replacement: a run picked twice weighs "
         "double); the test set takes no part in the choice",
     )
-    p.add_argument("--json", action="store_true", help="print the headline metrics as JSON")
-    p.set_defaults(func=run)
+    add_shared(p, "evaluate", "json")
 
 
 def run(args: argparse.Namespace) -> int:

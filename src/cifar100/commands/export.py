@@ -17,16 +17,12 @@ from pathlib import Path
 from cifar100.api import export
 from cifar100.deploy import exports, hub
 from cifar100.recipes.argtypes import positive_int
+from cifar100.recipes.shared_flags import add_shared
 
 EXPORT_OPTIONS = ("out", "data_dir", "check_images", "calibrated")
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export",
-        help="export a trained run to ONNX / safetensors / a model-hub folder",
-        description=__doc__,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory or .pt checkpoint")
     p.add_argument(
         "--format",
@@ -35,19 +31,7 @@ def register(subparsers) -> None:
         help="onnx: preprocessing + network; safetensors: weights; all: both; hub: a folder "
         "with model.safetensors, config.json and a README.md model card (default: onnx)",
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        metavar="PATH",
-        help="output file (with --format all, its suffix is replaced per format), or "
-        "folder for --format hub; default: RUN_DIR/model.onnx, RUN_DIR/model.safetensors, "
-        "RUN_DIR/hub",
-    )
-    p.add_argument(
-        "--data-dir",
-        help="folder holding cifar-100-python/ for the check "
-        "(default: the run's, else $CIFAR100_DATA, the cache or a download)",
-    )
+    add_shared(p, "export", "out", "data_dir")
     p.add_argument(
         "--check-images",
         type=positive_int,
@@ -55,14 +39,7 @@ def register(subparsers) -> None:
         metavar="N",
         help="compare with PyTorch on the first N test images (default: 1000)",
     )
-    p.add_argument(
-        "--calibrated",
-        action="store_true",
-        help="divide the logits by the temperature 'cifar100 evaluate' fitted on "
-        "the validation split (RUN/calibration.json)",
-    )
-    p.add_argument("--json", action="store_true", help="print the files and checks as JSON")
-    p.set_defaults(func=run)
+    add_shared(p, "export", "calibrated", "json")
 
 
 def run(args: argparse.Namespace) -> int:

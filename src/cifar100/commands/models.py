@@ -6,12 +6,13 @@ import argparse
 import json
 
 from cifar100.models.catalog import describe, table
+from cifar100.recipes.shared_flags import add_shared
+
+DESCRIPTION = None  # its --help shows the usage and flags only
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("models", help="list the models: input size, parameters, FLOPs")
-    p.add_argument("--json", action="store_true", help="print the table as JSON")
-    p.set_defaults(func=run)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_shared(p, "models", "json")
 
 
 def run(args: argparse.Namespace) -> int:

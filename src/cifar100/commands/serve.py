@@ -15,19 +15,11 @@ from pathlib import Path
 
 from cifar100.deploy.serving import choose_model
 from cifar100.recipes.argtypes import port
+from cifar100.recipes.shared_flags import add_shared
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "serve", help="the demo page: drop a photo, see the top-5", description=__doc__
-    )
-    p.add_argument(
-        "--model",
-        type=Path,
-        metavar="RUN_DIR|FILE|FOLDER",
-        help="run directory or .pt checkpoint, or what 'cifar100 export' wrote (.onnx, "
-        ".safetensors, the --format hub folder); default: the best run under --runs-dir",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_shared(p, "serve", "model")
     p.add_argument(
         "--runs-dir",
         type=Path,
@@ -42,7 +34,6 @@ def register(subparsers) -> None:
         "every network the machine is on)",
     )
     p.add_argument("--port", type=port, default=7860, help="port to listen on (default: 7860)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,37 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from cifar100.recipes.flags import RESUME_FLAGS, add_flags, config_from_args, refused_on_resume
-from cifar100.recipes.resume import refuse_on_resume, resume_config
+from cifar100.recipes.flags import add_flags
+from cifar100.recipes.resume import config_and_run_dir
 from cifar100.runs.folders import results_summary
-from cifar100.training.train import new_shared_run_dir, train
+from cifar100.training.train import train
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train", help="train a model and report its test accuracy", description=__doc__
-    )
-    add_flags(p, "train")
-    p.add_argument(
-        "--resume",
-        type=Path,
-        metavar="RUN_DIR",
-        help="continue a run where it stopped, with its own settings; accepts "
-        f"only {', '.join(RESUME_FLAGS)}",
-    )
-    p.set_defaults(func=run)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_flags(p, "train")  # and --resume
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.resume:
-        refuse_on_resume(args.resume, refused_on_resume(args))
-        run_dir = args.resume
-        config = resume_config(run_dir, args.epochs, args.device, args.data_dir)
-    else:
-        config = config_from_args(args, "train")
-        run_dir = args.run_dir or new_shared_run_dir(config)  # rank 0's, under torchrun
+    config, run_dir = config_and_run_dir(args)
     results = train(
         config, run_dir, resume=bool(args.resume), command=args.argv, overwrite=args.overwrite
     )

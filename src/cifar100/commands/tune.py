@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cifar100.recipes.argtypes import positive_float, positive_int, seed
+from cifar100.recipes.argtypes import positive_float, positive_int
 from cifar100.recipes.flags import add_flags, config_from_args
+from cifar100.recipes.shared_flags import add_shared
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "tune", help="search hyperparameters (Optuna, validation only)", description=__doc__
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trials",
         type=positive_int,
@@ -43,8 +41,7 @@ def register(subparsers) -> None:
         metavar="MIN",
         help="start no new trial after this many minutes",
     )
-    p.add_argument("--seed", type=seed, default=0, help="seed of the sampler (default 0)")
-    p.set_defaults(func=run)
+    add_shared(p, "tune", "seed")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,18 +59,5 @@ def run(args: argparse.Namespace) -> int:
         on_trial=lambda _, trial: print(report.trial_line(trial), flush=True),
         storage=args.storage,
     )
-    print(
-        f"\n{report.finished(study)} finished trials in "
-        f"{search.storage_label(study_dir, args.storage)}; "
-        f"summary: {study_dir / 'summary.md'}"
-    )
-    if report.best_config(study) is None:
-        print("no trial completed yet: no best.yaml")
-        return 0
-    best = study.best_trial
-    print(
-        f"best: trial {best.number}, validation top-1 {best.value:.2%}, "
-        + ", ".join(f"{k}={v:.3g}" for k, v in best.params.items())
-    )
-    print(f"train it: cifar100 train --config {study_dir / 'best.yaml'}")
+    print(report.outcome(study, study_dir, search.storage_label(study_dir, args.storage)))
     return 0

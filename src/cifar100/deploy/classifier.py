@@ -12,7 +12,7 @@ a run or checkpoint itself, with its preprocessing and metadata (for evaluation 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,11 +103,14 @@ class Classifier:
             predictions = [Prediction(f"images[{i}]") for i in range(len(images))]
             self._fill(predictions, self.probabilities(images), top)
             return predictions
-        paths = [images] if isinstance(images, (str, Path)) else list(images)
-        predictions = []
+        return list(self.predict_each([images] if isinstance(images, (str, Path)) else images, top))
+
+    def predict_each(self, paths: Sequence[str | Path], top: int = 5) -> Iterator[Prediction]:
+        """``predict``'s answers for image files, one by one as each ``CHUNK`` of them is
+        classified: a long list shows its first answers at once."""
+        paths = list(paths)
         for start in range(0, len(paths), CHUNK):
-            predictions += self._predict_files(paths[start : start + CHUNK], top)
-        return predictions
+            yield from self._predict_files(paths[start : start + CHUNK], top)
 
     def _predict_files(self, paths: list[str | Path], top: int) -> list[Prediction]:
         predictions = [Prediction(str(path)) for path in paths]

@@ -172,6 +172,13 @@ FLAGS = (
 )
 BY_DEST = {flag.dest: flag for flag in FLAGS}
 RESUME_FLAGS = tuple(flag.flag for flag in FLAGS if flag.resumable)
+RESUME = Flag(  # train's alone, after the table's flags: it names a run, not a setting
+    flag="--resume",
+    type=Path,
+    metavar="RUN_DIR",
+    help=f"continue a run where it stopped, with its own settings; accepts only "
+    f"{', '.join(RESUME_FLAGS)}",
+)
 
 
 def flags_of(command: str) -> tuple[Flag, ...]:
@@ -180,7 +187,7 @@ def flags_of(command: str) -> tuple[Flag, ...]:
 
 
 def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
-    for flag in flags_of(command):
+    for flag in flags_of(command) + ((RESUME,) if command == "train" else ()):
         flag.add_to(parser, command)
 
 

@@ -7,6 +7,7 @@ now is. Anything else is refused with the reason rather than silently dropped.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,12 @@ import torch
 
 from cifar100.config.schema import Config, ConfigError, from_dict
 from cifar100.models import model_spec
-from cifar100.recipes.flags import RESUME_FLAGS
+from cifar100.recipes.flags import RESUME_FLAGS, config_from_args, refused_on_resume
 from cifar100.runs.folders import load_run_config, read_json
 from cifar100.runs.lock import claim_resume
 from cifar100.runtime.checkpoint import load_checkpoint
 from cifar100.runtime.device import check_device, select_device
+from cifar100.training.train import new_shared_run_dir
 
 # What ``train --resume`` may change; every other flag would be silently dropped: refused.
 
@@ -34,6 +36,17 @@ def refuse_on_resume(run_dir: Path, given: dict[str, Any]) -> None:
             f"cannot take {', '.join(refused)} (it accepts "
             f"{', '.join(RESUME_FLAGS)}; for other settings start a new run)"
         )
+
+
+def config_and_run_dir(args: argparse.Namespace) -> tuple[Config, Path]:
+    """What ``cifar100 train`` trains, and where: with ``--resume``, the run's own config
+    (refused if another flag was given) in its folder; else the flags' config, in
+    ``--run-dir`` or a new folder under runs/ (rank 0's, under torchrun)."""
+    if args.resume:
+        refuse_on_resume(args.resume, refused_on_resume(args))
+        return resume_config(args.resume, args.epochs, args.device, args.data_dir), args.resume
+    config = config_from_args(args, "train")
+    return config, args.run_dir or new_shared_run_dir(config)
 
 
 def resume_config(

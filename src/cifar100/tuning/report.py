@@ -45,13 +45,29 @@ def trial_value(trial) -> float | None:
     return trial.value if trial.value is not None else (steps[max(steps)] if steps else None)
 
 
+def _params(trial) -> str:
+    return ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
+
+
 def trial_line(trial) -> str:
     """A finished trial in one line: state, validation top-1, parameters."""
     value = trial_value(trial)
-    params = ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
     return (
         f"trial {trial.number} {trial.state.name.lower()}: validation top-1 "
-        f"{float('nan') if value is None else value:.2%} ({params})"
+        f"{float('nan') if value is None else value:.2%} ({_params(trial)})"
+    )
+
+
+def outcome(study, study_dir: Path, where: str) -> str:
+    """What ``cifar100 tune`` says when the study stops (``where``: its storage): the
+    finished trials, the best one and how to train it."""
+    head = f"\n{finished(study)} finished trials in {where}; summary: {study_dir / 'summary.md'}"
+    if best_config(study) is None:
+        return f"{head}\nno trial completed yet: no best.yaml"
+    best = study.best_trial
+    return (
+        f"{head}\nbest: trial {best.number}, validation top-1 {best.value:.2%}, {_params(best)}"
+        f"\ntrain it: cifar100 train --config {study_dir / 'best.yaml'}"
     )
 
 
