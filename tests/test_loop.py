@@ -27,7 +27,15 @@ TINY = {
     "model": {"widths": [8, 16, 32, 32]},
     "train": {"epochs": 1, "batch_size": 50, "eval_batch_size": 200},
 }
-TIMINGS = ("elapsed_s", "train_minutes", "process", "run_dir")
+TIMINGS = (
+    "elapsed_s",
+    "train_minutes",
+    "train_seconds",
+    "wall_seconds",
+    "time_to_val",
+    "process",
+    "run_dir",
+)
 
 
 def _config(data_dir: Path, **overrides):

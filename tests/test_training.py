@@ -153,7 +153,8 @@ def _env() -> dict[str, str]:
 def _final_state(run_dir: Path) -> tuple[dict, dict]:
     results = json.loads((run_dir / "results.json").read_text())
     results.pop("run_dir")
-    results.pop("train_minutes")
+    for timing in ("train_minutes", "train_seconds", "wall_seconds", "time_to_val"):
+        results.pop(timing)
     results.pop("process")  # CPU seconds and page faults: timing, like the minutes
     return results, load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
 

@@ -95,7 +95,10 @@ class TrainConfig:
     # Also average over the image moved N pixels up-left and down-right (reflected border)
     # at test time: 0 off. On validation, for cnn-fast, 1 added 1.4 points (docs/tta.md).
     tta_translate: int = 0
-    checkpoint_minutes: float = 10.0  # also save mid-epoch this often (long epochs)
+    # last.pt at most this often (at the next epoch end or sync step), and always at each
+    # stage's end and on a stop: a kill -9 loses at most this much training. 0: every epoch
+    # and sync step. On a fast device an epoch is a second; a write per epoch would cost more.
+    checkpoint_minutes: float = 2.0
     threads: int | None = None  # CPU threads; None: all cores
     sync_bn: bool = False  # under torchrun on CUDA: BatchNorm statistics over the global batch
     sync_every: int | None = None  # steps between host read-backs / rank votes; None: 1 on

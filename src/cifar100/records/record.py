@@ -30,6 +30,9 @@ RESULT_KEYS = [
     "tta_translate",
     "parameters",
     "train_minutes",
+    "train_seconds",  # every stage's loop whole: checkpoints, validation, figures
+    "wall_seconds",  # the whole command, start to the last test-set figure
+    "time_to_val",  # {"60": seconds, ...}: training seconds to each validation top-1 step
     "train_images",
     "best_stage",
     "best_epoch",
@@ -140,6 +143,7 @@ def make_ensemble_record(report_dir: Path, name: str | None = None) -> dict[str,
         "tta_translate": report.get("tta_translate"),
         "parameters": sum(m.get("parameters") or 0 for m in members),
         "train_minutes": round(sum(m.get("train_minutes") or 0 for m in members), 2),
+        **_summed_seconds(members),
         "commit": report.get("commit"),
         "started": report.get("created"),
         "command": report.get("command") or "",
@@ -174,6 +178,15 @@ def make_reevaluation_record(report_dir: Path, name: str | None = None) -> dict[
     record.pop("test_loss", None)  # the training run's, at its own TTA
     _check_record(record, report_dir / "report.json")
     return record
+
+
+def _summed_seconds(members: list[dict[str, Any]]) -> dict[str, float]:
+    """The members' training and wall seconds summed, each only where every member has it."""
+    return {
+        key: round(sum(m[key] for m in members), 1)
+        for key in ("train_seconds", "wall_seconds")
+        if all(m.get(key) is not None for m in members)
+    }
 
 
 def _validation(report: dict[str, Any]) -> dict[str, float]:

@@ -24,13 +24,22 @@ from cifar100.records.record import RecordError, load_record
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COURSEWORK_START, COURSEWORK_END = "<!-- coursework:start -->", "<!-- coursework:end -->"
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
-HEADLINE_COLUMNS = ["Model family", "Hardware", "Test top-1", "Training time", "Record", "Command"]
+HEADLINE_COLUMNS = [
+    "Model family",
+    "Hardware",
+    "Test top-1",
+    "Training time",
+    "Wall time",
+    "Record",
+    "Command",
+]
 COLUMNS = [
     "Model",
     "Test accuracy",
     "Top-5",
     "Parameters",
     "Training time",
+    "Wall time",
     "Hardware",
     "Date",
     "Command",
@@ -68,6 +77,13 @@ def _duration(minutes: float | None) -> str:
     if minutes < 60:
         return f"{minutes:.1f} min"
     return f"{int(minutes // 60)} h {round(minutes % 60):02d} min"
+
+
+def wall_time(record: dict[str, Any]) -> str:
+    """The whole command's minutes (data loading and the test included); "—" for a record
+    from before they were kept."""
+    seconds = record.get("wall_seconds")
+    return "—" if seconds is None else _duration(seconds / 60)
 
 
 def _teacher_cost(record: dict[str, Any]) -> str:
@@ -115,14 +131,20 @@ def table_row(record: dict[str, Any]) -> list[str]:
     ]
 
 
+def _table_cells(record: dict[str, Any]) -> list[str]:
+    """``table_row`` with the wall time after the training time (the tables' columns)."""
+    row = table_row(record)
+    return [*row[:5], wall_time(record), *row[5:]]
+
+
 def markdown_table(records: list[dict[str, Any]]) -> str:
     def cell(text: str, code: bool) -> str:
         text = text.replace("|", "\\|")
         return f"`{text}`" if code and text else text
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|--:|--:|--:|--:|---|---|---|"]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|--:|--:|--:|--:|--:|---|---|---|"]
     for record in records:
-        row = table_row(record)
+        row = _table_cells(record)
         lines.append(
             "| " + " | ".join(cell(v, i == len(row) - 1) for i, v in enumerate(row)) + " |"
         )
@@ -153,12 +175,13 @@ def headline_table(records: list[dict[str, Any]]) -> str:
         if key not in best or record["test_top1"] > best[key]["test_top1"]:
             best[key] = record
     ordered = sorted(best.items(), key=lambda kv: (kv[0][0] == "GPU", -kv[1]["test_top1"]))
-    lines = ["| " + " | ".join(HEADLINE_COLUMNS) + " |", "|---|---|--:|--:|---|---|"]
+    lines = ["| " + " | ".join(HEADLINE_COLUMNS) + " |", "|---|---|--:|--:|--:|---|---|"]
     for (kind, family), record in ordered:
         row = table_row(record)
         machine = _machine(record.get("hardware") or {})
         command = row[7].replace("|", "\\|")
-        cells = [family, f"{kind} ({machine})", row[1], row[4], f"`{row[0]}`", f"`{command}`"]
+        wall = wall_time(record)
+        cells = [family, f"{kind} ({machine})", row[1], row[4], wall, f"`{row[0]}`", f"`{command}`"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -173,7 +196,7 @@ def generated_tables(records: list[dict[str, Any]]) -> dict[tuple[str, str], str
 
 
 def text_table(records: list[dict[str, Any]]) -> str:
-    rows = [COLUMNS] + [table_row(r) for r in records]
+    rows = [COLUMNS] + [_table_cells(r) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
     return (
         "\n".join(

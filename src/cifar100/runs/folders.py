@@ -172,6 +172,24 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+VAL_STEPS = (60, 65, 70, 75, 80)  # validation top-1 (%) whose first arrival a record keeps
+
+
+def time_to_val(rows: list[dict[str, Any]], steps: tuple[int, ...] = VAL_STEPS) -> dict[str, float]:
+    """For each step of validation top-1 (in %), the training seconds (``elapsed_s``) of the
+    first epoch that reached it, in the order of ``rows`` (metrics.jsonl's, across stages);
+    steps never reached are absent. Time-to-accuracy read off one run."""
+    reached: dict[str, float] = {}
+    for row in rows:
+        top1 = row.get("val_top1")
+        if top1 is None or row.get("elapsed_s") is None:
+            continue  # a refit validates nothing
+        for step in steps:
+            if str(step) not in reached and round(100 * top1, 6) >= step:
+                reached[str(step)] = row["elapsed_s"]
+    return {str(s): reached[str(s)] for s in steps if str(s) in reached}
+
+
 def truncate_metrics(run_dir: Path, keep_through_epoch: int, stage: str) -> None:
     """On resume, drop rows written after the checkpoint (a kill can land between the two)."""
     rows = read_metrics(run_dir)

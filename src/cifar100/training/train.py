@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ from cifar100.data.preprocess import Preprocess
 from cifar100.evaluation.inference import score
 from cifar100.models import input_size, model_spec
 from cifar100.runs import lock, tensorboard, tracking
-from cifar100.runs.folders import new_run_dir, read_json, resume_run, start_run, write_json
+from cifar100.runs.folders import (
+    new_run_dir,
+    read_json,
+    read_metrics,
+    resume_run,
+    start_run,
+    time_to_val,
+    write_json,
+)
 from cifar100.runtime import distributed, stopping
 from cifar100.runtime.allocator import tune_allocator
 from cifar100.runtime.checkpoint import load_checkpoint
@@ -35,10 +44,16 @@ from cifar100.training.plans import stage_plan
 
 
 def prepare_run(
-    config: Config, run_dir: Path, resume: bool, command: list[str] | None = None
+    config: Config,
+    run_dir: Path,
+    resume: bool,
+    command: list[str] | None = None,
+    started: float | None = None,
 ) -> Run:
     """The ``Run`` every stage shares: device, data, splits, preprocessing, run directory,
-    and the interrupted run's ``last.pt`` when resuming."""
+    and the interrupted run's ``last.pt`` when resuming. ``started``: the command's
+    ``time.perf_counter()`` at its start, where its wall time is counted from."""
+    started = time.perf_counter() if started is None else started
     cfg = config.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -65,9 +80,12 @@ def prepare_run(
         (resume_run if resume else start_run)(
             run_dir, config, device, command, distributed.launch()
         )
-    run = Run(config, run_dir, device, dataset, splits, preprocess, resume=state)
+    run = Run(
+        config, run_dir, device, dataset, splits, preprocess, resume=state, wall_started=started
+    )
     if state is not None:
         run.elapsed = state["elapsed"]
+        run.wall_before = state.get("wall_seconds")  # None in checkpoints from before it
     return run
 
 
@@ -129,19 +147,34 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
         "tta_flip": cfg.tta_flip,
         "tta_translate": cfg.tta_translate,
         "split_seed": run.config.data.split_seed,
-        "train_minutes": round(run.elapsed / 60, 2),
+        **training_time(run),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_images": len(run.splits.train),
         "process": process_usage(),
     }
     if run.config.distill.teachers:  # which teachers, their checkpoints and their cost
         results["distill"] = read_json(run.run_dir / "run.json").get("distill")
+    wall = run.wall_seconds()  # the last test-set figure is in: the command's time is known
+    if wall is not None:  # unknown when resumed from a checkpoint that did not keep it
+        results["wall_seconds"] = round(wall, 1)
     write_json(run.run_dir / "results.json", results)
     settings = flat_settings(run.config)
     tensorboard.log_results(run.run_dir, results, settings)
     if run.config.track.mlflow:
         tracking.log_run_or_warn(run.run_dir, run.config.track.mlflow, results, settings)
     return results
+
+
+def training_time(run: Run) -> dict[str, Any]:
+    """Training seconds (every stage's loop whole: checkpoints, validation and figures
+    included; summed over resumes), the same in minutes for older readers, and when
+    validation top-1 first reached each 5-point step (``time_to_val``)."""
+    seconds = round(run.elapsed, 1)
+    return {
+        "train_seconds": seconds,
+        "train_minutes": round(seconds / 60, 2),
+        "time_to_val": time_to_val(read_metrics(run.run_dir)),
+    }
 
 
 def process_usage() -> dict[str, float]:
@@ -179,23 +212,30 @@ def train(
     ``overwrite=True``, and refused otherwise; a run another process is writing (its
     lock is held) is never touched (see ``cifar100.runs.lock``).
     """
+    started = time.perf_counter()  # the command's wall time counts from here
     tracking.require_mlflow(config.track.mlflow)  # before the folder is touched
     run_dir = Path(run_dir)
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone owns the folder
-        return _train(config, run_dir, resume, on_epoch, test_set, command)
+        return _train(config, run_dir, resume, on_epoch, test_set, command, started)
     with lock.locked(run_dir):
         if resume:
             lock.claim_resume(run_dir)
         else:
             lock.claim_fresh(run_dir, overwrite)
-        return _train(config, run_dir, resume, on_epoch, test_set, command)
+        return _train(config, run_dir, resume, on_epoch, test_set, command, started)
 
 
 def _train(
-    config: Config, run_dir: Path, resume: bool, on_epoch, test_set: bool, command: list[str] | None
+    config: Config,
+    run_dir: Path,
+    resume: bool,
+    on_epoch,
+    test_set: bool,
+    command: list[str] | None,
+    started: float,
 ) -> dict[str, Any]:
     tune_allocator()  # the CLI already did; Python API users get the same speed
-    run = prepare_run(config, run_dir, resume, command)
+    run = prepare_run(config, run_dir, resume, command, started)
     run.on_epoch = on_epoch
     try:
         model = _train_stages(run)
