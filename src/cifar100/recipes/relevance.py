@@ -93,9 +93,14 @@ def _common_rules(config: Config) -> list[Rule]:
             "brings its own warm-up)",
         ),
         (
-            o.optimizer != "sgd",
+            o.optimizer not in ("sgd", "muon"),
             ("optim.momentum", "optim.nesterov"),
-            f"they apply to sgd, and optim.optimizer is '{o.optimizer}'",
+            f"they apply to sgd and muon, and optim.optimizer is '{o.optimizer}'",
+        ),
+        (
+            o.optimizer != "muon",
+            ("optim.muon_lr", "optim.muon_momentum"),
+            f"they apply to muon, and optim.optimizer is '{o.optimizer}'",
         ),
     ]
 
