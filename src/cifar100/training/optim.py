@@ -58,8 +58,8 @@ def _kernels(optimizer: type, params: list[torch.Tensor]) -> dict[str, Any]:
     return {}
 
 
-# Newton-Schulz quintic coefficients (Keller Jordan's): they push every singular value of
-# the normalised matrix into about [0.7, 1.2] in five steps, which is all Muon needs.
+# Newton-Schulz quintic coefficients (Keller Jordan's): five steps push every singular value
+# not far below the largest into about [0.7, 1.2], which is all Muon needs.
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
