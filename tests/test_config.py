@@ -166,6 +166,8 @@ def test_every_preset_with_an_ema_sizes_it_to_the_run(name):
         (["--preset", "cnn-seed", "--set", "optim.momentum=0.5"], "optimizer is 'adam'"),
         (["--model", "cnn-seed", "--set", "model.widths=8,16"], "cnn-seed takes 3 widths"),
         (["--model", "cnn-fast", "--set", "model.widths=8,8,8,8,8"], "1 to 4 widths"),
+        (["--model", "mobilenetv2", "--set", "optim.optimizer=muon"], "pretrained filters"),
+        (["--preset", "quick", "--set", "optim.muon_lr=0.1"], "they apply to muon"),
         (["--model", "resnet9000"], "unknown model 'resnet9000' (choose from cnn-fast, cnn-seed"),
         (["--preset", "quick", "--train-subset", "100"], "fewer than one batch"),
     ],

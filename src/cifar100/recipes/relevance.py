@@ -178,6 +178,15 @@ def check_settings(config: Config, explicit: set[str]) -> None:
     _check_distill(config)
     _check_resize(config)
     _check_ema(config)
+    _check_muon(config)
+
+
+def _check_muon(config: Config) -> None:
+    if config.optim.optimizer == "muon" and model_spec(config.model.name).pretrained:
+        raise ConfigError(
+            f"optim.optimizer=muon trains from scratch: it resets each filter bank's norm, "
+            f"which would rescale {config.model.name}'s pretrained filters (use sgd or adamw)"
+        )
 
 
 def _check_ema(config: Config) -> None:
