@@ -58,6 +58,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "Muon as above at a third of the lr (0.08): a longer run takes more steps",
         ["optim.optimizer=muon", "optim.muon_lr=0.08"],
     ),
+    "muon-lr-0.5": (
+        "Muon as above at twice the lr (0.5)",
+        ["optim.optimizer=muon", "optim.muon_lr=0.5"],
+    ),
     "muon-ema-span": (
         "Muon, + weight EMA over the last 5% of the steps",
         ["optim.optimizer=muon", "train.ema_span=0.05"],
