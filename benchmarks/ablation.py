@@ -50,6 +50,22 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "+ weight EMA sized to the run: the last 5% of its steps",
         ["train.ema_span=0.05"],
     ),
+    "muon": (
+        "Muon (lr 0.24, momentum 0.6) for the conv filters, SGD for the rest",
+        ["optim.optimizer=muon"],
+    ),
+    "muon-lr-0.08": (
+        "Muon as above at a third of the lr (0.08): a longer run takes more steps",
+        ["optim.optimizer=muon", "optim.muon_lr=0.08"],
+    ),
+    "muon-lr-0.5": (
+        "Muon as above at twice the lr (0.5)",
+        ["optim.optimizer=muon", "optim.muon_lr=0.5"],
+    ),
+    "muon-ema-span": (
+        "Muon, + weight EMA over the last 5% of the steps",
+        ["optim.optimizer=muon", "train.ema_span=0.05"],
+    ),
     "mixup": ("+ MixUp, alpha 0.2", ["augment.mixup_alpha=0.2"]),
     "cutmix": ("+ CutMix, alpha 1.0", ["augment.cutmix_alpha=1.0"]),
     "cutmix-off-last": (

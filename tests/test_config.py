@@ -98,7 +98,10 @@ def test_values_are_parsed_into_the_annotated_types():
         ("model.widths=[]", "model.widths must list positive channel counts"),
         ("model.widths=8,0", "model.widths must list positive channel counts"),
         ("transfer.stage2_unfreeze=20", "transfer.stage2_unfreeze must be in [0, 19]"),
-        ("optim.optimizer=adamz", "unknown optim.optimizer 'adamz' (choose from adam, adamw, sgd)"),
+        (
+            "optim.optimizer=adamz",
+            "unknown optim.optimizer 'adamz' (choose from adam, adamw, sgd, muon)",
+        ),
         ("optim.schedule=zigzag", "(choose from plateau, cosine, onecycle, constant)"),
         ("optim.nosuch=1", "unknown setting 'optim.nosuch' (settings of 'optim': optimizer, lr"),
         ("nosuch.key=1", "unknown config section 'nosuch' (choose from model, data"),
@@ -137,6 +140,16 @@ def test_every_preset_sets_only_what_takes_effect(name):
     check_settings(layered_config(name), keys)
 
 
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_with_an_ema_sizes_it_to_the_run(name):
+    """A fixed decay is sized for one length of run: 0.999 still remembers the random
+    start after a short one. A preset's average spans a share of its own steps instead."""
+    train = layered_config(name).train
+    assert train.ema_decay is None, f"{name}: train.ema_decay={train.ema_decay}; use ema_span"
+    if train.ema_span is not None:
+        assert train.ema_span <= 0.2, f"{name}: an average over {train.ema_span} of the run"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -153,6 +166,8 @@ def test_every_preset_sets_only_what_takes_effect(name):
         (["--preset", "cnn-seed", "--set", "optim.momentum=0.5"], "optimizer is 'adam'"),
         (["--model", "cnn-seed", "--set", "model.widths=8,16"], "cnn-seed takes 3 widths"),
         (["--model", "cnn-fast", "--set", "model.widths=8,8,8,8,8"], "1 to 4 widths"),
+        (["--model", "mobilenetv2", "--set", "optim.optimizer=muon"], "pretrained filters"),
+        (["--preset", "quick", "--set", "optim.muon_lr=0.1"], "they apply to muon"),
         (["--model", "resnet9000"], "unknown model 'resnet9000' (choose from cnn-fast, cnn-seed"),
         (["--preset", "quick", "--train-subset", "100"], "fewer than one batch"),
     ],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "muon")
 SCHEDULES = ("plateau", "cosine", "onecycle", "constant")
 DISTILL_MODES = ("online", "cached")
 EMA_WARMUPS = ("tf", "timm", "mean")  # see cifar100.training.ema; None: a fixed decay
@@ -74,6 +74,8 @@ RANGES = {
     "optim.lr": ABOVE_ZERO,
     "optim.weight_decay": NON_NEGATIVE,
     "optim.momentum": FRACTION,
+    "optim.muon_lr": Range(0, 1, low_open=True),
+    "optim.muon_momentum": FRACTION,
     "optim.warmup_epochs": NON_NEGATIVE,
     "optim.plateau_factor": Range(0, 1, True, True),
     "optim.plateau_patience": NON_NEGATIVE,

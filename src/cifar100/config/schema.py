@@ -64,8 +64,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw | sgd | muon
+    lr: float = 1e-3  # under muon: the SGD part's (BatchNorm, biases, classifier head)
+    # muon only (cifar100.training.optim.MuonSgd): the convolution filters' lr, a share of
+    # their norm moved per step, and their Nesterov momentum (airbench's 0.24 and 0.6)
+    muon_lr: float = 0.24
+    muon_momentum: float = 0.6
     weight_decay: float = 0.0
     momentum: float = 0.9
     nesterov: bool = True

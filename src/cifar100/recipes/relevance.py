@@ -93,9 +93,14 @@ def _common_rules(config: Config) -> list[Rule]:
             "brings its own warm-up)",
         ),
         (
-            o.optimizer != "sgd",
+            o.optimizer not in ("sgd", "muon"),
             ("optim.momentum", "optim.nesterov"),
-            f"they apply to sgd, and optim.optimizer is '{o.optimizer}'",
+            f"they apply to sgd and muon, and optim.optimizer is '{o.optimizer}'",
+        ),
+        (
+            o.optimizer != "muon",
+            ("optim.muon_lr", "optim.muon_momentum"),
+            f"they apply to muon, and optim.optimizer is '{o.optimizer}'",
         ),
     ]
 
@@ -173,6 +178,15 @@ def check_settings(config: Config, explicit: set[str]) -> None:
     _check_distill(config)
     _check_resize(config)
     _check_ema(config)
+    _check_muon(config)
+
+
+def _check_muon(config: Config) -> None:
+    if config.optim.optimizer == "muon" and model_spec(config.model.name).pretrained:
+        raise ConfigError(
+            f"optim.optimizer=muon trains from scratch: it resets each filter bank's norm, "
+            f"which would rescale {config.model.name}'s pretrained filters (use sgd or adamw)"
+        )
 
 
 def _check_ema(config: Config) -> None:

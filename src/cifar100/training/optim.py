@@ -1,4 +1,11 @@
-"""Optimizers and learning-rate schedules, chosen by name from ``OptimConfig``."""
+"""Optimizers and learning-rate schedules, chosen by name from ``OptimConfig``.
+
+``muon`` is airbench's split (Keller Jordan's CIFAR-10 speed runs, and the CIFAR-100
+speedrun after them): the convolution filters take Muon steps, their momentum
+orthogonalised by a Newton-Schulz iteration; BatchNorm, biases and the classifier head
+take SGD with Nesterov momentum. Both live in one ``torch.optim.Optimizer`` so the lr
+schedule scales both, and one ``state_dict`` saves and resumes both exactly.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ def make_optimizer(params: Iterable, config: OptimConfig, lr: float | None = Non
         return torch.optim.Adam(groups, lr=lr, **_kernels(torch.optim.Adam, params))
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, **_kernels(torch.optim.AdamW, params))
+    if config.optimizer == "muon":
+        return MuonSgd(params, config, lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             groups,
@@ -34,7 +43,7 @@ def make_optimizer(params: Iterable, config: OptimConfig, lr: float | None = Non
             nesterov=config.nesterov,
             **_kernels(torch.optim.SGD, params),
         )
-    raise ConfigError(f"unknown optim.optimizer '{config.optimizer}' (adam, adamw or sgd)")
+    raise ConfigError(f"unknown optim.optimizer '{config.optimizer}' (adam, adamw, sgd or muon)")
 
 
 def _kernels(optimizer: type, params: list[torch.Tensor]) -> dict[str, Any]:
@@ -47,6 +56,81 @@ def _kernels(optimizer: type, params: list[torch.Tensor]) -> dict[str, Any]:
     if on_cuda and "fused" in inspect.signature(optimizer).parameters:
         return {"fused": True}
     return {}
+
+
+# Newton-Schulz quintic coefficients (Keller Jordan's): five steps push every singular value
+# not far below the largest into about [0.7, 1.2], which is all Muon needs.
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalise(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """``matrix`` with its singular values pushed towards 1 (about U V^T of its SVD)."""
+    a, b, c = NEWTON_SCHULZ
+    x = matrix / (matrix.norm() + 1e-7)  # singular values <= 1, where the iteration converges
+    wide = x.size(0) <= x.size(1)
+    x = x if wide else x.T  # the Gram matrix of the short side is the cheap one
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+def muon_params(params: Iterable[torch.Tensor]) -> tuple[list, list]:
+    """(convolution filters, everything else): the parameters Muon steps and those SGD does."""
+    params = list(params)
+    return [p for p in params if p.ndim == 4], [p for p in params if p.ndim != 4]
+
+
+class MuonSgd(torch.optim.Optimizer):
+    """Muon for the convolution filters, SGD with Nesterov momentum for the other parameters.
+
+    A Muon step keeps each filter bank at norm sqrt(out channels) (a convolution followed
+    by BatchNorm computes the same whatever its scale, so only its direction learns, and
+    weight decay has nothing to do there), then moves it by ``lr`` times its orthogonalised
+    Nesterov momentum, the filters flattened to (out, in x kh x kw). Groups with
+    ``muon=False`` are plain ``torch.optim.SGD`` steps (weight decay on the head's weights).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], config: OptimConfig, lr: float | None):
+        scale = 1.0 if lr is None else lr / config.lr  # a stage's own lr scales both alike
+        filters, others = muon_params(params)
+        decay = [p for p in others if p.ndim > 1]
+        no_decay = [p for p in others if p.ndim <= 1]
+        muon = {"muon": True, "lr": config.muon_lr * scale, "momentum": config.muon_momentum}
+        sgd = {"muon": False, "lr": config.lr * scale, "momentum": config.momentum}
+        groups = [
+            {**muon, "params": filters, "weight_decay": 0.0},
+            {**sgd, "params": decay, "weight_decay": config.weight_decay},
+            {**sgd, "params": no_decay, "weight_decay": 0.0},
+        ]
+        super().__init__([g for g in groups if g["params"]], {"nesterov": config.nesterov})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_one(p, group)
+        return loss
+
+    def _step_one(self, p: torch.Tensor, group: dict) -> None:
+        grad = p.grad
+        if not group["muon"] and group["weight_decay"]:
+            grad = grad.add(p, alpha=group["weight_decay"])
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(grad)
+        update = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        if group["muon"]:
+            p.mul_(len(p) ** 0.5 / (p.norm() + 1e-12))
+            update = orthogonalise(update.reshape(len(p), -1).float()).view_as(p).to(p.dtype)
+        p.add_(update, alpha=-group["lr"])
 
 
 KERNEL_FLAGS = ("fused", "foreach", "capturable")  # how to step, not what to step with
