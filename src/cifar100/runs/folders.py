@@ -179,15 +179,15 @@ def time_to_val(rows: list[dict[str, Any]], steps: tuple[int, ...] = VAL_STEPS) 
     """For each step of validation top-1 (in %), the training seconds (``elapsed_s``) of the
     first epoch that reached it, in the order of ``rows`` (metrics.jsonl's, across stages);
     steps never reached are absent. Time-to-accuracy read off one run."""
-    reached: dict[str, float] = {}
+    reached: dict[str, float] = {}  # filled in ascending steps: a later row adds higher ones
     for row in rows:
-        top1 = row.get("val_top1")
-        if top1 is None or row.get("elapsed_s") is None:
+        top1, seconds = row.get("val_top1"), row.get("elapsed_s")
+        if top1 is None or seconds is None:
             continue  # a refit validates nothing
         for step in steps:
-            if str(step) not in reached and round(100 * top1, 6) >= step:
-                reached[str(step)] = row["elapsed_s"]
-    return {str(s): reached[str(s)] for s in steps if str(s) in reached}
+            if round(100 * top1, 6) >= step:
+                reached.setdefault(str(step), seconds)
+    return reached
 
 
 def truncate_metrics(run_dir: Path, keep_through_epoch: int, stage: str) -> None:

@@ -319,8 +319,7 @@ def _train_epochs(run: Run, stage: Stage, books: Bookkeeping) -> None:
                     raise
         _finish(run, stage, generator, books)
     except TrainingInterrupted:
-        if distributed.is_main() and books.unplotted:
-            plot_curves(run.run_dir)  # last.pt is saved: the curves show what it holds
+        _plot(run, books)  # last.pt is saved: the curves show what it holds
         raise
 
 
@@ -347,6 +346,11 @@ def _finish(run: Run, stage: Stage, generator, books: Bookkeeping) -> None:
     """The stage's end (or a run ended by ``on_epoch``): every file up to date."""
     if books.unsaved:  # nothing new when a resumed run's stage was already done
         _save(run, stage, None, generator, books)
+    _plot(run, books)
+
+
+def _plot(run: Run, books: Bookkeeping) -> None:
+    """Redraw curves.png (rank 0) if metrics.jsonl has rows it does not show yet."""
     if distributed.is_main() and books.unplotted:
         plot_curves(run.run_dir)
         books.plotted_at, books.unplotted = time.monotonic(), False
@@ -416,9 +420,8 @@ def _end_epoch(run: Run, stage: Stage, train: dict, val: dict | None, generator,
     (due,) = distributed.agree(books.save_due())  # the ranks' clocks differ: one decision
     if due:
         _save(run, stage, None, generator, books)
-    if distributed.is_main() and books.plot_due():
-        plot_curves(run.run_dir)
-        books.plotted_at, books.unplotted = time.monotonic(), False
+    if books.plot_due():
+        _plot(run, books)
     return row
 
 
