@@ -1,4 +1,4 @@
-"""The frozen-backbone feature cache (issue 16): a run extracts only the images it uses,
+"""The frozen-backbone feature cache: a run extracts only the images it uses,
 later runs extract only what is missing, an interrupted extraction keeps its work, a
 damaged cache is recomputed, and a compiler that fails on first use falls back to eager."""
 
@@ -153,3 +153,27 @@ def test_bf16_features_have_their_own_cache_and_stay_close_to_fp32(fake_data_dir
     assert not torch.equal(a, b)  # bf16 really ran
     similarity = torch.nn.functional.cosine_similarity(a, b)  # 32 px: sparse, noisy rows
     assert similarity.mean() > 0.98 and similarity.min() > 0.9
+
+
+def test_the_frozen_compiled_backbone_matches_eager_and_keeps_the_setting_to_itself(capsys):
+    """Extraction compiles with Inductor's freezing (BatchNorm folded, weights packed): the
+    features must still be the eager ones, and the setting must not leak into other
+    compilations (a training step compiled after it must see the global default)."""
+    from torch._inductor import config as inductor_config
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU()
+    )
+    with torch.no_grad():  # statistics that are not the identity, so folding matters
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    net.eval().requires_grad_(False)
+    images = torch.rand(4, 3, 16, 16)
+    default = inductor_config.freezing
+    compiled = features.CompiledOrEager(net)
+    with torch.no_grad():
+        expected, got = net(images), compiled(images)
+    assert compiled.compiled is not None, capsys.readouterr().err  # compiled, not eager
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert inductor_config.freezing == default

@@ -1,5 +1,6 @@
 """``train.precision`` / ``--precision``: which autocast a step runs under, that a bf16 run
-really trains in bf16 and is tested in fp32, and that its record says bf16."""
+really trains and is tested in bf16, that `cifar100 evaluate` measures it the same way
+unless told otherwise, and that its record says bf16."""
 
 from __future__ import annotations
 
@@ -42,7 +43,12 @@ def test_an_unknown_precision_is_refused_with_the_choices():
         from_flags("quick", sets=["train.precision=fp16"])
 
 
-def test_a_bf16_run_trains_in_bf16_tests_in_fp32_and_says_so(fake_data_dir, tmp_path, monkeypatch):
+def test_a_bf16_run_trains_and_tests_in_bf16_and_evaluate_agrees(
+    fake_data_dir, tmp_path, monkeypatch, capsys
+):
+    """A head trained on bf16 features scores lower on fp32 ones, so a run is measured at
+    its training precision: in training's test pass and in `cifar100 evaluate`, whose
+    figure must then equal the run's; ``--precision fp32`` still measures it in fp32."""
     seen: list[tuple[bool, torch.dtype]] = []
     conv_forward = nn.Conv2d.forward
 
@@ -56,9 +62,27 @@ def test_a_bf16_run_trains_in_bf16_tests_in_fp32_and_says_so(fake_data_dir, tmp_
     argv = ["train", "--preset", "quick", "--epochs", "1", "--precision", "bf16", *TINY]
     assert main([*argv, "--data-dir", str(fake_data_dir), "--run-dir", str(run_dir)]) == 0
     assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
-    assert seen[-1] == (False, torch.float32)  # the test pass, as `cifar100 evaluate` runs it
+    assert seen[-1] == (False, torch.bfloat16)  # the test pass, at the training precision
     assert json.loads((run_dir / "run.json").read_text())["hardware"]["precision"] == "bf16"
     assert table_row(make_record(run_dir))[5].endswith(", bf16")
+    results = json.loads((run_dir / "results.json").read_text())
+    capsys.readouterr()
+
+    seen.clear()
+    common = ["--data-dir", str(fake_data_dir), "--no-calibration", "--json"]
+    assert main(["evaluate", str(run_dir), *common, "--out", str(tmp_path / "run")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {dtype for _, dtype in seen} == {torch.bfloat16}
+    assert report["top1"] == results["test_top1"]
+    assert (run_dir / "predictions" / "test-plain-bf16.pt").is_file()
+
+    seen.clear()
+    fp32 = ["--precision", "fp32", "--out", str(tmp_path / "fp32")]
+    assert main(["evaluate", str(run_dir), *common, *fp32]) == 0
+    assert {dtype for _, dtype in seen} == {torch.float32}
+    assert (run_dir / "predictions" / "test-plain.pt").is_file()
+    full = json.loads((tmp_path / "fp32" / "report.json").read_text())
+    assert [m["precision"] for m in full["members"]] == ["fp32"]
 
 
 def test_an_fp32_cpu_run_is_recorded_as_fp32(tiny_run):

@@ -11,11 +11,12 @@ import json
 import shlex
 from pathlib import Path
 
+from cifar100.evaluation.inference import PRECISIONS
 from cifar100.evaluation.pipeline import default_out, evaluate, headline, summary
 from cifar100.recipes.argtypes import positive_int, shift_pixels
 from cifar100.recipes.shared_flags import add_shared
 
-PASSED_ON = ("data_dir", "tta", "device", "batch_size", "tta_translate", "select")
+PASSED_ON = ("data_dir", "tta", "device", "batch_size", "tta_translate", "select", "precision")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(each mirrored too with --tta): multi-crop TTA; 0 (default): off",
     )
     add_shared(p, "evaluate", "out")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="run",
+        help="run (default): each run at the precision it trained at, as its training "
+        "measured it (a head trained on bf16 features scores lower in fp32); or fp32, bf16",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument(
         "--batch-size", type=positive_int, default=500, help="images per inference batch"

@@ -13,17 +13,29 @@ from torch import nn
 
 from cifar100.data.batches import Batches, capped_batch
 from cifar100.runtime import stopping
+from cifar100.runtime.speed import autocast_dtype
+
+PRECISIONS = ("run", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    """How a run's logits are computed: where, how many images at a time, and which
-    test-time augmentation views are averaged (the mirror; shifts by ``tta_translate`` px)."""
+    """How a run's logits are computed: where, how many images at a time, which
+    test-time augmentation views are averaged (the mirror; shifts by ``tta_translate`` px)
+    and at what precision: ``run`` measures each run at the precision it trained at
+    (``train.precision``), because a head trained on bf16 backbone features scores lower
+    on fp32 ones; ``fp32`` or ``bf16`` force one for every run."""
 
     device: torch.device
     batch_size: int = 500
     tta_flip: bool = False
     tta_translate: int = 0
+    precision: str = "run"
+
+    def autocast(self, trained_precision: str) -> torch.dtype | None:
+        """The dtype a run trained at ``trained_precision`` is measured under (None: fp32)."""
+        chosen = trained_precision if self.precision == "run" else self.precision
+        return autocast_dtype(chosen, self.device)
 
     @property
     def plain(self) -> InferenceSettings:

@@ -29,7 +29,7 @@ from cifar100.evaluation.metrics import (
     topk_accuracy,
     tta_note,
 )
-from cifar100.evaluation.predictions import run_logits, validation_logits
+from cifar100.evaluation.predictions import precision_name, run_logits, validation_logits
 from cifar100.evaluation.report.files import make_figures, write_report
 from cifar100.runs.folders import git_commit
 from cifar100.runs.trained import TrainedModel, checkpoint_path, load_trained
@@ -64,6 +64,7 @@ def evaluate(
     command: str | None = None,
     tta_translate: int = 0,
     select: bool = False,
+    precision: str = "run",
 ) -> dict[str, Any]:
     """Evaluate the runs on the test set and write the report files into ``out``.
 
@@ -83,6 +84,7 @@ def evaluate(
         select: choose the members among ``run_dirs`` on their shared validation split
             (greedy selection with replacement: :mod:`cifar100.evaluation.ensembles`), weighted by
             how often each was picked; the report keeps every candidate's figures.
+        precision: ``run`` (each run at the precision it trained at), ``fp32`` or ``bf16``.
 
     Returns:
         The report, as written to ``report.json``; ``report["files"]`` names its files.
@@ -95,7 +97,7 @@ def evaluate(
     models = [load_trained(run_dir, target) for run_dir in run_dirs]  # before the data
     calibrate = calibrate and _can_calibrate(run_dirs, models)
     dataset = load_cifar100(data_dir)
-    settings = InferenceSettings(target, batch_size, tta, tta_translate)
+    settings = InferenceSettings(target, batch_size, tta, tta_translate, precision)
     weights, selection = None, None
     if select:
         run_dirs, models, weights, selection = select_members(run_dirs, models, dataset, settings)
@@ -240,6 +242,9 @@ def evaluate_runs(
                     "model": m.metadata["model_name"],
                     "top1": topk_accuracy(softmax(lg), labels, 1),
                     "weight": weight,
+                    "precision": precision_name(
+                        settings.autocast(m.metadata["config_obj"].train.precision)
+                    ),
                 }
                 for name, m, lg, weight in zip(
                     names, models, logits, weights or [1] * len(names), strict=True

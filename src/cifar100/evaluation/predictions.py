@@ -41,8 +41,15 @@ def views_name(tta_flip: bool, tta_translate: int) -> str:
     return "-".join(parts) or "plain"
 
 
-def cache_path(run_dir: Path, split_name: str, tta_flip: bool, tta_translate: int) -> Path:
-    return run_dir / FOLDER / f"{split_name}-{views_name(tta_flip, tta_translate)}.pt"
+def cache_path(
+    run_dir: Path, split_name: str, tta_flip: bool, tta_translate: int, precision: str = "fp32"
+) -> Path:
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return run_dir / FOLDER / f"{split_name}-{views_name(tta_flip, tta_translate)}{suffix}.pt"
+
+
+def precision_name(autocast: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
 
 
 def run_logits(
@@ -56,13 +63,16 @@ def run_logits(
     averaged: read from RUN/predictions/ when they were computed for this very checkpoint
     and these images, otherwise computed (and kept there for the next time)."""
     tta_flip, tta_translate = settings.tta_flip, settings.tta_translate
-    path = cache_path(run_dir, split_name, tta_flip, tta_translate)
+    autocast = settings.autocast(trained.metadata["config_obj"].train.precision)
+    precision = precision_name(autocast)
+    path = cache_path(run_dir, split_name, tta_flip, tta_translate, precision)
     key = {
         "version": VERSION,
         "checkpoint_sha256": file_digest(checkpoint_path(run_dir)),
         "images_sha256": images_digest(split.images),
         "tta_flip": bool(tta_flip),
         "tta_translate": int(tta_translate),
+        "precision": precision,
     }
     cached = _read(path, key, len(split))
     if cached is not None:
@@ -71,13 +81,14 @@ def run_logits(
     print(
         f"{run_dir}: predicting {len(split):,} {split_name} images"
         f"{' and their mirrors' if tta_flip else ''}"
-        f"{f' and shifts by {tta_translate} px' if tta_translate else ''}",
+        f"{f' and shifts by {tta_translate} px' if tta_translate else ''}"
+        f"{'' if autocast is None else f' under {precision} autocast'}",
         file=sys.stderr,
         flush=True,
     )
     batches = ImageBatches(split, trained.preprocess, settings.device)
     logits = predict_logits(
-        trained.model, batches, settings.batch_size, tta_flip, None, tta_translate
+        trained.model, batches, settings.batch_size, tta_flip, autocast, tta_translate
     )
     _write(path, {**key, "logits": logits})
     return logits

@@ -125,7 +125,7 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
             ImageBatches(run.splits.test, run.preprocess, run.device),
             cfg.eval_batch_size,
             cfg.tta_flip,
-            None,  # fp32, as `cifar100 evaluate` measures it, whatever precision trained it
+            run.autocast,  # as validation measured it, and as `cifar100 evaluate` does
             cfg.tta_translate,
         )
         if test_set
