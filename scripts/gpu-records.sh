@@ -38,12 +38,17 @@
 #                    finished in gpu_throughput.json
 #   THROUGHPUT_ARGS  more flags for it, e.g. "--levers compile-max-autotune" or
 #                    "--presets mobilenetv2-finetune-gpu"
+#   ENSEMBLE=0       no ensemble; otherwise, once two presets or more have their record,
+#                    `cifar100 evaluate --select --tta` chooses an ensemble of them on the
+#                    validation split and its record goes into $OUT as
+#                    ensemble-selected-GPU.json (when $OUT has room for a file more;
+#                    at most ENSEMBLE_LIMIT_S, default 120)
 #   ALLOW_CPU=1      go on without a GPU (records named "cpu"): the script's own test
 #
 # The nodata phase takes at most TESTS_LIMIT_S + THROUGHPUT_LIMIT_S (and never passes
 # DEADLINE_S). $OUT ends with at most 8 files: gpu-records.log, gpu_throughput.txt (the
-# table), gpu_throughput.json (the same rows, with what each lever decides) and one record
-# per preset; more presets than fit are refused before anything runs.
+# table), gpu_throughput.json (the same rows, with what each lever decides), one record
+# per preset and the ensemble's; more presets than fit are refused before anything runs.
 #
 # For a device lent for 15 minutes that receives at most 64 MiB a call, in two calls made
 # back to back (the machine goes back ~30 s after a call):
@@ -102,6 +107,15 @@ files=1
 [[ $phase == records || ${THROUGHPUT:-1} == 0 ]] || files=$((files + 2))
 [[ $phase == nodata ]] || files=$((files + ${#presets[@]}))
 (( files <= 8 )) || fail "${#presets[@]} presets: \$OUT would hold $files files, 8 at most (fewer presets, or PHASE=records)"
+# The ensemble's record takes a ninth file's place only if there is one.
+ensemble=0
+if [[ $phase != nodata && ${ENSEMBLE:-1} != 0 && ${#presets[@]} -ge 2 ]]; then
+    if (( files < 8 )); then
+        ensemble=1 files=$((files + 1))
+    else
+        echo "gpu-records: no ensemble: \$OUT holds 8 files at most (fewer presets, or PHASE=records)" | tee -a "$log"
+    fi
+fi
 if [[ $phase != nodata ]]; then
     [[ -z ${CIFAR100_PACKED:-} ]] || unpack_packed
     [[ -z ${CIFAR100_PARTS:-} ]] || unpack_parts
@@ -152,6 +166,7 @@ data_flag=()
 runs=${RUNS:-runs}
 mkdir -p "$runs"
 status=0
+recorded=()  # run folders whose record was written
 for preset in "${presets[@]}"; do
     limit=$(( $(left) < ${PRESET_LIMIT_S:-300} ? $(left) : ${PRESET_LIMIT_S:-300} ))
     if (( limit < ${MIN_PRESET_S:-60} )); then
@@ -171,9 +186,28 @@ for preset in "${presets[@]}"; do
         | tee -a "$log" || echo "gpu-records: $preset stopped early (above)" | tee -a "$log"
     if "$python" -m cifar100 compare --record "$run" --to "$out/$preset-$gpu.json" 2>&1 \
         | tee -a "$log"; then
+        recorded+=("$run")
         continue
     fi
     echo "gpu-records: $preset FAILED (above)" | tee -a "$log"
     status=1
 done
-exit $status
+(( ensemble && ${#recorded[@]} >= 2 )) || exit $status
+
+# The best ensemble of this machine's runs: members chosen on the validation split they
+# share (`cifar100 evaluate --select`, flip TTA), never on the test set.
+limit=$(capped "${ENSEMBLE_LIMIT_S:-120}")
+if (( limit < 20 )); then
+    echo "gpu-records: ensemble SKIPPED: ${limit}s left before the deadline" | tee -a "$log"
+    exit 1
+fi
+report="$runs/ensemble-$gpu-$(date -u +%Y%m%d-%H%M%S)"
+echo "== ensemble of ${#recorded[@]} runs -> $report (at most ${limit}s)" | tee -a "$log"
+if timeout --kill-after=10 "$limit" "$python" -m cifar100 evaluate "${recorded[@]}" --select \
+    --tta "${data_flag[@]}" --out "$report" --json 2>&1 | tee -a "$log" \
+    && "$python" -m cifar100 compare --record "$report" --to "$out/ensemble-selected-$gpu.json" \
+        2>&1 | tee -a "$log"; then
+    exit $status
+fi
+echo "gpu-records: ensemble FAILED (above)" | tee -a "$log"
+exit 1

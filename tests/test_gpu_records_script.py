@@ -72,7 +72,9 @@ def test_a_damaged_part_is_named_and_nothing_is_unpacked(parts, tmp_path):
     assert not (tmp_path / "data").exists()
 
 
-def test_each_preset_gets_a_record_and_a_failure_does_not_stop_the_next(fake_data_dir, tmp_path):
+def test_each_preset_gets_a_record_a_failure_does_not_stop_the_next_and_they_ensemble(
+    fake_data_dir, tmp_path
+):
     tiny = "--epochs 1 --set model.widths=[8,16,32,32] --set train.batch_size=100"
     result = run_script(
         None,
@@ -80,6 +82,7 @@ def test_each_preset_gets_a_record_and_a_failure_does_not_stop_the_next(fake_dat
         tmp_path / "out",
         "no-such-preset",
         "quick",
+        "cnn-speed",
         ALLOW_CPU="1",
         SKIP_TESTS="1",
         RUNS=str(tmp_path / "runs"),
@@ -91,8 +94,14 @@ def test_each_preset_gets_a_record_and_a_failure_does_not_stop_the_next(fake_dat
     record = json.loads((tmp_path / "out" / "quick-cpu.json").read_text())
     assert record["model"] == "cnn-fast" and 0 <= record["test_top1"] <= 1
     assert record["config"]["train"]["epochs"] == 1  # TRAIN_ARGS reached the run
-    (run,) = (tmp_path / "runs").iterdir()
-    assert run.name.startswith("quick-cpu-") and (run / "config.yaml").exists()
+    runs = sorted(path.name for path in (tmp_path / "runs").iterdir())
+    assert [name.split("-cpu-")[0] for name in runs] == ["cnn-speed", "ensemble", "quick"]
+    assert (tmp_path / "runs" / runs[2] / "config.yaml").exists()
+    # The two recorded runs, chosen among on validation: the ensemble's record beside them
+    # (one run's record again, should the selection keep only one of two tiny runs).
+    ensemble = json.loads((tmp_path / "out" / "ensemble-selected-cpu.json").read_text())
+    assert 0 <= ensemble["test_top1"] <= 1 and ensemble["tta_flip"] is True
+    assert "--select" in ensemble["command"] and str(tmp_path / "runs") in ensemble["command"]
 
 
 @pytest.fixture

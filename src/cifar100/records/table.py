@@ -165,15 +165,32 @@ def hardware_kind(record: dict[str, Any]) -> str:
     return f"{threads}-thread CPU" if threads else "CPU"
 
 
-def headline_table(records: list[dict[str, Any]]) -> str:
-    """Markdown: the record with the best test top-1 of each model family on each kind of
-    hardware, CPUs first, then by accuracy. Every record was itself selected on validation;
-    this only picks which finished record to show."""
+def best_records(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(hardware kind, model family) -> the record with the best test top-1 there."""
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for record in records:
         key = (hardware_kind(record), model_family(record))
         if key not in best or record["test_top1"] > best[key]["test_top1"]:
             best[key] = record
+    return best
+
+
+def reached(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Model -> its best record on each kind of hardware (kind, test top-1, record name),
+    best first: what ``cifar100 models`` says each model reaches. Ensembles are left out."""
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for (kind, family), record in best_records(records).items():
+        if family != "ensemble":
+            entry = {"hardware": kind, "test_top1": record["test_top1"], "record": record["name"]}
+            by_model.setdefault(family, []).append(entry)
+    return {m: sorted(e, key=lambda x: -x["test_top1"]) for m, e in by_model.items()}
+
+
+def headline_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: the record with the best test top-1 of each model family on each kind of
+    hardware, CPUs first, then by accuracy. Every record was itself selected on validation;
+    this only picks which finished record to show."""
+    best = best_records(records)
     ordered = sorted(best.items(), key=lambda kv: (kv[0][0] == "GPU", -kv[1]["test_top1"]))
     lines = ["| " + " | ".join(HEADLINE_COLUMNS) + " |", "|---|---|--:|--:|--:|---|---|"]
     for (kind, family), record in ordered:
