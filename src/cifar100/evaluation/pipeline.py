@@ -29,11 +29,12 @@ from cifar100.evaluation.metrics import (
     topk_accuracy,
     tta_note,
 )
-from cifar100.evaluation.predictions import precision_name, run_logits, validation_logits
+from cifar100.evaluation.predictions import run_logits, validation_logits
 from cifar100.evaluation.report.files import make_figures, write_report
 from cifar100.runs.folders import git_commit
 from cifar100.runs.trained import TrainedModel, checkpoint_path, load_trained
 from cifar100.runtime.device import check_device, select_device
+from cifar100.runtime.speed import precision_name
 
 HEADLINE = (
     "top1",

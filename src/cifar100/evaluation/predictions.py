@@ -25,6 +25,7 @@ from cifar100.errors import UserError
 from cifar100.evaluation.inference import InferenceSettings, predict_logits
 from cifar100.runs.trained import TrainedModel, checkpoint_path
 from cifar100.runtime.download import file_digest
+from cifar100.runtime.speed import precision_name
 
 FOLDER = "predictions"
 VERSION = 1
@@ -46,10 +47,6 @@ def cache_path(
 ) -> Path:
     suffix = "" if precision == "fp32" else f"-{precision}"
     return run_dir / FOLDER / f"{split_name}-{views_name(tta_flip, tta_translate)}{suffix}.pt"
-
-
-def precision_name(autocast: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
 
 
 def run_logits(

@@ -41,6 +41,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def precision_name(autocast: torch.dtype | None) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: how caches and reports name the autocast dtype."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
+
+
 def cpu_has_native_bf16() -> bool:
     """AMX tiles or AVX512-BF16: without them oneDNN emulates bf16, slower than fp32."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")

@@ -28,6 +28,7 @@ from cifar100.data.batches import ImageBatches, capped_batch
 from cifar100.data.cifar import default_cache_dir
 from cifar100.errors import UserError
 from cifar100.runtime.checkpoint import save_checkpoint
+from cifar100.runtime.speed import precision_name
 from cifar100.runtime.stopping import interrupted
 
 FEATURE_BATCH = 250
@@ -96,7 +97,7 @@ def cache_path(
     another's (bf16 features differ from fp32 ones in the last bits, so they never mix)."""
     data_id = hashlib.sha1(images.numpy()).hexdigest()[:8]  # ~0.2 s for 50,000 images
     norm = "std" if config.data.standardize else "raw"
-    precision = {None: "", torch.bfloat16: "-bf16", torch.float16: "-fp16"}[autocast]
+    precision = "" if autocast is None else f"-{precision_name(autocast)}"
     key = (
         f"{config.model.name}-w{config.model.width_mult}-{weights_sha256[:12]}-{data_id}"
         f"-{size}px-{norm}{precision}"
