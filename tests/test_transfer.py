@@ -30,6 +30,8 @@ TINY = [
     "train.eval_batch_size=100",
     "--set",
     "model.head_hidden=null",
+    "--set",
+    "transfer.stage1_unfreeze=0",  # a head on pooled features (the top blocks: test_features)
 ]
 # Per backbone, the smallest input size whose features still tell the fake classes apart:
 # at 32 px (1x1 before pooling) 98% of Lite0's pooled features of CIFAR images are zeros
@@ -116,6 +118,8 @@ def test_stage_one_kept_the_backbone_frozen(transfer_run, fake_data_dir, shared_
         "train.eval_batch_size=100",
         "--set",
         "model.head_hidden=null",
+        "--set",
+        "transfer.stage1_unfreeze=0",  # the Lite2 preset's stage 1 trains its top blocks
     ]  # stage 2 off: the stage-1 preset's
     result = subprocess.run(
         [

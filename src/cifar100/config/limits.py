@@ -27,7 +27,7 @@ CHOICES = {
 # The stores an MLflow tracking URI may name: local files, a database, a tracking server.
 MLFLOW_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "http", "https", "databricks")
 SEED_MAX = 2**32 - 1
-MOBILENETV2_BLOCKS = 19  # feature blocks that transfer.stage2_unfreeze counts
+MOBILENETV2_BLOCKS = 19  # feature blocks that transfer.stage*_unfreeze count (the fewest)
 
 
 class Range(NamedTuple):
@@ -97,6 +97,7 @@ RANGES = {
     "transfer.stage1_epochs": POSITIVE_INT,
     "transfer.stage1_lr": ABOVE_ZERO,
     "transfer.stage1_batch_size": POSITIVE_INT,
+    "transfer.stage1_unfreeze": Range(0, MOBILENETV2_BLOCKS - 1),
     "transfer.stage2_epochs": NON_NEGATIVE,
     "transfer.stage2_lr": ABOVE_ZERO,
     "transfer.stage2_unfreeze": Range(0, MOBILENETV2_BLOCKS),

@@ -132,6 +132,9 @@ class TransferConfig:
     stage1_lr: float = 1e-3
     stage1_batch_size: int = 256
     cache_features: bool = True  # stage 1 trains the head on stored backbone features
+    # Top N feature blocks that stage 1 trains too, on the cached output maps of the blocks
+    # below them (with cache_features): more than a head, still no pass over the whole net.
+    stage1_unfreeze: int = 0
     compile: bool = True  # torch.compile the backbone for feature extraction (CPU: ~1.6x)
     stage2_epochs: int = 0  # 0: stop after stage 1
     stage2_lr: float = 1e-4

@@ -35,8 +35,10 @@ class Backbone(nn.Module):
             self.features.eval()  # so a fully frozen backbone also reports eval as a whole
         return self
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.features(images)  # (B, 1280, H/32, W/32)
+    def forward_features(self, images: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Pooled features of ``images``; with ``start``, of the output of the first
+        ``start`` feature blocks instead (stage 1 training the top blocks on cached maps)."""
+        x = self.features[start:](images) if start else self.features(images)  # (B, 1280, h, w)
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)  # (B, 1280)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

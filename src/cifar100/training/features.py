@@ -2,8 +2,11 @@
 
 While a pretrained backbone is frozen its output for an image never changes, so stage 1
 trains its head on pooled features instead of images: an epoch costs a matrix multiply
-instead of 40,000 backbone passes. The cache holds one row per training image and view
-(plain, mirrored) with a mask of the rows computed so far, so that
+instead of 40,000 backbone passes. When stage 1 also trains the top blocks
+(``transfer.stage1_unfreeze``), the frozen part is the blocks below them, and the cache
+holds their output maps instead (Lite2 at 224 px: 208 x 7 x 7 per image, 20 kB in float16).
+The cache holds one row per training image and view (plain, mirrored) with a mask of the
+rows computed so far, so that
 
 - a run extracts only the images it uses (a ``--train-subset`` smoke run: its subset and
   the validation images), and a later, larger run computes only what is missing;
@@ -46,8 +49,8 @@ class IncompleteCacheError(UserError):
 class FeatureBatches:
     """Cached backbone features served like ``ImageBatches``; "augmentation" picks a view."""
 
-    plain: torch.Tensor  # (N, C) features of the images
-    mirrored: torch.Tensor | None  # (N, C) features of their horizontal mirrors, or None
+    plain: torch.Tensor  # (N, C) pooled features of the images, or (N, C, h, w) maps
+    mirrored: torch.Tensor | None  # the same of their horizontal mirrors, or None
     labels: torch.Tensor  # (N,)
     device: torch.device
 
@@ -65,18 +68,24 @@ class FeatureBatches:
             raise ValueError("cached features have no shifted views (train.tta_translate)")
         if generator is None or self.mirrored is None:
             views = self.mirrored if flip else self.plain
-            return views[indices].float().to(self.device)
+            return _as_input(views[indices], self.device)
         pick = torch.rand(len(indices), generator=generator, device=generator.device) < 0.5
-        views = torch.where(pick.cpu()[:, None], self.mirrored[indices], self.plain[indices])
-        return views.float().to(self.device)
+        pick = pick.cpu().view(-1, *(1,) * (self.plain.dim() - 1))  # broadcast over a row
+        views = torch.where(pick, self.mirrored[indices], self.plain[indices])
+        return _as_input(views, self.device)
+
+
+def _as_input(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    rows = rows.float().to(device)
+    return rows.contiguous(memory_format=torch.channels_last) if rows.dim() == 4 else rows
 
 
 @dataclass
 class FeatureCache:
-    """Rows of pooled features for the full training set, with a mask of computed rows."""
+    """Rows of features for the full training set, with a mask of computed rows."""
 
     path: Path
-    features: dict[str, torch.Tensor]  # view -> (N, C) float16 (halves the file)
+    features: dict[str, torch.Tensor]  # view -> (N, C) or (N, C, h, w) float16 (half the file)
     done: dict[str, torch.Tensor]  # view -> (N,) bool
 
     def missing(self, view: str, indices: torch.Tensor) -> torch.Tensor:
@@ -92,25 +101,30 @@ def cache_path(
     weights_sha256: str,
     images: torch.Tensor,
     autocast: torch.dtype | None = None,
+    blocks: int | None = None,
 ) -> Path:
-    """One file per backbone, weights, data, input size, normalisation and precision: never
-    another's (bf16 features differ from fp32 ones in the last bits, so they never mix)."""
+    """One file per backbone, weights, data, input size, normalisation, precision and depth:
+    never another's (bf16 features differ from fp32 ones in the last bits, so they never
+    mix). ``blocks``: the unpooled maps of the first ``blocks`` feature blocks; None: the
+    whole backbone's pooled features."""
     data_id = hashlib.sha1(images.numpy()).hexdigest()[:8]  # ~0.2 s for 50,000 images
     norm = "std" if config.data.standardize else "raw"
     precision = "" if autocast is None else f"-{precision_name(autocast)}"
+    depth = "" if blocks is None else f"-maps{blocks}"
     key = (
         f"{config.model.name}-w{config.model.width_mult}-{weights_sha256[:12]}-{data_id}"
-        f"-{size}px-{norm}{precision}"
+        f"-{size}px-{norm}{precision}{depth}"
     )
     return default_cache_dir() / "features" / f"{key}.pt"
 
 
-def open_cache(path: Path, rows: int, channels: int) -> FeatureCache:
-    """The cache at ``path``, or an empty one; an unreadable file is set aside, not trusted."""
+def open_cache(path: Path, rows: int, shape: tuple[int, ...]) -> FeatureCache:
+    """The cache at ``path`` for ``rows`` images of ``shape`` features each, or an empty
+    one; an unreadable file is set aside, not trusted."""
     if path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if all(state["features"][v].shape == (rows, channels) for v in VIEWS):
+            if all(state["features"][v].shape == (rows, *shape) for v in VIEWS):
                 return FeatureCache(path, state["features"], state["done"])
         except Exception as error:  # noqa: BLE001  (a cache: any damage means recompute)
             print(
@@ -120,7 +134,7 @@ def open_cache(path: Path, rows: int, channels: int) -> FeatureCache:
             )
     return FeatureCache(
         path,
-        {v: torch.zeros(rows, channels, dtype=torch.float16) for v in VIEWS},
+        {v: torch.zeros(rows, *shape, dtype=torch.float16) for v in VIEWS},
         {v: torch.zeros(rows, dtype=torch.bool) for v in VIEWS},
     )
 
@@ -148,12 +162,14 @@ def fill_cache(
     wanted: dict[str, torch.Tensor],
     size: int,
     autocast: torch.dtype | None = None,
+    pool: bool = True,
 ) -> None:
     """Compute the wanted rows that are missing; save progress if interrupted.
 
     ``backbone_of(n)`` returns the network to run for ``n`` images (compiled or not);
     ``autocast`` is the dtype it runs under (None: fp32). bf16 on a CPU with AMX extracts
-    about 1.7x as fast as fp32.
+    about 1.7x as fast as fp32. ``pool``: store the spatial mean of each output map, else
+    the maps.
     """
     todo = {view: cache.missing(view, index) for view, index in wanted.items()}
     total = sum(len(index) for index in todo.values())
@@ -172,8 +188,8 @@ def fill_cache(
         for view, index in todo.items():
             for start in range(0, len(index), batch):
                 rows = index[start : start + batch]
-                cache.features[view][rows] = pooled_features(
-                    backbone, batches, rows, view == "mirrored", batch, autocast
+                cache.features[view][rows] = backbone_features(
+                    backbone, batches, rows, view == "mirrored", batch, autocast, pool
                 )
                 cache.done[view][rows] = True
                 if progress.update(len(rows)):
@@ -190,14 +206,16 @@ def fill_cache(
     cache.save()
 
 
-def pooled_features(
+def backbone_features(
     backbone: nn.Module,
     batches: ImageBatches,
     rows: torch.Tensor,
     flip: bool,
     batch: int = FEATURE_BATCH,
     autocast: torch.dtype | None = None,
+    pool: bool = True,
 ) -> torch.Tensor:
+    """float16 features of images ``rows``: (B, C) pooled, or (B, C, h, w) maps."""
     images = batches.get(rows, flip=flip)  # (B, 3, S, S)
     if len(rows) < batch:  # keep one static shape for the compiled graph
         pad = images[:1].expand(batch - len(rows), -1, -1, -1)
@@ -209,7 +227,9 @@ def pooled_features(
         ),
     ):
         features = backbone(images)[: len(rows)]  # (B, C, h, w)
-    return features.float().mean(dim=(2, 3)).half().cpu()  # (B, C)
+    if pool:
+        features = features.float().mean(dim=(2, 3))  # (B, C)
+    return features.half().cpu()
 
 
 class Progress:

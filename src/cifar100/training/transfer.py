@@ -21,7 +21,7 @@ from torch import nn
 
 from cifar100.data.batches import ImageBatches
 from cifar100.models import build_model
-from cifar100.models.backbone import freeze_backbone, trainable_parameters, unfreeze
+from cifar100.models.backbone import set_frozen_blocks, trainable_parameters, unfreeze
 from cifar100.models.weights import load_pretrained, resolve_weights, weight_source
 from cifar100.runs.folders import read_json, write_json
 from cifar100.runtime import distributed
@@ -41,8 +41,12 @@ from cifar100.training.loop import Run, Stage
 from cifar100.training.optim import make_optimizer, make_scheduler
 
 
-def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> FeatureCache:
-    """Pooled backbone features of the images this run uses, from the cache or computed.
+def cached_features(
+    run: Run, model: nn.Module, weights_sha256: str, frozen_blocks: int
+) -> FeatureCache:
+    """Features of the images this run uses, from the cache or computed: the pooled output
+    of the whole backbone, or the maps of its first ``frozen_blocks`` blocks when the top
+    ones train.
 
     Training images need both views (the mirror is stage 1's flip augmentation) unless
     flipping is off; validation images only the plain one. Under torchrun the first process
@@ -50,39 +54,64 @@ def cached_features(run: Run, model: nn.Module, weights_sha256: str) -> FeatureC
     is then complete for the others) while the other processes wait, then read the file.
     """
     dataset, size = run.dataset.train, run.preprocess.size
-    path = cache_path(run.config, size, weights_sha256, dataset.images, run.autocast)
+    pool = frozen_blocks == len(model.features)
+    frozen = model.features[:frozen_blocks]
+    path = cache_path(
+        run.config,
+        size,
+        weights_sha256,
+        dataset.images,
+        run.autocast,
+        blocks=None if pool else frozen_blocks,
+    )
     wanted = {"plain": torch.cat([run.splits.train_index, run.splits.val_index]).unique()}
     if run.config.augment.flip:
         wanted["mirrored"] = run.splits.train_index
-    channels = feature_channels(model.features, size, run.device)
+    shape = output_shape(frozen, size, run.device)
+    shape = shape[:1] if pool else shape
 
     def extract(may_compute: bool) -> FeatureCache:
-        cache = open_cache(path, len(dataset), channels)
+        cache = open_cache(path, len(dataset), shape)
         if not may_compute:  # another process of this machine has just filled it
             require_rows(cache, wanted)
             return cache
         compile_allowed = run.config.transfer.compile and run.device.type == "cpu"
         fill_cache(
             cache,
-            backbone_runner(model.features, compile_allowed),
+            backbone_runner(frozen, compile_allowed),
             ImageBatches(dataset, run.preprocess, run.device),
             wanted,
             size,
             run.autocast,
+            pool,
         )
         return cache
 
     return distributed.main_first(extract)
 
 
-def feature_channels(features: nn.Module, size: int, device: torch.device) -> int:
-    """Channels of the backbone's output, probed in eval mode (BN statistics untouched)."""
-    was_training = features.training
-    features.eval()
+def output_shape(blocks: nn.Module, size: int, device: torch.device) -> tuple[int, ...]:
+    """(C, h, w) of the blocks' output, probed in eval mode (BN statistics untouched)."""
+    was_training = blocks.training
+    blocks.eval()
     with torch.no_grad():
-        channels = features(torch.zeros(1, 3, size, size, device=device)).shape[1]
-    features.train(was_training)
-    return channels
+        shape = blocks(torch.zeros(1, 3, size, size, device=device)).shape[1:]
+    blocks.train(was_training)
+    return tuple(shape)
+
+
+class TopOfBackbone(nn.Module):
+    """The network above its first ``start`` feature blocks: maps from the cache -> logits.
+
+    It shares the backbone's modules, so what it learns is the full model's, which the
+    checkpoints save and the test pass runs on images."""
+
+    def __init__(self, model: nn.Module, start: int):
+        super().__init__()
+        self.model, self.start = model, start
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.model.classifier(self.model.forward_features(maps, self.start))
 
 
 def validation_batches(run: Run) -> ImageBatches | None:
@@ -94,11 +123,12 @@ def validation_batches(run: Run) -> ImageBatches | None:
 
 def frozen_stage(run: Run, model: nn.Module, weights_sha256: str) -> Stage:
     cfg = run.config.transfer
-    freeze_backbone(model)
+    frozen_blocks = len(model.features) - cfg.stage1_unfreeze
+    set_frozen_blocks(model, frozen_blocks)
     labels = run.dataset.train.labels
     if cfg.cache_features:
         started = time.perf_counter()
-        cache = cached_features(run, model, weights_sha256)
+        cache = cached_features(run, model, weights_sha256, frozen_blocks)
         run.elapsed += time.perf_counter() - started
         train_idx, val_idx = run.splits.train_index, run.splits.val_index
         mirrored = cache.features["mirrored"][train_idx] if run.config.augment.flip else None
@@ -110,7 +140,8 @@ def frozen_stage(run: Run, model: nn.Module, weights_sha256: str) -> Stage:
             if run.config.train.refit
             else FeatureBatches(cache.features["plain"][val_idx], None, labels[val_idx], run.device)
         )
-        trained, augment = model.classifier, None
+        trained = TopOfBackbone(model, frozen_blocks) if cfg.stage1_unfreeze else model.classifier
+        augment = None
     else:
         train = ImageBatches(run.splits.train, run.preprocess, run.device, run.config.augment)
         val = validation_batches(run)
