@@ -106,9 +106,8 @@ def test_a_retrained_checkpoint_is_never_scored_with_old_logits(run_copy, fake_d
 def test_evaluate_select_chooses_on_validation_and_reports_every_candidate(
     learned_copy, fake_data_dir, tmp_path, capsys
 ):
-    """Catches a selection scored on the test images (the same number as the validation
-    split's here): the logits it kept must be of the validation images, and a learned model
-    scores the two splits apart."""
+    """Catches a selection scored on the test images: the logits it kept and scored must be
+    of the validation images."""
     twin = tmp_path / "twin"
     shutil.copytree(learned_copy, twin)
     out = tmp_path / "chosen"
@@ -129,7 +128,9 @@ def test_evaluate_select_chooses_on_validation_and_reports_every_candidate(
         assert saved["images_sha256"] == images_digest(val.images)
         scored = topk_accuracy(saved["logits"].numpy(), val.labels.numpy(), 1)
         assert candidates[0]["val_top1"] == pytest.approx(scored)
-    assert report["val_top1"] != report["top1"]  # the precondition: the splits differ
+    # The precondition: the splits differ (their top-1 may still match by chance, as it
+    # does on some CPUs for this small run, so the images are compared, not the scores).
+    assert images_digest(val.images) != images_digest(dataset.test.images)
 
 
 def test_evaluate_select_refuses_runs_on_different_splits(
