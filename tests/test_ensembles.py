@@ -12,11 +12,13 @@ import torch
 
 from cifar100.cli import main
 from cifar100.data.cifar import load_cifar100, make_splits
+from cifar100.evaluation import predictions
 from cifar100.evaluation.ensembles import greedy_selection
 from cifar100.evaluation.inference import InferenceSettings
 from cifar100.evaluation.metrics import ensemble_probs, topk_accuracy
 from cifar100.evaluation.predictions import cache_path, images_digest, run_logits
 from cifar100.runs.trained import load_trained
+from cifar100.training import features
 
 
 def _confident(labels: np.ndarray, classes: int, strength: float) -> np.ndarray:
@@ -87,6 +89,32 @@ def test_logits_are_kept_and_reused_for_the_same_checkpoint_and_images(
     err = capsys.readouterr().err
     assert f"{path}: unreadable" in err and "Traceback" not in err
     assert torch.allclose(repaired, first)
+
+
+def test_many_images_are_scored_by_the_frozen_compiled_network_with_the_same_logits(
+    run_copy, fake_data_dir, monkeypatch, capsys
+):
+    """Past ``COMPILE_MIN_PIXELS`` a CPU scores with the network compiled under Inductor's
+    freezing and fed one batch shape (the short last batch padded): same logits as eager."""
+    trained = load_trained(run_copy)
+    test = load_cifar100(fake_data_dir).test  # 200 images: batches of 64, the last of 8
+    settings = InferenceSettings(torch.device("cpu"), batch_size=64, tta_flip=True)
+    eager = run_logits(run_copy, trained, test, "test", settings)
+    shutil.rmtree(run_copy / "predictions")
+    runners = []
+
+    def spy(*args):
+        runners.append(features.inference_runner(*args))
+        return runners[-1]
+
+    monkeypatch.setattr(features, "COMPILE_MIN_PIXELS", 0)
+    monkeypatch.setattr(predictions, "inference_runner", spy)
+    compiled = run_logits(run_copy, trained, test, "test", settings)
+    runner = runners[0]
+    assert isinstance(runner, features.StaticBatch) and runner.size == 64
+    assert runner.module.compiled is not None, capsys.readouterr().err  # compiled, not eager
+    assert torch.allclose(compiled, eager, atol=1e-4)
+    assert torch.equal(compiled.argmax(dim=1), eager.argmax(dim=1))
 
 
 def test_a_retrained_checkpoint_is_never_scored_with_old_logits(run_copy, fake_data_dir):

@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from cifar100.data.batches import ImageBatches
+from cifar100.data.batches import ImageBatches, capped_batch
 from cifar100.data.cifar import Cifar100, Split, make_splits
 from cifar100.errors import UserError
-from cifar100.evaluation.inference import InferenceSettings, predict_logits
+from cifar100.evaluation.inference import InferenceSettings, predict_logits, tta_views
 from cifar100.runs.trained import TrainedModel, checkpoint_path
 from cifar100.runtime.download import file_digest
 from cifar100.runtime.speed import precision_name
+from cifar100.training.features import inference_runner
 
 FOLDER = "predictions"
 VERSION = 1
@@ -83,10 +84,12 @@ def run_logits(
         file=sys.stderr,
         flush=True,
     )
+    size = trained.preprocess.size
+    views = len(tta_views(tta_flip, tta_translate))
+    batch = capped_batch(settings.batch_size, size)
+    model = inference_runner(trained.model, settings.device, len(split) * views, size, batch)
     batches = ImageBatches(split, trained.preprocess, settings.device)
-    logits = predict_logits(
-        trained.model, batches, settings.batch_size, tta_flip, autocast, tta_translate
-    )
+    logits = predict_logits(model, batches, batch, tta_flip, autocast, tta_translate)
     _write(path, {**key, "logits": logits})
     return logits
 

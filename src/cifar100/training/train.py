@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from cifar100.config.schema import Config, flat_settings
-from cifar100.data.batches import ImageBatches
+from cifar100.data.batches import ImageBatches, capped_batch
 from cifar100.data.cifar import load_cifar100, make_splits
 from cifar100.data.preprocess import Preprocess
-from cifar100.evaluation.inference import score
+from cifar100.evaluation.inference import score, tta_views
 from cifar100.models import input_size, model_spec
 from cifar100.runs import lock, tensorboard, tracking
 from cifar100.runs.folders import (
@@ -39,6 +39,7 @@ from cifar100.runtime.checkpoint import load_checkpoint
 from cifar100.runtime.device import select_device
 from cifar100.runtime.speed import speed_up, warn_emulated_bf16
 from cifar100.training.engine import TrainingInterrupted
+from cifar100.training.features import inference_runner
 from cifar100.training.loop import Run, run_stages
 from cifar100.training.plans import stage_plan
 
@@ -119,11 +120,14 @@ def final_results(run: Run, model: nn.Module, test_set: bool = True) -> dict[str
             file=sys.stderr,
             flush=True,
         )
+    size, views = run.preprocess.size, len(tta_views(cfg.tta_flip, cfg.tta_translate))
+    batch = capped_batch(cfg.eval_batch_size, size)
+    tester = inference_runner(model, run.device, len(run.splits.test) * views, size, batch)
     test = (
         score(
-            model,
+            tester,
             ImageBatches(run.splits.test, run.preprocess, run.device),
-            cfg.eval_batch_size,
+            batch,
             cfg.tta_flip,
             run.autocast,  # as validation measured it, and as `cifar100 evaluate` does
             cfg.tta_translate,
