@@ -18,7 +18,7 @@ from cifar100.evaluation.inference import InferenceSettings
 from cifar100.evaluation.metrics import ensemble_probs, topk_accuracy
 from cifar100.evaluation.predictions import cache_path, images_digest, run_logits
 from cifar100.runs.trained import load_trained
-from cifar100.training import features
+from cifar100.runtime import speed
 
 
 def _confident(labels: np.ndarray, classes: int, strength: float) -> np.ndarray:
@@ -104,14 +104,14 @@ def test_many_images_are_scored_by_the_frozen_compiled_network_with_the_same_log
     runners = []
 
     def spy(*args):
-        runners.append(features.inference_runner(*args))
+        runners.append(speed.inference_runner(*args))
         return runners[-1]
 
-    monkeypatch.setattr(features, "COMPILE_MIN_PIXELS", 0)
+    monkeypatch.setattr(speed, "COMPILE_MIN_PIXELS", 0)
     monkeypatch.setattr(predictions, "inference_runner", spy)
     compiled = run_logits(run_copy, trained, test, "test", settings)
     runner = runners[0]
-    assert isinstance(runner, features.StaticBatch) and runner.size == 64
+    assert isinstance(runner, speed.StaticBatch) and runner.size == 64
     assert runner.module.compiled is not None, capsys.readouterr().err  # compiled, not eager
     assert torch.allclose(compiled, eager, atol=1e-4)
     assert torch.equal(compiled.argmax(dim=1), eager.argmax(dim=1))

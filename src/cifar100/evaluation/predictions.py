@@ -25,8 +25,7 @@ from cifar100.errors import UserError
 from cifar100.evaluation.inference import InferenceSettings, predict_logits, tta_views
 from cifar100.runs.trained import TrainedModel, checkpoint_path
 from cifar100.runtime.download import file_digest
-from cifar100.runtime.speed import precision_name
-from cifar100.training.features import inference_runner
+from cifar100.runtime.speed import inference_runner, precision_name
 
 FOLDER = "predictions"
 VERSION = 1

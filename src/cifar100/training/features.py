@@ -31,16 +31,13 @@ from cifar100.data.batches import ImageBatches, capped_batch
 from cifar100.data.cifar import default_cache_dir
 from cifar100.errors import UserError
 from cifar100.runtime.checkpoint import save_checkpoint
-from cifar100.runtime.speed import precision_name
+from cifar100.runtime.speed import CompiledOrEager, precision_name
 from cifar100.runtime.stopping import interrupted
 
 FEATURE_BATCH = 250
 VIEWS = ("plain", "mirrored")
 SAVE_EVERY_S = 300.0  # periodic saves bound what a hard kill (SIGKILL, power) can lose
 COMPILE_MIN_IMAGES = 20_000  # torch.compile costs ~30-60 s on 2 cores: worth it past this
-# Scoring whole networks on images: compiling pays back past about this many input pixels
-# (Lite2 at 224 px in fp32 on 2 cores is ~2.5x as fast frozen-compiled as eager).
-COMPILE_MIN_PIXELS = 10_000 * 160 * 160
 LOG_EVERY = 5_000  # at most this many images between progress lines (no terminal)
 
 
@@ -281,73 +278,3 @@ def backbone_runner(features: nn.Module, compile_allowed: bool):
         return CompiledOrEager(features)
 
     return runner
-
-
-def inference_runner(
-    model: nn.Module, device: torch.device, images: int, size: int, batch: int
-) -> nn.Module:
-    """The network that scores ``images`` images of ``size`` px in batches of ``batch``: on
-    a CPU, when there are enough of them to repay compiling, ``model`` compiled with
-    Inductor's freezing and fed batches of one shape; otherwise ``model`` itself."""
-    if device.type != "cpu" or images * size * size < COMPILE_MIN_PIXELS:
-        return model
-    return StaticBatch(CompiledOrEager(model.eval()), batch)
-
-
-class StaticBatch(nn.Module):
-    """``module`` fed batches of exactly ``size`` rows, a short last batch padded with copies
-    of its first row and the padding's outputs dropped: one compiled graph serves them all."""
-
-    def __init__(self, module: nn.Module, size: int):
-        super().__init__()
-        self.module, self.size = module, size
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        rows = len(inputs)
-        if rows < self.size:
-            pad = inputs[:1].expand(self.size - rows, *inputs.shape[1:])
-            inputs = torch.cat([inputs, pad])
-        return self.module(inputs)[:rows]
-
-
-class CompiledOrEager(nn.Module):
-    """``torch.compile`` that really falls back: compilation happens on the first call, so
-    that is where a missing compiler toolchain shows, and where we switch to eager.
-
-    The backbone is frozen while it extracts, so it compiles with Inductor's ``freezing``:
-    weights become constants, BatchNorm folds into the convolutions and oneDNN packs the
-    weights once (Lite2 at 224 px under bf16 on a 2-core Xeon with AMX: 324 images/s against
-    167 compiled without it, ``results/benchmarks/feature_speed.txt``).
-    """
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.eager = module
-        self.compiled = None
-        try:
-            self.compiled = torch.compile(module, dynamic=False)
-        except Exception as error:  # noqa: BLE001  (any failure: eager is only slower)
-            _warn_eager(error)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.compiled is not None:
-            try:
-                from torch._inductor import config as inductor_config
-
-                # compilation happens in the call, and reads the setting there (as a
-                # torch.compile option it is not honoured: measured no faster than without)
-                with inductor_config.patch(freezing=True):
-                    return self.compiled(images)
-            except Exception as error:  # noqa: BLE001
-                _warn_eager(error)
-                self.compiled = None
-        return self.eager(images)
-
-
-def _warn_eager(error: Exception) -> None:
-    print(
-        f"warning: torch.compile failed ({type(error).__name__}); running the network "
-        "without it (slower, same results)",
-        file=sys.stderr,
-        flush=True,
-    )

@@ -37,9 +37,8 @@ from cifar100.runtime import distributed, stopping
 from cifar100.runtime.allocator import tune_allocator
 from cifar100.runtime.checkpoint import load_checkpoint
 from cifar100.runtime.device import select_device
-from cifar100.runtime.speed import speed_up, warn_emulated_bf16
+from cifar100.runtime.speed import inference_runner, speed_up, warn_emulated_bf16
 from cifar100.training.engine import TrainingInterrupted
-from cifar100.training.features import inference_runner
 from cifar100.training.loop import Run, run_stages
 from cifar100.training.plans import stage_plan
 
